@@ -1,0 +1,5 @@
+"""``python -m tunerd``."""
+
+from tunerd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""One analysis of a log window: per-cron summaries, patterns, recommendations, advisories (pure).
+
+``analyze`` is what ``tunerd analyze`` prints and what the tuning cycle decides on, so both see the
+same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tunerd.params import Params
+from tunerd.rules import (
+    DEFAULT_THRESHOLDS,
+    Advisory,
+    Pattern,
+    Recommendation,
+    Thresholds,
+    advise_cron,
+    advise_tasks,
+    detect_patterns,
+    recommend,
+)
+from tunerd.sketch import QuantileSketch
+from tunerd.stats import LogStats, RunStats, Signature, Totals
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    count: int
+    mean: float
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, sketch: QuantileSketch) -> Distribution | None:
+        if not sketch.count:
+            return None
+        return cls(
+            sketch.count,
+            sketch.mean,
+            sketch.quantile(0.50),
+            sketch.quantile(0.95),
+            sketch.quantile(0.99),
+            sketch.max,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CronSummary:
+    """The statistics of one cron over the window, with the parameters it runs with."""
+
+    cron: str
+    params: Params
+    runs: int
+    successes: int
+    retried: int
+    attempts: int
+    duration: Distribution | None
+    first_attempt: Distribution | None
+    success_attempt: Distribution | None
+    rate_limit: int
+    timeout: int
+    other: int
+    rate_limited_retries: int
+    signatures: list[tuple[str, Signature]]
+    """Most frequent first."""
+    first_at: float | None
+    last_at: float | None
+    schedule: str | None = None
+
+    @classmethod
+    def of(cls, cron: str, run: RunStats, params: Params, schedule: str | None) -> CronSummary:
+        signatures = sorted(run.errors.signatures.items(), key=lambda kv: (-kv[1].count, kv[0]))
+        return cls(
+            cron=cron,
+            params=params,
+            runs=run.runs,
+            successes=run.successes,
+            retried=run.retried,
+            attempts=run.attempts,
+            duration=Distribution.of(run.duration),
+            first_attempt=Distribution.of(run.first_attempt),
+            success_attempt=Distribution.of(run.success_attempt),
+            rate_limit=run.rate_limit,
+            timeout=run.timeout,
+            other=run.other,
+            rate_limited_retries=run.rate_limited_retries,
+            signatures=signatures,
+            first_at=run.first_at if math.isfinite(run.first_at) else None,
+            last_at=run.last_at if math.isfinite(run.last_at) else None,
+            schedule=schedule,
+        )
+
+    @property
+    def failures(self) -> int:
+        return self.runs - self.successes
+
+    @property
+    def retry_rate(self) -> float:
+        return self.retried / self.runs if self.runs else 0.0
+
+    @property
+    def final_failure_rate(self) -> float:
+        return self.failures / self.runs if self.runs else 0.0
+
+    @property
+    def attempts_per_run(self) -> float:
+        return self.attempts / self.runs if self.runs else 0.0
+
+    @property
+    def duration_mean(self) -> float | None:
+        return self.duration.mean if self.duration else None
+
+    @property
+    def success_p99(self) -> float | None:
+        return self.success_attempt.p99 if self.success_attempt else None
+
+
+@dataclass(slots=True)
+class Analysis:
+    totals: Totals
+    crons: list[CronSummary]
+    patterns: list[Pattern] = field(default_factory=list)
+    recommendations: list[Recommendation] = field(default_factory=list)
+    advisories: list[Advisory] = field(default_factory=list)
+    tasks: dict[str, int] = field(default_factory=dict)
+    period: tuple[float, float] | None = None
+
+
+ParamsLookup = Callable[[str, dict[str, object] | None], Params]
+"""(cron, the params its latest log line carried) -> the parameters it runs with."""
+
+
+def analyze(
+    stats: LogStats,
+    params_for: ParamsLookup,
+    since: float | None = None,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> Analysis:
+    result = Analysis(stats.totals, [], tasks=dict(stats.tasks), period=stats.period)
+    for name in sorted(stats.crons):
+        cron = stats.crons[name]
+        summary = CronSummary.of(
+            name, cron.window(since, stats.bucket_seconds), params_for(name, cron.params), cron.schedule
+        )
+        if not summary.runs:
+            continue
+        patterns = detect_patterns(summary, thresholds)
+        recommendations = recommend(summary, patterns, thresholds)
+        result.crons.append(summary)
+        result.patterns += patterns
+        result.recommendations += recommendations
+        result.advisories += advise_cron(summary, recommendations, thresholds)
+    result.advisories += advise_tasks(stats.tasks)
+    return result

@@ -1,0 +1,119 @@
+"""Configuration: a TOML file plus ``TUNERD_*`` environment variables (pydantic-settings).
+
+Precedence, highest first: environment, the TOML file, built-in defaults. The file is
+``--config F``, else ``$TUNERD_CONFIG``, else ``~/.config/tunerd/tunerd.toml`` if it exists. A file
+named explicitly must exist (pydantic-settings would silently skip it). The webhook URL is a
+``SecretStr``: it never shows in a repr, a dump or a log line.
+
+pydantic is imported only by the commands that need a configuration, so ``tunerd analyze LOG``
+starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from tunerd.reader import DEFAULT_MAX_LINE_BYTES
+from tunerd.timeparse import parse_duration
+
+DEFAULT_CONFIG = Path("~/.config/tunerd/tunerd.toml")
+
+
+def _duration(value: Any) -> Any:
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+class DiscordSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    webhook_url: SecretStr | None = None
+
+
+class Settings(BaseSettings):
+    """Every key of the configuration file (SPEC section 6)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TUNERD_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+    toml_path: ClassVar[Path | None] = None
+
+    log_path: Path = Path("~/openclaw/logs/auto-retry.jsonl")
+    state_dir: Path = Path("~/.local/state/tunerd")
+    params_file: Path = Path("~/.config/tunerd/params.json")
+    verify_after: Duration = timedelta(hours=24)
+    max_line_bytes: int = Field(DEFAULT_MAX_LINE_BYTES, ge=1024)
+    max_crons: int = Field(10_000, ge=1)
+    discord: DiscordSettings = DiscordSettings()
+
+    @field_validator("log_path", "state_dir", "params_file")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        if cls.toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_path))
+        return (*sources, file_secret_settings)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+def config_path(explicit: str | None) -> tuple[Path | None, bool]:
+    """The file to read and whether it was named (so must exist)."""
+    if explicit:
+        return Path(explicit).expanduser(), True
+    if env := os.environ.get("TUNERD_CONFIG"):
+        return Path(env).expanduser(), True
+    default = DEFAULT_CONFIG.expanduser()
+    return (default if default.exists() else None), False
+
+
+def load(explicit: str | None = None) -> Settings:
+    path, named = config_path(explicit)
+    if path is not None and named and not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist (or is not a file)")
+
+    class _FromFile(Settings):
+        toml_path = path
+
+    try:
+        return _FromFile()
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration{where}: {problems}") from None
+    except (OSError, ValueError) as exc:  # unreadable file, TOML syntax
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from None
+
+
+def is_configured(explicit: str | None) -> bool:
+    """Whether anything beyond the built-in defaults is set (a file or a TUNERD_* variable)."""
+    path, _ = config_path(explicit)
+    return path is not None or any(k.startswith("TUNERD_") for k in os.environ)

@@ -1,0 +1,108 @@
+"""Reading a whole Level 1 log from disk (the shell around ``reader`` and ``stats``).
+
+A large file is cut into byte ranges that start just after a newline and read by forked worker
+processes in parallel; their statistics merge into exactly what one front-to-back read gives (the
+counts are sums and the sketches are mergeable). Blocks are read at a fixed size, so memory does
+not depend on the file's size or its longest line.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
+from tunerd.stats import LogStats
+
+BLOCK = 1 << 20
+PARALLEL_MIN_BYTES = 32 << 20
+"""Below this a second process costs more than it saves."""
+
+
+class LogFileError(Exception):
+    """The log cannot be read at all (missing, a directory, no permission)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOptions:
+    since: float | None = None
+    read_at: float = 0.0
+    """Epoch seconds given to lines without a timestamp."""
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_crons: int = 10_000
+    workers: int | None = None
+    """Processes for a large file; None: one per CPU (at most 4)."""
+
+
+def read_log(path: Path, options: ReadOptions) -> LogStats:
+    """Statistics of the whole file at ``path``."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise LogFileError(f"cannot read the log {path}: {exc.strerror or exc}") from exc
+    if path.is_dir():
+        raise LogFileError(f"cannot read the log {path}: it is a directory")
+    workers = options.workers or min(os.cpu_count() or 1, 4)
+    if workers < 2 or size < PARALLEL_MIN_BYTES:
+        return _read_range(path, 0, None, options)
+    bounds = _split(path, size, workers)
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=len(bounds) - 1, mp_context=context) as pool:
+        futures = [
+            pool.submit(_read_range, path, start, end, options)
+            for start, end in zip(bounds, bounds[1:], strict=False)
+        ]
+        merged = futures[0].result()
+        for future in futures[1:]:
+            merged.merge(future.result())
+    return merged
+
+
+def _read_range(path: Path, start: int, end: int | None, options: ReadOptions) -> LogStats:
+    """Read ``[start, end)`` (to EOF when ``end`` is None); ``start`` is at a line's start."""
+    stats = LogStats(since=options.since, max_crons=options.max_crons)
+    reader = LogReader(offset=start, max_line_bytes=options.max_line_bytes)
+    remaining = None if end is None else end - start
+    with path.open("rb") as f:
+        f.seek(start)
+        while remaining is None or remaining > 0:
+            block = f.read(BLOCK if remaining is None else min(BLOCK, remaining))
+            if not block:
+                break
+            if remaining is not None:
+                remaining -= len(block)
+            batch = reader.feed(block)
+            stats.add_entries(batch.entries, options.read_at)
+            stats.add_malformed(batch.malformed)
+    batch = reader.finish()
+    stats.add_entries(batch.entries, options.read_at)
+    stats.add_malformed(batch.malformed)
+    return stats
+
+
+def _split(path: Path, size: int, parts: int) -> list[int]:
+    """Offsets ``0 = b0 < b1 < ... < size`` where each inner bound follows a newline."""
+    bounds = [0]
+    with path.open("rb") as f:
+        for k in range(1, parts):
+            f.seek(max(size * k // parts, bounds[-1]))
+            position = f.tell()
+            while True:
+                block = f.read(1 << 16)
+                if not block:
+                    position = size
+                    break
+                newline = block.find(b"\n")
+                if newline >= 0:
+                    position += newline + 1
+                    break
+                position += len(block)
+            if bounds[-1] < position < size:
+                bounds.append(position)
+    bounds.append(size)
+    return bounds

@@ -1,0 +1,144 @@
+"""The tunable parameters, their ranges, and the safety classification of a change.
+
+The table is the seed's (SPEC section 3). ``maxRetries`` counts attempts in all, as the wrapper's
+loop does (``attempt = 1 .. maxRetries``), and the wrapper treats ``maxRetries: 0`` as 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import msgspec
+
+Decision = Literal["auto", "manual", "forbidden"]
+TUNABLE: Final = ("maxRetries", "timeout", "backoffBase")
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    name: str
+    default: int
+    safe: tuple[int, int]
+    """Automatic changes land only here."""
+    absolute: tuple[int, int]
+    """Never beyond, not even with a human's approval."""
+    unit: str = ""
+    safe_when_rate_limited: tuple[int, int] | None = None
+    """A wider safe range when the change answers HTTP 429."""
+
+
+SPECS: Final[dict[str, ParamSpec]] = {
+    "maxRetries": ParamSpec("maxRetries", 3, safe=(2, 5), absolute=(2, 5)),
+    "timeout": ParamSpec("timeout", 15000, safe=(10000, 30000), absolute=(5000, 60000), unit="ms"),
+    "backoffBase": ParamSpec(
+        "backoffBase",
+        1000,
+        safe=(1000, 3000),
+        absolute=(500, 5000),
+        unit="ms",
+        safe_when_rate_limited=(1000, 5000),
+    ),
+}
+DEFAULT_BACKOFF: Final = "exponential"
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """The parameters one cron runs with."""
+
+    maxRetries: int = SPECS["maxRetries"].default  # noqa: N815 - the wrapper's own spelling
+    timeout: int = SPECS["timeout"].default
+    backoffBase: int = SPECS["backoffBase"].default  # noqa: N815
+    backoff: str = DEFAULT_BACKOFF
+
+    def get(self, name: str) -> int:
+        value: int = getattr(self, name)
+        return value
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> Params:
+        """These parameters with the numeric values of ``overrides`` on top (others ignored)."""
+        if not overrides:
+            return self
+        values = {
+            "maxRetries": self.maxRetries,
+            "timeout": self.timeout,
+            "backoffBase": self.backoffBase,
+            "backoff": self.backoff,
+        }
+        for name in TUNABLE:
+            value = overrides.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                values[name] = int(value)
+        if name_ok := overrides.get("backoff"):
+            values["backoff"] = str(name_ok)
+        if values["maxRetries"] == 0:
+            values["maxRetries"] = SPECS["maxRetries"].default  # the wrapper's own rule
+        return Params(**values)  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {
+            "maxRetries": self.maxRetries,
+            "timeout": self.timeout,
+            "backoffBase": self.backoffBase,
+            "backoff": self.backoff,
+        }
+
+
+class ExperimentBlock(msgspec.Struct):
+    id: str
+    param: str
+    control: int
+    treatment: int
+    split: float = 0.5
+    started: str | None = None
+
+
+class ParamsFile(msgspec.Struct, forbid_unknown_fields=False):
+    """What Level 1 reads before each run (SPEC section 3)."""
+
+    defaults: dict[str, Any] = {}
+    crons: dict[str, dict[str, Any]] = {}
+    experiments: dict[str, ExperimentBlock] = {}
+
+    def params_for(self, cron: str) -> Params:
+        return Params().with_overrides(self.defaults).with_overrides(self.crons.get(cron))
+
+
+class ParamsFileError(ValueError):
+    """The params file is not what Level 1 expects."""
+
+
+def parse_params_file(data: bytes) -> ParamsFile:
+    try:
+        return msgspec.json.decode(data, type=ParamsFile)
+    except msgspec.DecodeError as exc:
+        raise ParamsFileError(str(exc)) from exc
+
+
+def classify_change(
+    param: str, current: int, proposed: int, rate_limited: bool = False
+) -> tuple[Decision, str]:
+    """Whether a change may be applied automatically, needs a human, or is refused, and why.
+
+    Automatic only for an increase that lands inside the safe range; a decrease or a value outside
+    the safe range goes to manual review; anything beyond the absolute bounds is refused outright.
+    """
+    spec = SPECS[param]
+    low, high = spec.absolute
+    if not low <= proposed <= high:
+        return "forbidden", f"{_fmt(proposed, spec)} is beyond the absolute bounds {_range(spec.absolute, spec)}"
+    safe = spec.safe_when_rate_limited if rate_limited and spec.safe_when_rate_limited else spec.safe
+    if proposed < current:
+        return "manual", "a decrease always needs a human"
+    if not safe[0] <= proposed <= safe[1]:
+        return "manual", f"{_fmt(proposed, spec)} is outside the safe range {_range(safe, spec)}"
+    return "auto", f"an increase inside the safe range {_range(safe, spec)}"
+
+
+def _fmt(value: int, spec: ParamSpec) -> str:
+    return f"{value:,} {spec.unit}".rstrip()
+
+
+def _range(bounds: tuple[int, int], spec: ParamSpec) -> str:
+    return f"{bounds[0]:,}–{bounds[1]:,} {spec.unit}".rstrip()

@@ -1,0 +1,169 @@
+"""Incremental, tolerant framing and decoding of the Level 1 log (pure: bytes in, entries out).
+
+``LogReader.feed`` takes whatever bytes arrived (a 1 MiB block of a file, or a partial write the
+daemon just saw) and returns the entries of the lines they completed. An incomplete last line waits
+for its newline; ``finish`` decodes it when the caller knows no more is coming (a whole-file read).
+Feeding a file in one piece or byte by byte gives the same entries and the same malformed reports.
+
+Malformed input is reported, never raised: bad JSON, invalid UTF-8, a non-object, a field of the
+wrong type, or a line over ``max_line_bytes`` (which is skipped to its newline without ever being
+held in memory whole). Each report carries the byte offset where the line starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+import msgspec
+
+from tunerd.records import Entry
+
+DEFAULT_MAX_LINE_BYTES: Final = 64 * 1024 * 1024
+"""Well above the wrapper's 10 MB ``result`` buffer plus the rest of the line."""
+
+_DECODER: Final = msgspec.json.Decoder(Entry)
+_BOM: Final = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    offset: int
+    """Byte offset of the start of the line in the file."""
+    reason: str
+
+
+@dataclass(slots=True)
+class Batch:
+    entries: list[Entry] = field(default_factory=list)
+    malformed: list[Malformed] = field(default_factory=list)
+
+
+class LogReader:
+    """Turns a byte stream into entries, one complete line at a time."""
+
+    def __init__(self, offset: int = 0, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        if max_line_bytes < 1:
+            raise ValueError("max_line_bytes must be positive")
+        self.max_line_bytes = max_line_bytes
+        self._offset = offset  # file offset of the first byte not yet consumed as a whole line
+        self._partial = bytearray()  # an incomplete last line, while it is within the cap
+        self._skipped: int | None = None  # bytes of an over-long line discarded so far
+
+    @property
+    def offset(self) -> int:
+        """End of the last complete line consumed: where to resume after a restart."""
+        return self._offset
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an incomplete last line held (or skipped) since ``offset``."""
+        return self._skipped if self._skipped is not None else len(self._partial)
+
+    def feed(self, data: bytes) -> Batch:
+        batch = Batch()
+        start = 0
+        while start < len(data):
+            first = data.find(b"\n", start)
+            if first < 0:
+                self._hold(data, start)
+                break
+            if self._skipped is not None:
+                self._too_long(batch)
+                self._offset += self._skipped + first + 1 - start
+                self._skipped = None
+            elif self._partial:
+                self._partial += data[start : first + 1]
+                self._decode_block(bytes(self._partial), batch)
+                self._partial.clear()
+            else:
+                last = data.rfind(b"\n", start)
+                self._decode_block(data[start : last + 1], batch)
+                first = last
+            start = first + 1
+        return batch
+
+    def finish(self) -> Batch:
+        """Decode an unterminated last line: for a whole-file read, where nothing more will come."""
+        batch = Batch()
+        if self._skipped is not None:
+            self._too_long(batch)
+            self._offset += self._skipped
+            self._skipped = None
+        elif self._partial:
+            self._decode_block(bytes(self._partial), batch)
+            self._partial.clear()
+        return batch
+
+    def _hold(self, data: bytes, start: int) -> None:
+        """Keep an incomplete line; past the cap, stop keeping it and only count its bytes."""
+        if self._skipped is not None:
+            self._skipped += len(data) - start
+        elif len(self._partial) + len(data) - start > self.max_line_bytes:
+            self._skipped = len(self._partial) + len(data) - start
+            self._partial = bytearray()
+        else:
+            self._partial += data[start:]
+
+    def _too_long(self, batch: Batch, offset: int | None = None) -> None:
+        batch.malformed.append(
+            Malformed(
+                self._offset if offset is None else offset,
+                f"line longer than the {self.max_line_bytes}-byte cap: skipped",
+            )
+        )
+
+    def _decode_block(self, block: bytes, batch: Batch) -> None:
+        """Decode the complete lines of ``block`` (which starts at ``offset``) and consume them.
+
+        The fast path decodes line after line with no bookkeeping; at the first line it cannot
+        take, the careful path takes over from that line, tracking offsets for the reports.
+        """
+        lines = block.split(b"\n")
+        if block.endswith(b"\n"):
+            lines.pop()
+        entries = batch.entries
+        done = 0
+        if len(block) <= self.max_line_bytes and _valid_utf8(block):
+            before = len(entries)
+            try:
+                entries.extend(map(_DECODER.decode, lines))  # keeps what it got before a failure
+            except (msgspec.DecodeError, RecursionError):
+                done = len(entries) - before
+            else:
+                done = len(lines)
+        if done < len(lines):
+            offset = self._offset + sum(len(line) + 1 for line in lines[:done])
+            for line in lines[done:]:
+                self._decode_line(line, offset, batch)
+                offset += len(line) + 1
+        self._offset += len(block)
+
+    def _decode_line(self, line: bytes, offset: int, batch: Batch) -> None:
+        if len(line) > self.max_line_bytes:
+            self._too_long(batch, offset)
+            return
+        text = line.strip(b" \t\r\x00")
+        if text.startswith(_BOM):
+            text = text[len(_BOM) :].lstrip()
+        if not text:
+            return  # blank lines (and NUL padding left by copytruncate) are not data
+        if not _valid_utf8(text):
+            batch.malformed.append(Malformed(offset, "invalid UTF-8"))
+            return
+        try:
+            batch.entries.append(_DECODER.decode(text))
+        except msgspec.ValidationError as exc:
+            batch.malformed.append(Malformed(offset, f"wrong shape: {exc}"))
+        except (msgspec.DecodeError, RecursionError) as exc:
+            batch.malformed.append(Malformed(offset, f"not JSON: {exc}"))
+
+
+def _valid_utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

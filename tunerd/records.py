@@ -1,0 +1,193 @@
+"""The Level 1 log line, as the user's wrapper (``lib/auto-retry.js``) really writes it.
+
+One msgspec model decodes a line straight into typed objects: unknown fields (the job's ``result``,
+up to 10 MB of stdout) are skipped by the decoder without building anything, missing optional fields
+take defaults, and a field of the wrong type makes the whole line malformed. The structs opt out of
+the garbage collector (they hold no cycles), which matters at a million lines.
+
+Error objects stay raw JSON until something asks about them: most attempts have none, the same few
+errors recur thousands of times, and building a struct for each one was a third of decoding time.
+``describe_error`` decodes and classifies each distinct error once (memoised on its bytes), and an
+error of an unexpected shape is described by its text rather than making the run unreadable.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+EpochMs = Annotated[float, msgspec.Meta(ge=0, le=253402300799999)]
+"""Epoch milliseconds up to the end of year 9999 (what ``datetime`` can hold)."""
+
+ErrorClass = Literal["rate_limit", "timeout", "other"]
+ERROR_CLASSES: Final[tuple[ErrorClass, ...]] = ("rate_limit", "timeout", "other")
+
+
+class ErrorInfo(msgspec.Struct, gc=False, rename={"status_code": "statusCode", "suggested_fix": "suggestedFix"}):
+    """The wrapper's ``analyzeError`` object; ``type`` may be a Node code or an exit status."""
+
+    type: str | int | float | None = None
+    message: str | None = None
+    status_code: int | str | None = None
+    status: int | str | None = None
+    code: int | str | None = None
+    category: str | None = None
+    suggested_fix: str | None = None
+    reason: str | None = None
+
+
+class Attempt(msgspec.Struct, gc=False):
+    attempt: int | None = None
+    success: bool = False
+    duration: NonNegative | None = None
+    error: msgspec.Raw = msgspec.Raw()
+    """``ErrorInfo`` or a plain string, as raw JSON (``describe_error`` reads it)."""
+
+
+class Context(msgspec.Struct, gc=False):
+    """What the caller passed; only the keys tunerd uses are decoded."""
+
+    cron: str | None = None
+    task: str | None = None
+    schedule: str | None = None
+    demo: msgspec.Raw = msgspec.Raw()
+    test: msgspec.Raw = msgspec.Raw()
+
+
+class ExperimentTag(msgspec.Struct, gc=False):
+    id: str | int | None = None
+    arm: str | None = None
+
+
+class Entry(msgspec.Struct, gc=False, rename={"total_duration": "totalDuration", "final_error": "finalError"}):
+    """One run of one job."""
+
+    timestamp: datetime | EpochMs | None = None
+    type: str | None = None
+    context: Context | None = None
+    attempts: list[Attempt] = []
+    total_duration: NonNegative | None = None
+    final_error: msgspec.Raw = msgspec.Raw()
+    params: dict[str, Any] | None = None
+    experiment: ExperimentTag | None = None
+
+    @property
+    def cron(self) -> str | None:
+        return self.context.cron or None if self.context is not None else None
+
+    @property
+    def succeeded(self) -> bool:
+        """``type == "success"``; without a type, whether the last attempt succeeded."""
+        if self.type is not None:
+            return self.type == "success"
+        return bool(self.attempts) and self.attempts[-1].success
+
+    @property
+    def duration(self) -> float | None:
+        """``totalDuration``, else the attempts' durations added up, else unknown."""
+        if self.total_duration is not None:
+            return self.total_duration
+        known = [a.duration for a in self.attempts if a.duration is not None]
+        return sum(known) if known else None
+
+    def when(self, read_at: datetime) -> datetime:
+        """When the run ended; ``read_at`` when the line carries no time."""
+        return to_datetime(self.timestamp, read_at)
+
+
+def to_datetime(ts: datetime | float | None, default: datetime) -> datetime:
+    """ISO 8601 (naive means UTC) or epoch milliseconds, as an aware datetime."""
+    if ts is None:
+        return default
+    if isinstance(ts, datetime):
+        return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(ts / 1000.0, UTC)
+
+
+def is_test(context: Context) -> bool:
+    """Test and demo runs of the wrapper itself (``task: "test"``, a ``demo`` key, ...)."""
+    if context.demo or context.test:
+        return True
+    return context.task is not None and context.task.strip().lower() in {"test", "demo"}
+
+
+_RATE_LIMIT = re.compile(r"429|rate.?limit|too many requests", re.IGNORECASE)
+_TIMEOUT = re.compile(r"timed? ?out", re.IGNORECASE)
+
+
+def classify_error(error: msgspec.Raw | bytes) -> ErrorClass:
+    """rate_limit / timeout / other (see ``describe_error``)."""
+    return describe_error(error)[0]
+
+
+_ERROR_DECODER: Final = msgspec.json.Decoder(ErrorInfo | str | None)
+NO_DETAIL: Final = "(no error detail)"
+
+
+def describe_error(error: msgspec.Raw | bytes) -> tuple[ErrorClass, str, str | None]:
+    """(class, signature, suggested fix) of an attempt's raw ``error``.
+
+    The class keys on the status code and ``type`` before the message: the wrapper labels a child
+    killed by its timeout ``category: "network"`` but ``type: "ETIMEDOUT"``. The signature is a
+    short key under which the same error recurs (numbers folded, length capped).
+    """
+    return _describe_raw(bytes(error))
+
+
+@functools.lru_cache(maxsize=4096)
+def _describe_raw(raw: bytes) -> tuple[ErrorClass, str, str | None]:
+    try:
+        error = _ERROR_DECODER.decode(raw) if raw else None
+    except msgspec.DecodeError:
+        error = raw.decode("utf-8", "replace")  # some other JSON value: go by its text
+    if error is None:
+        return "other", NO_DETAIL, None
+    if isinstance(error, str):
+        return _describe(error, None, None, None, None, None, None)
+    return _describe(
+        error.message,
+        error.type,
+        error.status_code,
+        error.status,
+        error.code,
+        error.category,
+        error.suggested_fix if error.suggested_fix is not None else error.reason,
+    )
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _describe(
+    message: str | None,
+    kind: str | int | float | None,
+    status_code: int | str | None,
+    status: int | str | None,
+    code: int | str | None,
+    category: str | None,
+    fix: str | None,
+) -> tuple[ErrorClass, str, str | None]:
+    text = message or ""
+    klass: ErrorClass
+    if 429 in (_number(status_code), _number(status), _number(code)) or _RATE_LIMIT.search(text):
+        klass = "rate_limit"
+    elif kind == "ETIMEDOUT" or code == "ETIMEDOUT" or category == "timeout" or _TIMEOUT.search(text):
+        klass = "timeout"
+    else:
+        klass = "other"
+    label = "" if kind is None else f"{kind}: "
+    signature = _DIGITS.sub("#", (label + text).strip())[:120] or "(empty message)"
+    return klass, signature, fix
+
+
+def _number(value: int | str | None) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None

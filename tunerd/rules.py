@@ -1,0 +1,224 @@
+"""The seed's three rules, its Level 3 conditions, and the reasons a person reads (pure).
+
+Patterns are exactly what the thresholds define; a recommendation carries the numbers behind it and
+its safety classification. Nothing here decides *whether* to act: that is the policy's job.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Literal
+
+from tunerd.params import SPECS, Decision, Params, classify_change
+
+if TYPE_CHECKING:
+    from tunerd.analysis import CronSummary
+
+PatternType = Literal["high_retry_rate", "slow_response", "rate_limited"]
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """The seed's numbers (SPEC section 3 and seed section 8)."""
+
+    retry_rate: float = 0.10
+    final_failure_rate: float = 0.01
+    slow_fraction: float = 0.8
+    """slow_response: mean run duration above this fraction of the timeout."""
+    timeout_factor: float = 1.5
+    """Rule 2: the new timeout leaves this much room over the mean run."""
+    tail_padding: float = 1.2
+    """...and this much over the p99 of successful attempts (Amazon Builders' Library)."""
+    backoff_factor: int = 2
+    recurring_error: int = 10
+    """Level 3: the same error more often than this is a code problem, not a parameter one."""
+    recurring_timeout: int = 5
+
+
+DEFAULT_THRESHOLDS: Final = Thresholds()
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    type: PatternType
+    cron: str
+    value: float
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    cron: str
+    param: str
+    current: int
+    proposed: int
+    reason: str
+    decision: Decision
+    decision_reason: str
+    pattern: PatternType
+
+
+AdvisoryType = Literal[
+    "missing_cron", "recurring_error", "recurring_timeout", "rate_limited_at_max_backoff"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Advisory:
+    """Something parameters cannot fix: said to a person, never applied."""
+
+    type: AdvisoryType
+    subject: str
+    count: int
+    message: str
+
+
+def detect_patterns(s: CronSummary, t: Thresholds = DEFAULT_THRESHOLDS) -> list[Pattern]:
+    found = []
+    if s.runs and s.retry_rate > t.retry_rate:
+        found.append(
+            Pattern(
+                "high_retry_rate",
+                s.cron,
+                s.retry_rate,
+                f"{_pct(s.retry_rate)} of {s.runs} runs needed a retry (threshold {_pct(t.retry_rate)})",
+            )
+        )
+    limit = s.params.timeout * t.slow_fraction
+    if s.duration_mean is not None and s.duration_mean > limit:
+        found.append(
+            Pattern(
+                "slow_response",
+                s.cron,
+                s.duration_mean,
+                f"runs take {_ms(s.duration_mean)} on average, "
+                f"{_pct(s.duration_mean / s.params.timeout)} of the {_ms(s.params.timeout)} timeout "
+                f"(threshold {_pct(t.slow_fraction)})",
+            )
+        )
+    if s.rate_limit:
+        found.append(
+            Pattern(
+                "rate_limited",
+                s.cron,
+                s.rate_limit,
+                f"{s.rate_limit} attempts were answered with HTTP 429"
+                f" ({s.rate_limited_retries} of them on a retry)",
+            )
+        )
+    return found
+
+
+def recommend(
+    s: CronSummary, patterns: list[Pattern], t: Thresholds = DEFAULT_THRESHOLDS
+) -> list[Recommendation]:
+    """The seed's rules, one recommendation per rule that fires and would change something."""
+    out = []
+    for p in patterns:
+        if p.type == "high_retry_rate" and s.final_failure_rate > t.final_failure_rate:
+            current = s.params.maxRetries
+            reason = (
+                f"{p.detail}, and {_pct(s.final_failure_rate)} still failed after {current} attempts"
+                f" (threshold {_pct(t.final_failure_rate)}): allow one more attempt"
+            )
+            out.append(_recommendation(s, "maxRetries", current + 1, reason, p.type))
+        elif p.type == "slow_response":
+            current = s.params.timeout
+            from_mean = math.ceil(p.value * t.timeout_factor)
+            proposed, reason = from_mean, f"{p.detail}: timeout = ceil(mean × {t.timeout_factor})"
+            if s.success_p99 is not None and math.ceil(s.success_p99 * t.tail_padding) > proposed:
+                proposed = math.ceil(s.success_p99 * t.tail_padding)
+                reason = (
+                    f"{p.detail}; successful attempts reach {_ms(s.success_p99)} at p99: "
+                    f"timeout = ceil(p99 × {t.tail_padding})"
+                )
+            if proposed > current:
+                out.append(_recommendation(s, "timeout", proposed, reason, p.type))
+        elif p.type == "rate_limited":
+            current = s.params.backoffBase
+            reason = f"{p.detail}: wait longer between attempts (backoffBase × {t.backoff_factor})"
+            out.append(
+                _recommendation(s, "backoffBase", current * t.backoff_factor, reason, p.type)
+            )
+    return out
+
+
+def _recommendation(
+    s: CronSummary, param: str, proposed: int, reason: str, pattern: PatternType
+) -> Recommendation:
+    current = s.params.get(param)
+    decision, why = classify_change(param, current, proposed, rate_limited=pattern == "rate_limited")
+    return Recommendation(s.cron, param, current, proposed, reason, decision, why, pattern)
+
+
+def advise_cron(
+    s: CronSummary, recommendations: list[Recommendation], t: Thresholds = DEFAULT_THRESHOLDS
+) -> list[Advisory]:
+    """Seed section 8: when tuning parameters is not enough, suggest a code change."""
+    out = []
+    for name, sig in s.signatures:
+        if sig.kind == "other" and sig.count > t.recurring_error:
+            fix = f" The wrapper suggests: {sig.fix}." if sig.fix else ""
+            out.append(
+                Advisory(
+                    "recurring_error",
+                    s.cron,
+                    sig.count,
+                    f"{s.cron}: the same error failed {sig.count} attempts ({name}). Retry "
+                    f"parameters cannot fix it: the job's code or its dependency needs a look.{fix}",
+                )
+            )
+    auto_timeout = any(r.param == "timeout" and r.decision == "auto" for r in recommendations)
+    if s.timeout > t.recurring_timeout and not auto_timeout:
+        out.append(
+            Advisory(
+                "recurring_timeout",
+                s.cron,
+                s.timeout,
+                f"{s.cron}: {s.timeout} attempts timed out and a longer timeout cannot be applied "
+                "automatically: if the API is simply slow, cache its answers or change the code.",
+            )
+        )
+    if s.rate_limit and s.params.backoffBase >= SPECS["backoffBase"].absolute[1]:
+        out.append(
+            Advisory(
+                "rate_limited_at_max_backoff",
+                s.cron,
+                s.rate_limit,
+                f"{s.cron}: still rate limited ({s.rate_limit} × HTTP 429) with backoffBase at its "
+                f"{_ms(s.params.backoffBase)} maximum: spread the schedule or cache the answers.",
+            )
+        )
+    return out
+
+
+def advise_tasks(tasks: dict[str, int]) -> list[Advisory]:
+    """Real jobs that log only ``task`` are counted, never silently dropped: say so."""
+    if not tasks:
+        return []
+    runs = sum(tasks.values())
+    top = sorted(tasks.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    names = ", ".join(f"{name!r} ×{count}" for name, count in top)
+    more = f" and {len(tasks) - len(top)} more" if len(tasks) > len(top) else ""
+    return [
+        Advisory(
+            "missing_cron",
+            "(tasks)",
+            runs,
+            f"{runs} runs were logged with a task but no cron ({names}{more}): add `cron` to the "
+            "wrapper's context so tunerd can tune them.",
+        )
+    ]
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.1f}%"
+
+
+def _ms(x: float) -> str:
+    return f"{x:,.0f} ms"
+
+
+def describe_params(p: Params) -> str:
+    return f"maxRetries {p.maxRetries}, timeout {_ms(p.timeout)}, backoffBase {_ms(p.backoffBase)}"

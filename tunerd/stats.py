@@ -1,0 +1,512 @@
+"""Per-cron statistics over time, in memory that does not grow with the log.
+
+Each cron keeps one ``RunStats`` per time bucket (one bucket for a one-shot analysis, hourly or
+daily buckets for the daemon's rolling window); a window is the merge of the buckets it covers and
+old buckets are dropped whole. Every piece is mergeable, so a file read in parallel ranges and
+merged gives the same counts as one read front to back.
+
+The number of distinct crons, tasks and error signatures is capped too: names come from an untrusted
+log, and a million distinct names must not mean a million entries in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from datetime import UTC, datetime
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from tunerd.reader import Malformed
+from tunerd.records import Entry, ErrorClass, describe_error, is_test, to_datetime
+from tunerd.sketch import QuantileSketch
+
+MAX_SIGNATURES = 32
+"""Distinct error signatures kept per cron and bucket; rarer ones are folded per class."""
+MAX_RAW_ERRORS = 64
+"""Distinct raw error objects counted before they are described and folded into signatures."""
+MALFORMED_SAMPLES = 20
+
+
+class Signature:
+    """One recurring error: how often, how often on a retry, its class and the wrapper's fix."""
+
+    __slots__ = ("count", "fix", "kind", "retries")
+
+    def __init__(self, kind: ErrorClass, fix: str | None) -> None:
+        self.count = self.retries = 0
+        self.kind: ErrorClass = kind
+        self.fix = fix
+
+
+class ErrorTally:
+    """The errors of a set of runs.
+
+    Counting happens by the error's raw bytes, one dict update on the hot path; errors are decoded,
+    classified and folded under their signature only when the counts are read or the number of
+    distinct raw errors outgrows ``MAX_RAW_ERRORS`` (memory stays bounded either way).
+    """
+
+    __slots__ = ("_first", "_retry", "_signatures")
+
+    def __init__(self) -> None:
+        self._first: dict[bytes, int] = {}
+        self._retry: dict[bytes, int] = {}
+        self._signatures: dict[str, Signature] = {}
+
+    def add(self, error: msgspec.Raw, retry: bool) -> None:
+        counts = self._retry if retry else self._first
+        key = bytes(error)
+        counts[key] = counts.get(key, 0) + 1
+        if len(counts) > MAX_RAW_ERRORS:
+            self._compact()
+
+    @property
+    def signatures(self) -> dict[str, Signature]:
+        self._compact()
+        return self._signatures
+
+    def count(self, kind: ErrorClass) -> int:
+        return sum(s.count for s in self.signatures.values() if s.kind == kind)
+
+    def retries(self, kind: ErrorClass) -> int:
+        return sum(s.retries for s in self.signatures.values() if s.kind == kind)
+
+    def merge(self, other: ErrorTally) -> None:
+        for name, theirs in other.signatures.items():
+            mine = self._slot(name, theirs.kind, theirs.fix)
+            mine.count += theirs.count
+            mine.retries += theirs.retries
+
+    def _compact(self) -> None:
+        for counts, retry in ((self._first, False), (self._retry, True)):
+            for raw, n in counts.items():
+                kind, name, fix = describe_error(raw)
+                slot = self._slot(name, kind, fix)
+                slot.count += n
+                if retry:
+                    slot.retries += n
+            counts.clear()
+
+    def _slot(self, name: str, kind: ErrorClass, fix: str | None) -> Signature:
+        slot = self._signatures.get(name)
+        if slot is None:
+            if len(self._signatures) >= MAX_SIGNATURES:
+                name, fix = f"(other {kind} errors)", None
+                slot = self._signatures.get(name)
+            if slot is None:
+                slot = self._signatures[name] = Signature(kind, fix)
+        return slot
+
+    def __getstate__(self) -> dict[str, Signature]:
+        return self.signatures
+
+    def __setstate__(self, state: dict[str, Signature]) -> None:
+        self._first, self._retry, self._signatures = {}, {}, state
+
+
+class RunStats:
+    """What the runs of one cron in one stretch of time did."""
+
+    __slots__ = (
+        "attempts",
+        "duration",
+        "errors",
+        "first_at",
+        "first_attempt",
+        "last_at",
+        "retried",
+        "runs",
+        "success_attempt",
+        "successes",
+    )
+
+    def __init__(self) -> None:
+        self.runs = self.successes = self.retried = self.attempts = 0
+        self.duration = QuantileSketch()
+        """``totalDuration`` of each run, backoff sleeps included."""
+        self.first_attempt = QuantileSketch()
+        self.success_attempt = QuantileSketch()
+        """Durations of the attempts that succeeded: what a timeout must leave room for."""
+        self.errors = ErrorTally()
+        """Failed attempts (and failed runs that logged no attempts), by class and signature."""
+        self.first_at = math.inf
+        self.last_at = -math.inf
+
+    def add(self, entry: Entry, when: datetime) -> None:
+        """Count one run (any run; ``LogStats`` batches the clean ones through ``add_clean``)."""
+        self.runs += 1
+        if not self.runs & 255:
+            self.duration.settle()
+            self.first_attempt.settle()
+            self.success_attempt.settle()
+        at = when.timestamp()
+        if at < self.first_at:
+            self.first_at = at
+        if at > self.last_at:
+            self.last_at = at
+        attempts = entry.attempts
+        n = len(attempts)
+        succeeded = entry.succeeded
+        if succeeded:
+            self.successes += 1
+        self.attempts += n or 1
+        duration = entry.duration
+        if duration is not None:
+            self.duration.add(duration)
+        if not n:
+            if not succeeded:
+                self.errors.add(entry.final_error, retry=False)
+            return
+        if attempts[0].duration is not None:
+            self.first_attempt.add(attempts[0].duration)
+        if n > 1:
+            self.retried += 1
+        for i, attempt in enumerate(attempts):
+            if attempt.success:
+                if attempt.duration is not None:
+                    self.success_attempt.add(attempt.duration)
+            else:
+                self.errors.add(attempt.error, retry=i > 0)
+
+    def add_clean(
+        self, count: int, first_at: float, last_at: float, durations: bytes, firsts: bytes
+    ) -> None:
+        """``count`` runs that succeeded at their first attempt (float32 durations as bytes)."""
+        self.runs += count
+        self.successes += count
+        self.attempts += count
+        self.first_at = min(self.first_at, first_at)
+        self.last_at = max(self.last_at, last_at)
+        self.duration.extend(durations)
+        self.first_attempt.extend(firsts)
+        self.success_attempt.extend(firsts)
+
+    def merge(self, other: RunStats) -> None:
+        self.runs += other.runs
+        self.successes += other.successes
+        self.retried += other.retried
+        self.attempts += other.attempts
+        self.duration.merge(other.duration)
+        self.first_attempt.merge(other.first_attempt)
+        self.success_attempt.merge(other.success_attempt)
+        self.errors.merge(other.errors)
+        self.first_at = min(self.first_at, other.first_at)
+        self.last_at = max(self.last_at, other.last_at)
+
+    @property
+    def rate_limit(self) -> int:
+        return self.errors.count("rate_limit")
+
+    @property
+    def timeout(self) -> int:
+        return self.errors.count("timeout")
+
+    @property
+    def other(self) -> int:
+        return self.errors.count("other")
+
+    @property
+    def rate_limited_retries(self) -> int:
+        """Retries that were answered with HTTP 429 again: what a longer backoff should cut."""
+        return self.errors.retries("rate_limit")
+
+    @property
+    def failures(self) -> int:
+        return self.runs - self.successes
+
+    @property
+    def retry_rate(self) -> float:
+        return self.retried / self.runs if self.runs else 0.0
+
+    @property
+    def final_failure_rate(self) -> float:
+        return self.failures / self.runs if self.runs else 0.0
+
+    @property
+    def attempts_per_run(self) -> float:
+        return self.attempts / self.runs if self.runs else 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+@dataclass(slots=True)
+class CronStats:
+    """One cron: its buckets, and what its log lines say about it beyond counts."""
+
+    name: str
+    buckets: dict[int, RunStats] = field(default_factory=dict)
+    params: dict[str, Any] | None = None
+    """The ``params`` of its latest line that carried them (what Level 1 last used)."""
+    params_at: float = -math.inf
+    schedule: str | None = None
+
+    def window(self, since: float | None, bucket_seconds: float | None) -> RunStats:
+        """The merge of the buckets from ``since`` on (bucket granularity)."""
+        total = RunStats()
+        for key, bucket in self.buckets.items():
+            if since is None or bucket_seconds is None or (key + 1) * bucket_seconds > since:
+                total.merge(bucket)
+        return total
+
+
+@dataclass(slots=True)
+class Totals:
+    entries: int = 0
+    """Lines that decoded to a run (whatever kind)."""
+    cron_entries: int = 0
+    test_entries: int = 0
+    task_entries: int = 0
+    """Real jobs logged without ``cron`` (only ``task``)."""
+    unattributed_entries: int = 0
+    """Neither cron, task nor test: counted, not analysed."""
+    before_since: int = 0
+    """Valid entries older than the window, left out."""
+    malformed: int = 0
+    untracked_crons: int = 0
+    """Runs of crons beyond ``max_crons`` distinct names: counted here, not analysed."""
+
+    def merge(self, other: Totals) -> None:
+        for name in self.__slots__:  # type: ignore[attr-defined]
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+FOLD_RUNS = 1 << 16
+"""Clean runs buffered column-wise before they are folded into their crons in one pass."""
+
+
+class _CleanRuns:
+    """Runs that succeeded at their first attempt (the common case), buffered column-wise.
+
+    Touching a cron's counters and three sketches for each such run costs cache misses once there
+    are many crons; appending four numbers to four flat arrays does not. ``LogStats._fold`` groups
+    the buffer by slot with NumPy and hands each cron its runs in one call.
+    """
+
+    __slots__ = ("at", "duration", "first", "slot")
+
+    def __init__(self) -> None:
+        self.slot = array("i")
+        self.at: list[datetime] = []
+        self.duration = array("f")
+        self.first = array("f")
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    def clear(self) -> None:
+        for column in (self.slot, self.at, self.duration, self.first):
+            del column[:]
+
+
+def _bucket(when: datetime, bucket_seconds: float) -> int:
+    return int(when.timestamp() // bucket_seconds)
+
+
+class LogStats:
+    """Everything an analysis needs from a log, fed batch by batch.
+
+    Read the results through ``crons``, ``window`` and ``merge`` (each folds buffered runs first).
+    """
+
+    def __init__(
+        self,
+        since: float | None = None,
+        bucket_seconds: float | None = None,
+        max_crons: int = 10_000,
+        max_tasks: int = 1_000,
+    ) -> None:
+        self.since = since
+        self._since = None if since is None else datetime.fromtimestamp(since, UTC)
+        self.bucket_seconds = bucket_seconds
+        self.max_crons = max_crons
+        self.max_tasks = max_tasks
+        self.totals = Totals()
+        self._crons: dict[str, CronStats] = {}
+        self.tasks: dict[str, int] = {}
+        self.malformed_samples: list[Malformed] = []
+        self._schedules: dict[str, str] = {}
+        self._slot_of: dict[str | tuple[str, int], int] = {}
+        self._slots: list[RunStats] = []
+        self._clean = _CleanRuns()
+
+    @property
+    def crons(self) -> dict[str, CronStats]:
+        self._fold()
+        for name, schedule in self._schedules.items():
+            self._crons[name].schedule = schedule
+        return self._crons
+
+    @property
+    def period(self) -> tuple[float, float] | None:
+        """First and last run of any cron (epoch seconds), or None before the first."""
+        buckets = [b for c in self.crons.values() for b in c.buckets.values() if b.runs]
+        if not buckets:
+            return None
+        return min(b.first_at for b in buckets), max(b.last_at for b in buckets)
+
+    def add_entries(self, entries: Iterable[Entry], read_at: float) -> None:
+        """Count each entry once; ``read_at`` (epoch seconds) dates lines that carry no time.
+
+        The hot path of every read: one pass over locals, no call for a clean run, and times kept
+        as the decoded datetimes (converted to epoch seconds per cron and batch, not per line).
+        """
+        totals = self.totals
+        since = self._since
+        bucket_seconds = self.bucket_seconds
+        slot_of, slots, clean, schedules = self._slot_of, self._slots, self._clean, self._schedules
+        clean_slot, clean_at = clean.slot.append, clean.at.append
+        clean_duration, clean_first = clean.duration.append, clean.first.append
+        default_when = datetime.fromtimestamp(read_at, UTC)
+        counted = cron_entries = 0
+        for entry in entries:
+            when = entry.timestamp
+            if when.__class__ is not datetime or when.tzinfo is None:  # type: ignore[union-attr]
+                when = to_datetime(when, default_when)
+            if since is not None and when < since:  # type: ignore[operator]
+                totals.before_since += 1
+                continue
+            counted += 1
+            context = entry.context
+            name = context.cron if context is not None else None
+            if not name or context is None:
+                self._unattributed(entry)
+                continue
+            cron_entries += 1
+            key = name if bucket_seconds is None else (name, _bucket(when, bucket_seconds))  # type: ignore[arg-type]
+            slot = slot_of.get(key)
+            if slot is None:
+                slot = self._new_slot(name, key)
+                if slot is None:
+                    totals.untracked_crons += 1
+                    continue
+            schedule = context.schedule
+            if schedule is not None and schedules.get(name) != schedule:
+                schedules[name] = schedule
+            if entry.params is not None:
+                self._remember_params(name, entry.params, when)  # type: ignore[arg-type]
+            attempts = entry.attempts
+            if len(attempts) == 1 and entry.type == "success":
+                first = attempts[0]
+                first_duration = first.duration
+                if first.success and first_duration is not None:
+                    total = entry.total_duration
+                    clean_slot(slot)
+                    clean_at(when)
+                    clean_duration(first_duration if total is None else total)
+                    clean_first(first_duration)
+                    continue
+            slots[slot].add(entry, when)  # type: ignore[arg-type]
+        totals.entries += counted
+        totals.cron_entries += cron_entries
+        if len(clean) >= FOLD_RUNS:
+            self._fold()
+
+    def _new_slot(self, name: str, key: str | tuple[str, int]) -> int | None:
+        cron = self._crons.get(name)
+        if cron is None:
+            if len(self._crons) >= self.max_crons:
+                return None
+            cron = self._crons[name] = CronStats(name)
+        bucket = cron.buckets.setdefault(0 if isinstance(key, str) else key[1], RunStats())
+        self._slot_of[key] = len(self._slots)
+        self._slots.append(bucket)
+        return self._slot_of[key]
+
+    def _remember_params(self, name: str, params: dict[str, Any], when: datetime) -> None:
+        cron = self._crons[name]
+        at = when.timestamp()
+        if at >= cron.params_at:
+            cron.params, cron.params_at = params, at
+
+    def _fold(self) -> None:
+        """Hand the buffered clean runs to their crons, one NumPy pass and one call per slot."""
+        clean = self._clean
+        if not len(clean):
+            return
+        import numpy as np
+
+        slot = np.frombuffer(clean.slot, dtype=np.intc)
+        order = np.argsort(slot, kind="stable")
+        slot = slot[order]
+        at = [clean.at[i] for i in order.tolist()]
+        duration = np.frombuffer(clean.duration, dtype=np.float32)[order]
+        first = np.frombuffer(clean.first, dtype=np.float32)[order]
+        starts = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
+        ends = [*starts[1:].tolist(), len(slot)]
+        for a, b in zip(starts.tolist(), ends, strict=True):
+            runs = at[a:b]
+            self._slots[int(slot[a])].add_clean(
+                b - a,
+                min(runs).timestamp(),
+                max(runs).timestamp(),
+                duration[a:b].tobytes(),
+                first[a:b].tobytes(),
+            )
+        clean.clear()
+
+    def _unattributed(self, entry: Entry) -> None:
+        context = entry.context
+        if context is not None and is_test(context):
+            self.totals.test_entries += 1
+        elif context is not None and context.task:
+            self.totals.task_entries += 1
+            if context.task in self.tasks or len(self.tasks) < self.max_tasks:
+                self.tasks[context.task] = self.tasks.get(context.task, 0) + 1
+        else:
+            self.totals.unattributed_entries += 1
+
+    def add_malformed(self, malformed: Iterable[Malformed]) -> None:
+        for item in malformed:
+            self.totals.malformed += 1
+            if len(self.malformed_samples) < MALFORMED_SAMPLES:
+                self.malformed_samples.append(item)
+
+    def merge(self, other: LogStats) -> None:
+        """Fold in the statistics of a later stretch of the same log (``other`` is consumed)."""
+        self._fold()
+        self.totals.merge(other.totals)
+        for name, theirs in other.crons.items():
+            mine = self._crons.get(name)
+            if mine is None:
+                if len(self._crons) >= self.max_crons:
+                    self.totals.untracked_crons += sum(b.runs for b in theirs.buckets.values())
+                    continue
+                mine = self._crons[name] = CronStats(name)
+            for key, bucket in theirs.buckets.items():
+                if key in mine.buckets:
+                    mine.buckets[key].merge(bucket)
+                else:
+                    mine.buckets[key] = bucket
+                    slot_key = name if self.bucket_seconds is None else (name, key)
+                    self._slot_of[slot_key] = len(self._slots)
+                    self._slots.append(bucket)
+            if theirs.params is not None and theirs.params_at >= mine.params_at:
+                mine.params, mine.params_at = theirs.params, theirs.params_at
+            mine.schedule = theirs.schedule or mine.schedule
+        for task, count in other.tasks.items():
+            if task in self.tasks or len(self.tasks) < self.max_tasks:
+                self.tasks[task] = self.tasks.get(task, 0) + count
+        room = MALFORMED_SAMPLES - len(self.malformed_samples)
+        self.malformed_samples.extend(other.malformed_samples[: max(room, 0)])
+
+    def window(self, cron: str, since: float | None = None) -> RunStats:
+        return self.crons[cron].window(since, self.bucket_seconds)
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._fold()
+        state = dict(self.__dict__)
+        del state["_clean"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._clean = _CleanRuns()
