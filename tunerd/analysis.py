@@ -39,14 +39,8 @@ class Distribution:
     def of(cls, sketch: QuantileSketch) -> Distribution | None:
         if not sketch.count:
             return None
-        return cls(
-            sketch.count,
-            sketch.mean,
-            sketch.quantile(0.50),
-            sketch.quantile(0.95),
-            sketch.quantile(0.99),
-            sketch.max,
-        )
+        p50, p95, p99 = sketch.quantiles((0.50, 0.95, 0.99))
+        return cls(sketch.count, sketch.mean, p50, p95, p99, sketch.max)
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,7 +117,7 @@ def _read_params_file(path: Path, named: bool) -> ParamsFile | None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from tunerd.analysis import analyze
-    from tunerd.config import is_configured
+    from tunerd.configfile import is_configured
     from tunerd.logfile import LogFileError, ReadOptions, read_log
     from tunerd.params import Params
     from tunerd.reader import DEFAULT_MAX_LINE_BYTES

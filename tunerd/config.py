@@ -11,7 +11,6 @@ starts fast.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -24,11 +23,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from tunerd.configfile import config_path
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES
 from tunerd.timeparse import parse_duration
-
-DEFAULT_CONFIG = Path("~/.config/tunerd/tunerd.toml")
-
 
 def _duration(value: Any) -> Any:
     return parse_duration(value) if isinstance(value, str) else value
@@ -83,16 +80,6 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message says which key and why."""
 
 
-def config_path(explicit: str | None) -> tuple[Path | None, bool]:
-    """The file to read and whether it was named (so must exist)."""
-    if explicit:
-        return Path(explicit).expanduser(), True
-    if env := os.environ.get("TUNERD_CONFIG"):
-        return Path(env).expanduser(), True
-    default = DEFAULT_CONFIG.expanduser()
-    return (default if default.exists() else None), False
-
-
 def load(explicit: str | None = None) -> Settings:
     path, named = config_path(explicit)
     if path is not None and named and not path.is_file():
@@ -111,9 +98,3 @@ def load(explicit: str | None = None) -> Settings:
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
     except (OSError, ValueError) as exc:  # unreadable file, TOML syntax
         raise ConfigError(f"cannot read configuration {path}: {exc}") from None
-
-
-def is_configured(explicit: str | None) -> bool:
-    """Whether anything beyond the built-in defaults is set (a file or a TUNERD_* variable)."""
-    path, _ = config_path(explicit)
-    return path is not None or any(k.startswith("TUNERD_") for k in os.environ)

@@ -51,14 +51,15 @@ def read_log(path: Path, options: ReadOptions) -> LogStats:
     if workers < 2 or size < PARALLEL_MIN_BYTES:
         return _read_range(path, 0, None, options)
     bounds = _split(path, size, workers)
+    ranges = list(zip(bounds, bounds[1:], strict=False))
+    if len(ranges) < 2:
+        return _read_range(path, 0, None, options)
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=len(bounds) - 1, mp_context=context) as pool:
-        futures = [
-            pool.submit(_read_range, path, start, end, options)
-            for start, end in zip(bounds, bounds[1:], strict=False)
-        ]
-        merged = futures[0].result()
-        for future in futures[1:]:
+    with ProcessPoolExecutor(max_workers=len(ranges) - 1, mp_context=context) as pool:
+        # This process reads the first range itself while the workers read the others.
+        futures = [pool.submit(_read_range, path, start, end, options) for start, end in ranges[1:]]
+        merged = _read_range(path, *ranges[0], options)
+        for future in futures:
             merged.merge(future.result())
     return merged
 

@@ -42,7 +42,8 @@ class ErrorInfo(msgspec.Struct, gc=False, rename={"status_code": "statusCode", "
 
 
 class Attempt(msgspec.Struct, gc=False):
-    attempt: int | None = None
+    """One try. Its ``attempt`` number is not decoded: the position in the list says it."""
+
     success: bool = False
     duration: NonNegative | None = None
     error: msgspec.Raw = msgspec.Raw()
@@ -54,9 +55,20 @@ class Context(msgspec.Struct, gc=False):
 
     cron: str | None = None
     task: str | None = None
-    schedule: str | None = None
+    schedule: msgspec.Raw = msgspec.Raw()
+    """Raw: read once per cron (``schedule_text``), not decoded into a string per run."""
     demo: msgspec.Raw = msgspec.Raw()
     test: msgspec.Raw = msgspec.Raw()
+
+    @property
+    def schedule_text(self) -> str | None:
+        if not self.schedule:
+            return None
+        try:
+            value = msgspec.json.decode(self.schedule)
+        except msgspec.DecodeError:
+            return None
+        return value if isinstance(value, str) else None
 
 
 class ExperimentTag(msgspec.Struct, gc=False):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,10 +30,11 @@ RELATIVE_ACCURACY = 0.005
 """Half the 1 % the statistics promise: a margin for float rounding."""
 _GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
 _LOG_GAMMA = math.log(_GAMMA)
-EXACT_CAP = 256
-"""Up to this many values the sketch is exact (it keeps them verbatim)."""
-FOLD_AT = 1024
-"""Pending values folded into the histogram in one batch (NumPy's per-call cost, amortised)."""
+EXACT_CAP = 1024
+"""Up to this many values the sketch is exact (it keeps them verbatim). Beyond, pending values
+are folded into the histogram once this many have gathered (NumPy's per-call cost, amortised)."""
+_SMALL = 64
+"""Up to this many values, plain Python summarises them faster than a call into NumPy."""
 
 
 def _np() -> Any:
@@ -47,7 +49,7 @@ class QuantileSketch:
     ``add`` is the ``append`` of a buffer of single-precision values (it is on the hot path of
     reading a log, and 24 bits keep a duration to well under the sketch's accuracy). The owner calls
     ``settle`` now and then; the buffer is folded into the histogram, with its count, sum and
-    extremes, once it holds more than ``FOLD_AT`` values. Queries fold what they need first.
+    extremes, once it holds more than ``EXACT_CAP`` values. Queries fold what they need first.
     """
 
     __slots__ = ("_bins", "_count", "_max", "_min", "_offset", "_pending", "_total", "_zeros", "add")
@@ -70,8 +72,8 @@ class QuantileSketch:
         self.settle()
 
     def settle(self) -> None:
-        """Fold the buffer if it has grown past ``FOLD_AT`` (bounds memory; cheap otherwise)."""
-        if len(self._pending) > FOLD_AT:
+        """Fold the buffer if it has grown past ``EXACT_CAP`` (bounds memory; cheap otherwise)."""
+        if len(self._pending) > EXACT_CAP:
             self._flush()
 
     @property
@@ -80,15 +82,24 @@ class QuantileSketch:
 
     @property
     def total(self) -> float:
-        return self._total + sum(self._pending)
+        pending = self._pending
+        if len(pending) > _SMALL:
+            return self._total + float(_np().frombuffer(pending, dtype="f4").sum(dtype="f8"))
+        return self._total + sum(pending)
 
     @property
     def min(self) -> float:
-        return min(self._min, min(self._pending, default=math.inf))
+        pending = self._pending
+        if len(pending) > _SMALL:
+            return min(self._min, float(_np().frombuffer(pending, dtype="f4").min()))
+        return min(self._min, min(pending, default=math.inf))
 
     @property
     def max(self) -> float:
-        return max(self._max, max(self._pending, default=-math.inf))
+        pending = self._pending
+        if len(pending) > _SMALL:
+            return max(self._max, float(_np().frombuffer(pending, dtype="f4").max()))
+        return max(self._max, max(pending, default=-math.inf))
 
     @property
     def exact(self) -> bool:
@@ -113,12 +124,19 @@ class QuantileSketch:
 
     def quantile(self, q: float) -> float:
         """The ``q`` quantile (0..1), by linear interpolation between order statistics."""
+        return self.quantiles((q,))[0]
+
+    def quantiles(self, qs: Sequence[float]) -> list[float]:
+        """Several quantiles for the price of one sort (or one pass over the histogram)."""
         count = self.count
         if not count:
-            return math.nan
+            return [math.nan] * len(qs)
         if count <= EXACT_CAP:
-            ordered = sorted(self._pending)
-            return _interpolate(q, len(ordered), ordered.__getitem__)
+            if count > _SMALL:
+                ordered = _np().sort(_np().frombuffer(self._pending, dtype="f4")).tolist()
+            else:
+                ordered = sorted(self._pending)
+            return [_interpolate(q, count, ordered.__getitem__) for q in qs]
         self._flush()
         bins, zeros, offset = self._bins, self._zeros, self._offset
         cumulative = _np().cumsum(bins) if bins is not None else None
@@ -130,7 +148,7 @@ class QuantileSketch:
             i = int(_np().searchsorted(cumulative, k - zeros + 1))
             return min(max(2.0 * _GAMMA ** (offset + i) / (_GAMMA + 1.0), low), high)
 
-        return _interpolate(q, count, order_statistic)
+        return [_interpolate(q, count, order_statistic) for q in qs]
 
     def _flush(self) -> None:
         """Fold pending values into the histogram (only ever once the sketch is not exact)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from array import array
 from datetime import UTC, datetime
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,27 +150,32 @@ class RunStats:
             self.last_at = at
         attempts = entry.attempts
         n = len(attempts)
-        succeeded = entry.succeeded
+        kind = entry.type
+        succeeded = kind == "success" if kind is not None else n > 0 and attempts[-1].success
         if succeeded:
             self.successes += 1
         self.attempts += n or 1
-        duration = entry.duration
+        duration = entry.total_duration
+        if duration is None:
+            duration = entry.duration
         if duration is not None:
             self.duration.add(duration)
         if not n:
             if not succeeded:
-                self.errors.add(entry.final_error, retry=False)
+                self.errors.add(entry.final_error, False)
             return
         if attempts[0].duration is not None:
             self.first_attempt.add(attempts[0].duration)
         if n > 1:
             self.retried += 1
-        for i, attempt in enumerate(attempts):
+        retry = False
+        for attempt in attempts:
             if attempt.success:
                 if attempt.duration is not None:
                     self.success_attempt.add(attempt.duration)
             else:
-                self.errors.add(attempt.error, retry=i > 0)
+                self.errors.add(attempt.error, retry)
+            retry = True
 
     def add_clean(
         self, count: int, first_at: float, last_at: float, durations: bytes, firsts: bytes
@@ -281,6 +286,8 @@ class Totals:
 
 FOLD_RUNS = 1 << 16
 """Clean runs buffered column-wise before they are folded into their crons in one pass."""
+NUMPY_FOLD_MIN = 4096
+"""From this many buffered runs on, NumPy sorts them (below, Python's sort is as quick)."""
 
 
 class _CleanRuns:
@@ -333,7 +340,6 @@ class LogStats:
         self._crons: dict[str, CronStats] = {}
         self.tasks: dict[str, int] = {}
         self.malformed_samples: list[Malformed] = []
-        self._schedules: dict[str, str] = {}
         self._slot_of: dict[str | tuple[str, int], int] = {}
         self._slots: list[RunStats] = []
         self._clean = _CleanRuns()
@@ -341,8 +347,6 @@ class LogStats:
     @property
     def crons(self) -> dict[str, CronStats]:
         self._fold()
-        for name, schedule in self._schedules.items():
-            self._crons[name].schedule = schedule
         return self._crons
 
     @property
@@ -353,7 +357,7 @@ class LogStats:
             return None
         return min(b.first_at for b in buckets), max(b.last_at for b in buckets)
 
-    def add_entries(self, entries: Iterable[Entry], read_at: float) -> None:
+    def add_entries(self, entries: Sequence[Entry], read_at: float) -> None:
         """Count each entry once; ``read_at`` (epoch seconds) dates lines that carry no time.
 
         The hot path of every read: one pass over locals, no call for a clean run, and times kept
@@ -362,11 +366,12 @@ class LogStats:
         totals = self.totals
         since = self._since
         bucket_seconds = self.bucket_seconds
-        slot_of, slots, clean, schedules = self._slot_of, self._slots, self._clean, self._schedules
+        slot_of, slots, clean = self._slot_of, self._slots, self._clean
         clean_slot, clean_at = clean.slot.append, clean.at.append
         clean_duration, clean_first = clean.duration.append, clean.first.append
         default_when = datetime.fromtimestamp(read_at, UTC)
-        counted = cron_entries = 0
+        skipped_before = totals.before_since
+        others_before = totals.test_entries + totals.task_entries + totals.unattributed_entries
         for entry in entries:
             when = entry.timestamp
             if when.__class__ is not datetime or when.tzinfo is None:  # type: ignore[union-attr]
@@ -374,23 +379,17 @@ class LogStats:
             if since is not None and when < since:  # type: ignore[operator]
                 totals.before_since += 1
                 continue
-            counted += 1
             context = entry.context
-            name = context.cron if context is not None else None
-            if not name or context is None:
+            if context is None or not (name := context.cron):
                 self._unattributed(entry)
                 continue
-            cron_entries += 1
             key = name if bucket_seconds is None else (name, _bucket(when, bucket_seconds))  # type: ignore[arg-type]
             slot = slot_of.get(key)
             if slot is None:
-                slot = self._new_slot(name, key)
+                slot = self._new_slot(name, key, context.schedule_text)
                 if slot is None:
                     totals.untracked_crons += 1
                     continue
-            schedule = context.schedule
-            if schedule is not None and schedules.get(name) != schedule:
-                schedules[name] = schedule
             if entry.params is not None:
                 self._remember_params(name, entry.params, when)  # type: ignore[arg-type]
             attempts = entry.attempts
@@ -405,17 +404,24 @@ class LogStats:
                     clean_first(first_duration)
                     continue
             slots[slot].add(entry, when)  # type: ignore[arg-type]
+        # Counted here rather than per entry: every entry was skipped, unattributed, or a cron's.
+        counted = len(entries) - (totals.before_since - skipped_before)
+        others = totals.test_entries + totals.task_entries + totals.unattributed_entries
         totals.entries += counted
-        totals.cron_entries += cron_entries
+        totals.cron_entries += counted - (others - others_before)
         if len(clean) >= FOLD_RUNS:
             self._fold()
 
-    def _new_slot(self, name: str, key: str | tuple[str, int]) -> int | None:
+    def _new_slot(
+        self, name: str, key: str | tuple[str, int], schedule: str | None
+    ) -> int | None:
+        """A new cron, or a new time bucket of one (its schedule is noted here, not per run)."""
         cron = self._crons.get(name)
         if cron is None:
             if len(self._crons) >= self.max_crons:
                 return None
             cron = self._crons[name] = CronStats(name)
+        cron.schedule = schedule or cron.schedule
         bucket = cron.buckets.setdefault(0 if isinstance(key, str) else key[1], RunStats())
         self._slot_of[key] = len(self._slots)
         self._slots.append(bucket)
@@ -428,29 +434,43 @@ class LogStats:
             cron.params, cron.params_at = params, at
 
     def _fold(self) -> None:
-        """Hand the buffered clean runs to their crons, one NumPy pass and one call per slot."""
-        clean = self._clean
-        if not len(clean):
-            return
-        import numpy as np
+        """Hand the buffered clean runs to their crons: one sort by slot, one call per slot.
 
-        slot = np.frombuffer(clean.slot, dtype=np.intc)
-        order = np.argsort(slot, kind="stable")
-        slot = slot[order]
-        at = [clean.at[i] for i in order.tolist()]
-        duration = np.frombuffer(clean.duration, dtype=np.float32)[order]
-        first = np.frombuffer(clean.first, dtype=np.float32)[order]
-        starts = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
-        ends = [*starts[1:].tolist(), len(slot)]
-        for a, b in zip(starts.tolist(), ends, strict=True):
-            runs = at[a:b]
-            self._slots[int(slot[a])].add_clean(
-                b - a,
+        A large buffer is sorted by NumPy; a small one (a short log, the daemon's latest lines)
+        in Python, so that reading a few lines never pays for importing NumPy.
+        """
+        clean = self._clean
+        n = len(clean)
+        if not n:
+            return
+        duration: Any
+        first: Any
+        if n >= NUMPY_FOLD_MIN:
+            import numpy as np
+
+            order_array = np.argsort(np.frombuffer(clean.slot, dtype=np.intc), kind="stable")
+            order: list[int] = order_array.tolist()
+            duration = np.frombuffer(clean.duration, dtype=np.float32)[order_array]
+            first = np.frombuffer(clean.first, dtype=np.float32)[order_array]
+        else:
+            order = sorted(range(n), key=clean.slot.__getitem__)
+            duration = array("f", [clean.duration[i] for i in order])
+            first = array("f", [clean.first[i] for i in order])
+        slot = [clean.slot[i] for i in order]
+        at = [clean.at[i] for i in order]
+        start = 0
+        for end in range(1, n + 1):
+            if end < n and slot[end] == slot[start]:
+                continue
+            runs = at[start:end]
+            self._slots[slot[start]].add_clean(
+                end - start,
                 min(runs).timestamp(),
                 max(runs).timestamp(),
-                duration[a:b].tobytes(),
-                first[a:b].tobytes(),
+                duration[start:end].tobytes(),
+                first[start:end].tobytes(),
             )
+            start = end
         clean.clear()
 
     def _unattributed(self, entry: Entry) -> None:
