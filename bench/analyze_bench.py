@@ -93,7 +93,9 @@ def anchor_python() -> str | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--lines", type=int, default=1_000_000)
     ap.add_argument("--crons", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
@@ -112,7 +114,14 @@ def main() -> None:
     programs: dict[str, list[str]] = {
         "tunerd analyze": [sys.executable, "-m", "tunerd", "analyze", str(log), "--json"],
         "tunerd analyze --jobs 1": [
-            sys.executable, "-m", "tunerd", "analyze", str(log), "--json", "--jobs", "1",
+            sys.executable,
+            "-m",
+            "tunerd",
+            "analyze",
+            str(log),
+            "--json",
+            "--jobs",
+            "1",
         ],
     }
     if not args.no_anchors:
@@ -131,8 +140,11 @@ def main() -> None:
 
     wall = {n: statistics.median(w for w, _ in r) for n, r in results.items()}
     rss = {n: max(m for _, m in r) / 1024 for n, r in results.items()}
-    print(f"\n{args.lines:,} lines, {args.crons:,} crons, {size_mb:.0f} MB; median of {args.rounds}")
-    print(f"{'program':<26}{'wall s':>8}{'peak MB':>9}{'vs duckdb':>11}{'vs node':>9}   anchor README (s, MB)")
+    print(
+        f"\n{args.lines:,} lines, {args.crons:,} crons, {size_mb:.0f} MB; median of {args.rounds}"
+    )
+    columns = f"{'program':<26}{'wall s':>8}{'peak MB':>9}{'vs duckdb':>11}{'vs node':>9}"
+    print(f"{columns}   anchor README (s, MB)")
     for name in programs:
         vs_duck = f"{wall[name] / wall['duckdb']:.2f}x" if "duckdb" in wall else "-"
         vs_node = f"{wall[name] / wall['seed-node']:.2f}x" if "seed-node" in wall else "-"

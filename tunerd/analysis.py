@@ -139,7 +139,10 @@ def analyze(
     for name in sorted(stats.crons):
         cron = stats.crons[name]
         summary = CronSummary.of(
-            name, cron.window(since, stats.bucket_seconds), params_for(name, cron.params), cron.schedule
+            name,
+            cron.window(since, stats.bucket_seconds),
+            params_for(name, cron.params),
+            cron.schedule,
         )
         if not summary.runs:
             continue

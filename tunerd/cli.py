@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from tunerd import __version__
 
 if TYPE_CHECKING:
+    from tunerd.config import Settings
     from tunerd.params import Params, ParamsFile
 
 USAGE_ERROR = 2
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-def _settings(explicit: str | None):  # type: ignore[no-untyped-def]  # pydantic is lazy
+def _settings(explicit: str | None) -> Settings:
     from tunerd.config import ConfigError, load
 
     try:
@@ -128,7 +129,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     settings = None
     if args.log is None or args.config or (args.params is None and is_configured(args.config)):
         settings = _settings(args.config)
-    log = Path(args.log) if args.log is not None else settings.log_path
+    log = settings.log_path if args.log is None and settings else Path(args.log)
     since = None
     if args.since is not None:
         try:

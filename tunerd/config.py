@@ -27,6 +27,7 @@ from tunerd.configfile import config_path
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES
 from tunerd.timeparse import parse_duration
 
+
 def _duration(value: Any) -> Any:
     return parse_duration(value) if isinstance(value, str) else value
 
@@ -52,8 +53,10 @@ class Settings(BaseSettings):
     state_dir: Path = Path("~/.local/state/tunerd")
     params_file: Path = Path("~/.config/tunerd/params.json")
     verify_after: Duration = timedelta(hours=24)
-    max_line_bytes: int = Field(DEFAULT_MAX_LINE_BYTES, ge=1024)
-    max_crons: int = Field(10_000, ge=1)
+    max_line_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_LINE_BYTES
+    """Longer log lines are skipped (and reported); well above the wrapper's 10 MB output cap."""
+    max_crons: Annotated[int, Field(ge=1)] = 10_000
+    """Distinct cron names tracked; runs of more are counted but not analysed."""
     discord: DiscordSettings = DiscordSettings()
 
     @field_validator("log_path", "state_dir", "params_file")

@@ -8,6 +8,7 @@ not depend on the file's size or its longest line.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -51,7 +52,7 @@ def read_log(path: Path, options: ReadOptions) -> LogStats:
     if workers < 2 or size < PARALLEL_MIN_BYTES:
         return _read_range(path, 0, None, options)
     bounds = _split(path, size, workers)
-    ranges = list(zip(bounds, bounds[1:], strict=False))
+    ranges = list(itertools.pairwise(bounds))
     if len(ranges) < 2:
         return _read_range(path, 0, None, options)
     context = multiprocessing.get_context("fork")

@@ -47,9 +47,9 @@ DEFAULT_BACKOFF: Final = "exponential"
 class Params:
     """The parameters one cron runs with."""
 
-    maxRetries: int = SPECS["maxRetries"].default  # noqa: N815 - the wrapper's own spelling
+    maxRetries: int = SPECS["maxRetries"].default
     timeout: int = SPECS["timeout"].default
-    backoffBase: int = SPECS["backoffBase"].default  # noqa: N815
+    backoffBase: int = SPECS["backoffBase"].default
     backoff: str = DEFAULT_BACKOFF
 
     def get(self, name: str) -> int:
@@ -127,8 +127,13 @@ def classify_change(
     spec = SPECS[param]
     low, high = spec.absolute
     if not low <= proposed <= high:
-        return "forbidden", f"{_fmt(proposed, spec)} is beyond the absolute bounds {_range(spec.absolute, spec)}"
-    safe = spec.safe_when_rate_limited if rate_limited and spec.safe_when_rate_limited else spec.safe
+        return (
+            "forbidden",
+            f"{_fmt(proposed, spec)} is beyond the absolute bounds {_range(spec.absolute, spec)}",
+        )
+    safe = (
+        spec.safe_when_rate_limited if rate_limited and spec.safe_when_rate_limited else spec.safe
+    )
     if proposed < current:
         return "manual", "a decrease always needs a human"
     if not safe[0] <= proposed <= safe[1]:

@@ -28,7 +28,9 @@ ErrorClass = Literal["rate_limit", "timeout", "other"]
 ERROR_CLASSES: Final[tuple[ErrorClass, ...]] = ("rate_limit", "timeout", "other")
 
 
-class ErrorInfo(msgspec.Struct, gc=False, rename={"status_code": "statusCode", "suggested_fix": "suggestedFix"}):
+class ErrorInfo(
+    msgspec.Struct, gc=False, rename={"status_code": "statusCode", "suggested_fix": "suggestedFix"}
+):
     """The wrapper's ``analyzeError`` object; ``type`` may be a Node code or an exit status."""
 
     type: str | int | float | None = None
@@ -76,7 +78,11 @@ class ExperimentTag(msgspec.Struct, gc=False):
     arm: str | None = None
 
 
-class Entry(msgspec.Struct, gc=False, rename={"total_duration": "totalDuration", "final_error": "finalError"}):
+class Entry(
+    msgspec.Struct,
+    gc=False,
+    rename={"total_duration": "totalDuration", "final_error": "finalError"},
+):
     """One run of one job."""
 
     timestamp: datetime | EpochMs | None = None
@@ -188,7 +194,9 @@ def _describe(
     klass: ErrorClass
     if 429 in (_number(status_code), _number(status), _number(code)) or _RATE_LIMIT.search(text):
         klass = "rate_limit"
-    elif kind == "ETIMEDOUT" or code == "ETIMEDOUT" or category == "timeout" or _TIMEOUT.search(text):
+    elif (
+        kind == "ETIMEDOUT" or code == "ETIMEDOUT" or category == "timeout" or _TIMEOUT.search(text)
+    ):
         klass = "timeout"
     else:
         klass = "other"

@@ -29,7 +29,9 @@ def _distribution(d: Distribution | None) -> dict[str, float | None]:
 def _iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 def cron_json(s: CronSummary) -> dict[str, Any]:
@@ -140,11 +142,43 @@ def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
 
 
+_COLUMNS = (
+    ("runs", 7),
+    ("fail", 6),
+    ("retry", 6),
+    ("att/run", 7),
+    ("mean ms", 9),
+    ("p95 ms", 9),
+    ("p99 ms", 9),
+    ("max ms", 9),
+    ("429", 5),
+    ("t/o", 5),
+    ("other", 5),
+)
+
+
+def _cells(s: CronSummary) -> tuple[str, ...]:
+    d = s.duration
+    return (
+        f"{s.runs:,}",
+        _pct(s.final_failure_rate),
+        _pct(s.retry_rate),
+        f"{s.attempts_per_run:.2f}",
+        *(_ms(getattr(d, k) if d else None) for k in ("mean", "p95", "p99", "max")),
+        str(s.rate_limit),
+        str(s.timeout),
+        str(s.other),
+    )
+
+
 def analysis_text(a: Analysis, log: str, since: datetime | None) -> str:
     t = a.totals
     lines = [f"tunerd analyze: {safe_text(log)}"]
     if a.period:
-        lines.append(f"Period: {_iso(a.period[0])} → {_iso(a.period[1])}" + (f" (since {since.isoformat()})" if since else ""))
+        lines.append(
+            f"Period: {_iso(a.period[0])} → {_iso(a.period[1])}"
+            + (f" (since {since.isoformat()})" if since else "")
+        )
     lines.append(
         f"Entries: {t.entries:,} — {t.cron_entries:,} cron runs, {t.test_entries:,} tests, "
         f"{t.task_entries:,} task-only, {t.unattributed_entries:,} other; "
@@ -152,25 +186,22 @@ def analysis_text(a: Analysis, log: str, since: datetime | None) -> str:
         + (f"; {t.before_since:,} before --since" if t.before_since else "")
     )
     if t.untracked_crons:
-        lines.append(f"Note: {t.untracked_crons:,} runs of crons beyond the tracked maximum were only counted.")
+        lines.append(
+            f"Note: {t.untracked_crons:,} runs of crons beyond the tracked maximum"
+            " were counted but not analysed."
+        )
     lines.append("")
     if not a.crons:
         lines.append("No cron runs in this window.")
     else:
-        name_width = min(max(width(safe_text(s.cron)) for s in a.crons), 32)
-        name_width = max(name_width, 4)
-        header = (
-            f"{fit('cron', name_width)}  {'runs':>7}  {'fail':>6}  {'retry':>6}  {'att/run':>7}"
-            f"  {'mean ms':>9}  {'p95 ms':>9}  {'p99 ms':>9}  {'max ms':>9}  {'429':>5}  {'t/o':>5}  {'other':>5}"
-        )
+        name_width = max(4, min(max(width(safe_text(s.cron)) for s in a.crons), 32))
+        header = fit("cron", name_width) + "".join(f"  {title:>{w}}" for title, w in _COLUMNS)
         lines += [header, "─" * width(header)]
         for s in a.crons:
-            d = s.duration
+            cells = _cells(s)
             lines.append(
-                f"{fit(safe_text(s.cron), name_width)}  {s.runs:>7,}  {_pct(s.final_failure_rate):>6}"
-                f"  {_pct(s.retry_rate):>6}  {s.attempts_per_run:>7.2f}  {_ms(d.mean if d else None):>9}"
-                f"  {_ms(d.p95 if d else None):>9}  {_ms(d.p99 if d else None):>9}"
-                f"  {_ms(d.max if d else None):>9}  {s.rate_limit:>5}  {s.timeout:>5}  {s.other:>5}"
+                fit(safe_text(s.cron), name_width)
+                + "".join(f"  {cell:>{w}}" for cell, (_, w) in zip(cells, _COLUMNS, strict=True))
             )
     lines.append("")
     if a.patterns:

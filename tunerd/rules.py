@@ -82,7 +82,8 @@ def detect_patterns(s: CronSummary, t: Thresholds = DEFAULT_THRESHOLDS) -> list[
                 "high_retry_rate",
                 s.cron,
                 s.retry_rate,
-                f"{_pct(s.retry_rate)} of {s.runs} runs needed a retry (threshold {_pct(t.retry_rate)})",
+                f"{_pct(s.retry_rate)} of {s.runs} runs needed a retry"
+                f" (threshold {_pct(t.retry_rate)})",
             )
         )
     limit = s.params.timeout * t.slow_fraction
@@ -93,7 +94,8 @@ def detect_patterns(s: CronSummary, t: Thresholds = DEFAULT_THRESHOLDS) -> list[
                 s.cron,
                 s.duration_mean,
                 f"runs take {_ms(s.duration_mean)} on average, "
-                f"{_pct(s.duration_mean / s.params.timeout)} of the {_ms(s.params.timeout)} timeout "
+                f"{_pct(s.duration_mean / s.params.timeout)} of the"
+                f" {_ms(s.params.timeout)} timeout "
                 f"(threshold {_pct(t.slow_fraction)})",
             )
         )
@@ -119,7 +121,8 @@ def recommend(
         if p.type == "high_retry_rate" and s.final_failure_rate > t.final_failure_rate:
             current = s.params.maxRetries
             reason = (
-                f"{p.detail}, and {_pct(s.final_failure_rate)} still failed after {current} attempts"
+                f"{p.detail}, and {_pct(s.final_failure_rate)} still failed"
+                f" after {current} attempts"
                 f" (threshold {_pct(t.final_failure_rate)}): allow one more attempt"
             )
             out.append(_recommendation(s, "maxRetries", current + 1, reason, p.type))
@@ -148,7 +151,9 @@ def _recommendation(
     s: CronSummary, param: str, proposed: int, reason: str, pattern: PatternType
 ) -> Recommendation:
     current = s.params.get(param)
-    decision, why = classify_change(param, current, proposed, rate_limited=pattern == "rate_limited")
+    decision, why = classify_change(
+        param, current, proposed, rate_limited=pattern == "rate_limited"
+    )
     return Recommendation(s.cron, param, current, proposed, reason, decision, why, pattern)
 
 
@@ -166,7 +171,8 @@ def advise_cron(
                     s.cron,
                     sig.count,
                     f"{s.cron}: the same error failed {sig.count} attempts ({name}). Retry "
-                    f"parameters cannot fix it: the job's code or its dependency needs a look.{fix}",
+                    "parameters cannot fix it: the job's code or its dependency needs a look."
+                    + fix,
                 )
             )
     auto_timeout = any(r.param == "timeout" and r.decision == "auto" for r in recommendations)

@@ -52,7 +52,17 @@ class QuantileSketch:
     extremes, once it holds more than ``EXACT_CAP`` values. Queries fold what they need first.
     """
 
-    __slots__ = ("_bins", "_count", "_max", "_min", "_offset", "_pending", "_total", "_zeros", "add")
+    __slots__ = (
+        "_bins",
+        "_count",
+        "_max",
+        "_min",
+        "_offset",
+        "_pending",
+        "_total",
+        "_zeros",
+        "add",
+    )
 
     def __init__(self) -> None:
         self._pending = array("f")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 from array import array
-from datetime import UTC, datetime
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -280,7 +280,7 @@ class Totals:
     """Runs of crons beyond ``max_crons`` distinct names: counted here, not analysed."""
 
     def merge(self, other: Totals) -> None:
-        for name in self.__slots__:  # type: ignore[attr-defined]
+        for name in self.__slots__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -374,16 +374,16 @@ class LogStats:
         others_before = totals.test_entries + totals.task_entries + totals.unattributed_entries
         for entry in entries:
             when = entry.timestamp
-            if when.__class__ is not datetime or when.tzinfo is None:  # type: ignore[union-attr]
+            if when.__class__ is not datetime or when.tzinfo is None:
                 when = to_datetime(when, default_when)
-            if since is not None and when < since:  # type: ignore[operator]
+            if since is not None and when < since:
                 totals.before_since += 1
                 continue
             context = entry.context
             if context is None or not (name := context.cron):
                 self._unattributed(entry)
                 continue
-            key = name if bucket_seconds is None else (name, _bucket(when, bucket_seconds))  # type: ignore[arg-type]
+            key = name if bucket_seconds is None else (name, _bucket(when, bucket_seconds))
             slot = slot_of.get(key)
             if slot is None:
                 slot = self._new_slot(name, key, context.schedule_text)
@@ -391,7 +391,7 @@ class LogStats:
                     totals.untracked_crons += 1
                     continue
             if entry.params is not None:
-                self._remember_params(name, entry.params, when)  # type: ignore[arg-type]
+                self._remember_params(name, entry.params, when)
             attempts = entry.attempts
             if len(attempts) == 1 and entry.type == "success":
                 first = attempts[0]
@@ -403,7 +403,7 @@ class LogStats:
                     clean_duration(first_duration if total is None else total)
                     clean_first(first_duration)
                     continue
-            slots[slot].add(entry, when)  # type: ignore[arg-type]
+            slots[slot].add(entry, when)
         # Counted here rather than per entry: every entry was skipped, unattributed, or a cron's.
         counted = len(entries) - (totals.before_since - skipped_before)
         others = totals.test_entries + totals.task_entries + totals.unattributed_entries
@@ -412,9 +412,7 @@ class LogStats:
         if len(clean) >= FOLD_RUNS:
             self._fold()
 
-    def _new_slot(
-        self, name: str, key: str | tuple[str, int], schedule: str | None
-    ) -> int | None:
+    def _new_slot(self, name: str, key: str | tuple[str, int], schedule: str | None) -> int | None:
         """A new cron, or a new time bucket of one (its schedule is noted here, not per run)."""
         cron = self._crons.get(name)
         if cron is None:

@@ -1,0 +1,164 @@
+"""The incremental reader: tolerant, exact offsets, bounded memory, chunking-independent."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tunerd.reader import DEFAULT_MAX_LINE_BYTES, Batch, LogReader
+
+from .conftest import REAL_SAMPLE, run_line
+
+
+def read_all(data: bytes, chunk: int | None = None, cap: int = 1 << 20) -> tuple[Batch, LogReader]:
+    reader = LogReader(max_line_bytes=cap)
+    out = Batch()
+    step = chunk or max(len(data), 1)
+    for i in range(0, len(data), step):
+        batch = reader.feed(data[i : i + step])
+        out.entries += batch.entries
+        out.malformed += batch.malformed
+    batch = reader.finish()
+    out.entries += batch.entries
+    out.malformed += batch.malformed
+    return out, reader
+
+
+def test_real_sample_reads_clean() -> None:
+    data = REAL_SAMPLE.read_bytes()
+    batch, reader = read_all(data)
+    assert len(batch.entries) == 63
+    assert batch.malformed == []
+    assert reader.offset == len(data)
+    crons = [e.cron for e in batch.entries if e.cron]
+    assert crons.count("TQQQ 15분 모니터링") == 51
+    assert crons.count("GitHub 감시") == 3
+
+
+def test_malformed_lines_are_reported_with_their_offsets() -> None:
+    good = run_line().encode() + b"\n"
+    lines = [
+        good,
+        b"{not json\n",
+        b'{"type": "success", "context": {"cron": "\xff\xfe"}}\n',
+        b"[1, 2, 3]\n",
+        b'{"type": 7}\n',
+        b'{"totalDuration": -5}\n',
+        b'{"timestamp": "yesterday"}\n',
+        b"\n",  # blank: not data, not malformed
+        b"\x00\x00\x00" + good,  # copytruncate padding before a good line
+        b"\xef\xbb\xbf" + good,  # a BOM
+        good.replace(b"\n", b"\r\n"),  # CRLF
+        good,
+    ]
+    data = b"".join(lines)
+    batch, _ = read_all(data)
+    assert len(batch.entries) == 5
+    offsets = [sum(len(x) for x in lines[:i]) for i in range(len(lines))]
+    assert [m.offset for m in batch.malformed] == offsets[1:7]
+    reasons = [m.reason for m in batch.malformed]
+    assert reasons[0].startswith("not JSON")
+    assert reasons[1] == "invalid UTF-8"
+    assert all(r.startswith("wrong shape") for r in reasons[2:])
+
+
+def test_invalid_utf8_inside_a_skipped_payload_is_still_malformed() -> None:
+    line = run_line().encode().replace(b'"xxxxxxxxxx"', b'"xx\xffxx"')
+    batch, _ = read_all(line + b"\n" + run_line().encode() + b"\n")
+    assert len(batch.entries) == 1
+    assert [m.reason for m in batch.malformed] == ["invalid UTF-8"]
+
+
+def test_huge_line_is_skipped_without_being_held() -> None:
+    cap = 1 << 20
+    huge = run_line(result={"output": "y" * (5 << 20)}).encode() + b"\n"
+    good = run_line().encode() + b"\n"
+    data = good + huge + good
+    reader = LogReader(max_line_bytes=cap)
+    entries, malformed, held = [], [], 0
+    for i in range(0, len(data), 64 << 10):
+        batch = reader.feed(data[i : i + (64 << 10)])
+        entries += batch.entries
+        malformed += batch.malformed
+        held = max(held, len(reader._partial))
+    assert len(entries) == 2
+    assert [m.offset for m in malformed] == [len(good)]
+    assert "cap" in malformed[0].reason
+    assert held <= cap  # never more than the cap in memory
+    assert reader.offset == len(data)
+
+
+def test_a_10mb_result_is_a_valid_line_under_the_default_cap() -> None:
+    line = run_line(result={"output": "z" * (10 << 20)}).encode() + b"\n"
+    batch, _ = read_all(line, chunk=1 << 20, cap=DEFAULT_MAX_LINE_BYTES)
+    assert len(batch.entries) == 1 and batch.malformed == []
+
+
+def test_partial_line_waits_for_its_newline() -> None:
+    line = run_line().encode()
+    reader = LogReader()
+    assert reader.feed(line[:50]).entries == []
+    assert reader.offset == 0 and reader.pending_bytes == 50
+    assert reader.feed(line[50:]).entries == []
+    assert len(reader.feed(b"\n").entries) == 1
+    assert reader.offset == len(line) + 1 and reader.pending_bytes == 0
+
+
+def test_finish_decodes_an_unterminated_last_line_and_offsets_start_where_told() -> None:
+    reader = LogReader(offset=1000)
+    reader.feed(b"{bad\n" + run_line().encode())
+    batch = reader.finish()
+    assert len(batch.entries) == 1
+    assert reader.offset == 1000 + 5 + len(run_line().encode())
+
+
+CORPUS = [
+    run_line().encode(),
+    run_line(
+        "TQQQ 15분 모니터링", (300, 1200), error={"statusCode": 429, "message": "HTTP 429"}
+    ).encode(),
+    run_line(None, ok=False).encode(),
+    b"{broken",
+    b"\xff\xfe\xfd",
+    b"",
+    b"\x00\x00",
+    b'"just a string"',
+    b"x" * 300,  # over the small cap used below
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(CORPUS), max_size=25),
+    st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=40),
+    st.booleans(),
+)
+def test_chunked_reading_equals_whole_reading(
+    lines: list[bytes], cuts: list[int], crlf: bool
+) -> None:
+    data = (b"\r\n" if crlf else b"\n").join(lines)
+    whole, whole_reader = read_all(data, cap=256)
+    reader = LogReader(max_line_bytes=256)
+    chunked = Batch()
+    position, i = 0, 0
+    while position < len(data):
+        size = cuts[i % len(cuts)]
+        batch = reader.feed(data[position : position + size])
+        chunked.entries += batch.entries
+        chunked.malformed += batch.malformed
+        position += size
+        i += 1
+    batch = reader.finish()
+    chunked.entries += batch.entries
+    chunked.malformed += batch.malformed
+    assert chunked.entries == whole.entries
+    assert chunked.malformed == whole.malformed
+    assert reader.offset == whole_reader.offset == len(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=2000), st.integers(min_value=1, max_value=64))
+def test_never_raises_on_arbitrary_bytes(data: bytes, step: int) -> None:
+    batch, reader = read_all(data, chunk=step, cap=512)
+    assert reader.offset == len(data)
+    assert all(0 <= m.offset < len(data) for m in batch.malformed)
