@@ -6,8 +6,9 @@ usage: python bench/analyze_bench.py [--lines 1000000] [--crons 1000] [--rounds 
 Generates the log with the shared genlog.py (cached under bench/out/), then runs every program
 `--rounds` times, interleaved so that a noisy neighbour hurts all of them alike, and prints the
 median wall time and the peak memory of each, with ratios to the anchors. Peak memory is sampled
-every 5 ms as the sum of the resident sets of the program's whole process tree (tunerd reads a
-large log with forked workers; counting only the parent would flatter it).
+every 5 ms over the program's whole process tree (tunerd reads a large log with forked workers;
+counting only the parent would flatter it), both as the sum of resident sets (RSS: pages shared
+after fork count twice) and of proportional sets (PSS: shared pages split between processes).
 
 DuckDB is installed on first use into a scratch environment (bench/out/anchor-venv), never into
 tunerd's own; Node runs the seed's analyzer if `node` is on the PATH.
@@ -41,8 +42,8 @@ JSON_LOOP = (
 )
 
 
-def tree_rss_kb(root: int) -> int:
-    """Resident set of ``root`` and all its descendants, in KiB."""
+def tree_memory_kb(root: int) -> tuple[int, int]:
+    """Resident set and proportional set (shared pages split) of ``root`` and its descendants."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -53,31 +54,37 @@ def tree_rss_kb(root: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root]
+    rss = pss = 0
+    stack = [root]
     while stack:
         pid = stack.pop()
         stack.extend(children.get(pid, []))
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
         except OSError:
             pass
-    return total
+    return rss, pss
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
+def measure(cmd: list[str]) -> tuple[float, int, int]:
+    """Wall seconds, and peak RSS and PSS (KiB) of the process tree."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
+    peak_rss = peak_pss = 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss_kb(proc.pid))
+        rss, pss = tree_memory_kb(proc.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.005)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-    return wall, peak
+        assert proc.stderr is not None
+        raise SystemExit(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, peak_rss, peak_pss
 
 
 def anchor_python() -> str | None:
@@ -132,25 +139,29 @@ def main() -> None:
             programs["seed-node"] = ["node", str(SHARED / "seed_analyzer.js"), str(log)]
         programs["json.loads"] = [sys.executable, "-c", JSON_LOOP, str(log)]
 
-    results: dict[str, list[tuple[float, int]]] = {name: [] for name in programs}
+    results: dict[str, list[tuple[float, int, int]]] = {name: [] for name in programs}
     for round_ in range(args.rounds):
         for name, cmd in programs.items():
             results[name].append(measure(cmd))
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
 
-    wall = {n: statistics.median(w for w, _ in r) for n, r in results.items()}
-    rss = {n: max(m for _, m in r) / 1024 for n, r in results.items()}
-    print(
-        f"\n{args.lines:,} lines, {args.crons:,} crons, {size_mb:.0f} MB; median of {args.rounds}"
-    )
-    columns = f"{'program':<26}{'wall s':>8}{'peak MB':>9}{'vs duckdb':>11}{'vs node':>9}"
+    wall = {n: statistics.median(r[0] for r in rs) for n, rs in results.items()}
+    rss = {n: max(r[1] for r in rs) / 1024 for n, rs in results.items()}
+    pss = {n: max(r[2] for r in rs) / 1024 for n, rs in results.items()}
+    print(f"\n{args.lines:,} lines, {args.crons:,} crons, {size_mb:.0f} MB", end="")
+    print(f"; median of {args.rounds} rounds")
+    columns = f"{'program':<26}{'wall s':>8}{'RSS MB':>8}{'PSS MB':>8}"
+    columns += f"{'vs duckdb':>11}{'vs node':>9}"
     print(f"{columns}   anchor README (s, MB)")
     for name in programs:
         vs_duck = f"{wall[name] / wall['duckdb']:.2f}x" if "duckdb" in wall else "-"
         vs_node = f"{wall[name] / wall['seed-node']:.2f}x" if "seed-node" in wall else "-"
         anchor = ANCHOR_FIGURES.get(name)
         shown = f"{anchor[0]:.2f} s, {anchor[1]} MB" if anchor else ""
-        print(f"{name:<26}{wall[name]:>8.2f}{rss[name]:>9.0f}{vs_duck:>11}{vs_node:>9}   {shown}")
+        print(
+            f"{name:<26}{wall[name]:>8.2f}{rss[name]:>8.0f}{pss[name]:>8.0f}"
+            f"{vs_duck:>11}{vs_node:>9}   {shown}"
+        )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ def read_log(path: Path, options: ReadOptions) -> LogStats:
     ranges = list(itertools.pairwise(bounds))
     if len(ranges) < 2:
         return _read_range(path, 0, None, options)
+    # Load NumPy before forking so the workers share its pages instead of each loading it
+    # (it would be loaded for the first batch anyway). No BLAS thread pool: nothing here uses it.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import numpy  # noqa: F401
+
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=len(ranges) - 1, mp_context=context) as pool:
         # This process reads the first range itself while the workers read the others.

@@ -284,7 +284,7 @@ class Totals:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-FOLD_RUNS = 1 << 16
+FOLD_RUNS = 1 << 15
 """Clean runs buffered column-wise before they are folded into their crons in one pass."""
 NUMPY_FOLD_MIN = 4096
 """From this many buffered runs on, NumPy sorts them (below, Python's sort is as quick)."""
