@@ -15,12 +15,13 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tunerd import __version__
 
 if TYPE_CHECKING:
     from tunerd.config import Settings
+    from tunerd.engine import Engine
     from tunerd.params import Params, ParamsFile
 
 USAGE_ERROR = 2
@@ -69,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--config", metavar="F", help="configuration file (TOML)")
     analyze.set_defaults(run=cmd_analyze)
+
+    def command(name: str, run: Any, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        if json_flag:
+            sub.add_argument("--json", action="store_true", help="one JSON document on stdout")
+        sub.add_argument("--config", metavar="F", help="configuration file (TOML)")
+        sub.set_defaults(run=run)
+        return sub
+
+    command("cycle", cmd_cycle, "run a tuning cycle now: analyse, decide, apply, queue, notify")
+    command("status", cmd_status, "parameters in force, experiments, pending approvals")
+    command("history", cmd_history, "every change, verdict and rollback")
+    for name, run, help in (
+        ("approve", cmd_approve, "approve a pending review: its experiment starts"),
+        ("reject", cmd_reject, "reject a pending review: it is not proposed again for a while"),
+        ("rollback", cmd_rollback, "undo an applied change by hand (an ID from history)"),
+    ):
+        command(name, run, help).add_argument("id", metavar="ID", type=int)
     return parser
 
 
@@ -171,3 +190,338 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     else:
         print(analysis_text(result, str(log), since))
     return 0
+
+
+# --- the commands that act (issue 3) ------------------------------------------------------------
+
+
+def _engine(args: argparse.Namespace) -> tuple[Settings, Engine]:
+    import logging
+
+    from tunerd.cycle import build_engine
+    from tunerd.notify import LogNotifier
+    from tunerd.store import StoreError
+
+    logging.basicConfig(level=logging.INFO, format="tunerd: %(message)s", stream=sys.stderr)
+    settings = _settings(args.config)
+    try:
+        return settings, build_engine(settings, LogNotifier())
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps(document, ensure_ascii=False, indent=2))
+    else:
+        print(text)
+    return 0
+
+
+def _operator() -> str:
+    import getpass
+
+    try:
+        return f"operator:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "operator"
+
+
+def cmd_cycle(args: argparse.Namespace) -> int:
+    from tunerd.cycle import run_cycle
+    from tunerd.logfile import LogFileError
+    from tunerd.report import safe_text
+
+    settings, engine = _engine(args)
+    try:
+        report = run_cycle(settings, engine, time.time())
+    except LogFileError as exc:
+        raise CommandError(f"{exc} (log_path in the configuration)") from None
+    lines = [f"recovered: {r}" for r in report.recovered]
+    lines.append(f"Analysed {report.analysis.totals.cron_entries:,} cron runs in the window.")
+    for o in report.outcomes:
+        a = o.action
+        lines.append(
+            f"  {o.result:<8} {safe_text(a.cron)}: {a.param} {a.current:,} → {a.proposed:,}"
+            f"{f' (#{o.id})' if o.id else ''} — {safe_text(o.detail)}"
+        )
+    if not report.outcomes:
+        lines.append("  nothing to change")
+    return _emit(args, report.as_json(), "\n".join(lines))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tunerd.logfile import LogFileError, ReadOptions, read_log
+    from tunerd.report import safe_text
+
+    settings, engine = _engine(args)
+    now = time.time()
+    store = engine.store
+    since = now - settings.window.total_seconds()
+    try:
+        stats = read_log(
+            settings.log_path,
+            ReadOptions(since=since, read_at=now, max_line_bytes=settings.max_line_bytes),
+        )
+        crons = {
+            name: c.window(since, stats.bucket_seconds).runs for name, c in stats.crons.items()
+        }
+        tail = {
+            "path": str(settings.log_path),
+            "offset": stats.offset,
+            "entries": stats.totals.entries + stats.totals.before_since,
+            "malformed": stats.totals.malformed,
+        }
+    except LogFileError as exc:
+        crons, tail = (
+            {},
+            {
+                "path": str(settings.log_path),
+                "offset": 0,
+                "entries": 0,
+                "malformed": 0,
+                "error": str(exc),
+            },
+        )
+    experiments = store.experiments("starting", "running")
+    pending = store.reviews("pending")
+    for e in experiments:
+        crons.setdefault(e.cron, 0)
+    document = {
+        "daemon": None,
+        "tail": tail,
+        "crons": [
+            {"cron": name, "runs": runs, "params": engine.current_params(name).as_dict()}
+            for name, runs in sorted(crons.items())
+        ],
+        "experiments": [
+            {
+                "id": e.id,
+                "cron": e.cron,
+                "param": e.param,
+                "control": e.control,
+                "treatment": e.treatment,
+                "mode": e.mode,
+                "state": e.state,
+                "started_at": _iso(e.started_at),
+                "verify_at": _iso(e.verify_at),
+            }
+            for e in experiments
+        ],
+        "pending": [
+            {
+                "id": r.id,
+                "cron": r.cron,
+                "param": r.param,
+                "current": r.current,
+                "proposed": r.proposed,
+                "reason": r.reason,
+                "why_manual": r.why_manual,
+            }
+            for r in pending
+        ],
+    }
+    lines = [
+        f"Log: {safe_text(str(tail['path']))} ({tail['entries']:,} entries, "
+        f"{tail['malformed']:,} malformed, offset {tail['offset']:,})"
+    ]
+    lines.append(f"Crons ({len(crons)}):")
+    for name, runs in sorted(crons.items()):
+        p = engine.current_params(name)
+        lines.append(
+            f"  {safe_text(name)}: {runs} runs; maxRetries {p.maxRetries},"
+            f" timeout {p.timeout:,} ms, backoffBase {p.backoffBase:,} ms"
+        )
+    lines.append(f"Experiments under way ({len(experiments)}):")
+    for e in experiments:
+        left = max(0.0, e.verify_at - now) / 3600
+        lines.append(
+            f"  #{e.id} {safe_text(e.cron)}: {e.param} {e.control:,} → {e.treatment:,}"
+            f" ({e.mode}), verdict in {left:.1f} h"
+        )
+    lines.append(f"Waiting for approval ({len(pending)}):")
+    for r in pending:
+        lines.append(
+            f"  #{r.id} {safe_text(r.cron)}: {r.param} {r.current:,} → {r.proposed:,}"
+            f" — {safe_text(r.why_manual)}  (tunerd approve {r.id} | reject {r.id})"
+        )
+    return _emit(args, document, "\n".join(lines))
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from tunerd.report import safe_text
+
+    _, engine = _engine(args)
+    store = engine.store
+    changes = store.changes()
+    document = {
+        "changes": [
+            {
+                "id": c.id,
+                "at": _iso(c.created_at),
+                "cron": c.cron,
+                "param": c.param,
+                "from": c.old_value,
+                "to": c.new_value,
+                "action": c.action,
+                "state": c.state,
+                "actor": c.actor,
+                "reason": c.reason,
+                "target": c.target,
+                "experiment": c.experiment,
+                "evidence": json.loads(c.evidence) if c.evidence else None,
+            }
+            for c in changes
+        ],
+        "experiments": [
+            {
+                "id": e.id,
+                "cron": e.cron,
+                "param": e.param,
+                "control": e.control,
+                "treatment": e.treatment,
+                "mode": e.mode,
+                "state": e.state,
+                "started_at": _iso(e.started_at),
+                "verify_at": _iso(e.verify_at),
+                "ended_at": _iso(e.ended_at) if e.ended_at else None,
+                "verdict": json.loads(e.verdict) if e.verdict else None,
+            }
+            for e in store.experiments()
+        ],
+        "reviews": [
+            {
+                "id": r.id,
+                "cron": r.cron,
+                "param": r.param,
+                "current": r.current,
+                "proposed": r.proposed,
+                "state": r.state,
+                "at": _iso(r.created_at),
+                "decided_by": r.decided_by,
+            }
+            for r in store.reviews()
+        ],
+    }
+    lines = [f"{len(changes)} changes:"] if changes else ["No changes yet."]
+    for c in changes:
+        lines.append(
+            f"  #{c.id} {_iso(c.created_at)} {c.action:<16} {c.state:<9} "
+            f"{safe_text(c.cron)}: {c.param} {c.old_value} → {c.new_value}"
+            f" by {c.actor} — {safe_text(c.reason)}"
+        )
+    return _emit(args, document, "\n".join(lines))
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from tunerd.engine import EngineError
+    from tunerd.policy import SafetyError, check_approved
+    from tunerd.targets import TargetError
+
+    _, engine = _engine(args)
+    now = time.time()
+    with engine.exclusive():
+        engine.recover(now)
+        review = engine.store.review(args.id)
+        if review is None or review.state != "pending":
+            state = "no such review" if review is None else f"it is {review.state}"
+            raise CommandError(f"review {args.id} cannot be approved: {state} (see tunerd status)")
+        current = engine.current_params(review.cron).get(review.param)
+        if current != review.current:
+            engine.store.decide_review(review.id, "superseded", _operator(), now)
+            raise CommandError(
+                f"{review.param} of {review.cron!r} is {current} now, not {review.current} as"
+                " when the review was queued: the review is superseded; the next cycle decides"
+                " again"
+            )
+        try:
+            check_approved(review.param, review.proposed)
+            experiment = engine.start_experiment(
+                review.cron,
+                review.param,
+                review.current,
+                review.proposed,
+                f"{review.reason} (approved review {review.id})",
+                json.loads(review.evidence or "{}"),
+                _operator(),
+                now,
+            )
+        except (EngineError, SafetyError, TargetError) as exc:
+            raise CommandError(f"review {args.id} not approved: {exc}") from None
+        engine.store.decide_review(review.id, "approved", _operator(), now)
+    return _emit(
+        args,
+        {
+            "approved": review.id,
+            "experiment": experiment.id,
+            "verify_at": _iso(experiment.verify_at),
+        },
+        f"Approved review {review.id}: experiment {experiment.id} started"
+        f" ({review.param} {review.current} → {review.proposed}),"
+        f" verdict due {_iso(experiment.verify_at)}.",
+    )
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    from tunerd.notify import Notification
+
+    _, engine = _engine(args)
+    now = time.time()
+    with engine.exclusive():
+        review = engine.store.review(args.id)
+        if review is None or review.state != "pending":
+            state = "no such review" if review is None else f"it is {review.state}"
+            raise CommandError(f"review {args.id} cannot be rejected: {state} (see tunerd status)")
+        engine.store.decide_review(review.id, "rejected", _operator(), now)
+        with engine.store.transaction() as db:
+            engine.store.add_cooldown(
+                review.cron,
+                review.param,
+                review.proposed,
+                now + engine.cooldown,
+                f"review {review.id} rejected",
+                db,
+            )
+    engine.notifier.send(
+        Notification(
+            "review_rejected",
+            f"Rejected #{review.id}: {review.param} {review.current} → {review.proposed}",
+            review.cron,
+            [f"by {_operator()}"],
+        )
+    )
+    return _emit(
+        args,
+        {"rejected": review.id},
+        f"Rejected review {review.id}; it will not be proposed again before"
+        f" {_iso(now + engine.cooldown)}.",
+    )
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from tunerd.engine import EngineError
+    from tunerd.targets import TargetError
+
+    _, engine = _engine(args)
+    now = time.time()
+    with engine.exclusive():
+        engine.recover(now)
+        try:
+            change = engine.manual_rollback(args.id, now, _operator())
+        except (EngineError, TargetError) as exc:
+            raise CommandError(f"change {args.id} not rolled back: {exc}") from None
+    return _emit(
+        args,
+        {
+            "rolled_back": args.id,
+            "change": change.id,
+            "param": change.param,
+            "value": change.new_value,
+        },
+        f"Rolled back change {args.id}: {change.param} of {change.cron!r} is"
+        f" {change.new_value} again (history: change {change.id}).",
+    )
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

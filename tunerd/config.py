@@ -11,6 +11,7 @@ starts fast.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -24,6 +25,7 @@ from pydantic_settings import (
 )
 
 from tunerd.configfile import config_path
+from tunerd.params import TUNABLE
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES
 from tunerd.timeparse import parse_duration
 
@@ -33,6 +35,36 @@ def _duration(value: Any) -> Any:
 
 
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+class ScriptSettings(BaseModel):
+    """A cron whose parameters live in its wrapper script (sequential experiments)."""
+
+    model_config = {"extra": "forbid"}
+
+    cron: str
+    path: Path
+    patterns: dict[str, str] = {}
+    """param -> a regular expression with one group around the number (defaults: both spellings)"""
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        for param, pattern in value.items():
+            if param not in TUNABLE:
+                raise ValueError(f"{param!r} is not a tunable parameter ({', '.join(TUNABLE)})")
+            try:
+                groups = re.compile(pattern).groups
+            except re.error as exc:
+                raise ValueError(f"the {param} pattern is not a regular expression: {exc}") from exc
+            if groups != 1:
+                raise ValueError(f"the {param} pattern needs exactly one group, around the number")
+        return value
 
 
 class DiscordSettings(BaseModel):
@@ -57,6 +89,17 @@ class Settings(BaseSettings):
     """Longer log lines are skipped (and reported); well above the wrapper's 10 MB output cap."""
     max_crons: Annotated[int, Field(ge=1)] = 10_000
     """Distinct cron names tracked; runs of more are counted but not analysed."""
+    window: Duration = timedelta(days=7)
+    """The statistics window a tuning cycle analyses."""
+    min_runs: Annotated[int, Field(ge=1)] = 30
+    """Runs in the window below which a cron is not tuned."""
+    cooldown: Duration = timedelta(days=14)
+    """After a rollback or a rejection, the same change is not proposed again for this long."""
+    split: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """Share of runs that get the treatment in an A/B experiment."""
+    dry_run: bool = False
+    """Propose and record, never write a target."""
+    scripts: list[ScriptSettings] = []
     discord: DiscordSettings = DiscordSettings()
 
     @field_validator("log_path", "state_dir", "params_file")

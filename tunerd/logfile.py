@@ -89,6 +89,7 @@ def _read_range(path: Path, start: int, end: int | None, options: ReadOptions) -
     batch = reader.finish()
     stats.add_entries(batch.entries, options.read_at)
     stats.add_malformed(batch.malformed)
+    stats.offset = reader.offset
     return stats
 
 

@@ -337,6 +337,8 @@ class LogStats:
         self.max_crons = max_crons
         self.max_tasks = max_tasks
         self.totals = Totals()
+        self.offset = 0
+        """Where reading stopped: the end of the last complete line."""
         self._crons: dict[str, CronStats] = {}
         self.tasks: dict[str, int] = {}
         self.malformed_samples: list[Malformed] = []
@@ -492,6 +494,7 @@ class LogStats:
         """Fold in the statistics of a later stretch of the same log (``other`` is consumed)."""
         self._fold()
         self.totals.merge(other.totals)
+        self.offset = max(self.offset, other.offset)
         for name, theirs in other.crons.items():
             mine = self._crons.get(name)
             if mine is None:

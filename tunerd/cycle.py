@@ -1,0 +1,206 @@
+"""One tuning cycle: analyse the window, decide, apply, queue, record, notify (the shell).
+
+The daemon runs it weekly and ``tunerd cycle`` runs it now; both call ``run_cycle`` with the same
+engine, so what the CLI does is what the daemon would do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tunerd.analysis import Analysis, analyze
+from tunerd.engine import Engine, EngineError, Targets
+from tunerd.logfile import ReadOptions, read_log
+from tunerd.notify import Notification, Notifier
+from tunerd.policy import Action, PolicySettings, SafetyError, StateView, decide
+from tunerd.store import Store
+from tunerd.targets import ParamsFileTarget, ScriptTarget, TargetError
+
+if TYPE_CHECKING:
+    from tunerd.config import Settings
+
+
+def build_engine(settings: Settings, notifier: Notifier) -> Engine:
+    scripts = {
+        s.cron: ScriptTarget(
+            s.path, s.cron, {**ScriptTarget(s.path, s.cron).patterns, **s.patterns}
+        )
+        for s in settings.scripts
+    }
+    return Engine(
+        Store(settings.state_dir),
+        Targets(ParamsFileTarget(settings.params_file), scripts),
+        notifier,
+        verify_after=settings.verify_after.total_seconds(),
+        split=settings.split,
+        cooldown=settings.cooldown.total_seconds(),
+    )
+
+
+@dataclass(slots=True)
+class Outcome:
+    action: Action
+    result: str
+    """started | queued | refused | held | dry_run | error"""
+    detail: str
+    id: int | None = None
+
+
+@dataclass(slots=True)
+class CycleReport:
+    at: float
+    analysis: Analysis
+    recovered: list[str] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "recovered": self.recovered,
+            "runs_analysed": self.analysis.totals.cron_entries,
+            "actions": [
+                {
+                    "kind": o.action.kind,
+                    "result": o.result,
+                    "id": o.id,
+                    "cron": o.action.cron,
+                    "param": o.action.param,
+                    "current": o.action.current,
+                    "proposed": o.action.proposed,
+                    "reason": o.action.reason,
+                    "detail": o.detail,
+                }
+                for o in self.outcomes
+            ],
+            "advisories": [
+                {"type": a.type, "subject": a.subject, "count": a.count, "message": a.message}
+                for a in self.analysis.advisories
+            ],
+        }
+
+
+def state_view(store: Store, now: float) -> StateView:
+    return StateView(
+        running=frozenset(e.cron for e in store.experiments("starting", "running")),
+        cooling=frozenset(store.cooldowns(now)),
+        pending=frozenset((r.cron, r.param, r.proposed) for r in store.reviews("pending")),
+    )
+
+
+def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
+    """Holds the engine's lock throughout: decisions are made on the state they change."""
+    with engine.exclusive():
+        recovered = engine.recover(now)
+        since = now - settings.window.total_seconds()
+        stats = read_log(
+            settings.log_path,
+            ReadOptions(
+                since=since,
+                read_at=now,
+                max_line_bytes=settings.max_line_bytes,
+                max_crons=settings.max_crons,
+            ),
+        )
+        analysis = analyze(stats, lambda cron, _logged: engine.current_params(cron), since=since)
+        policy = PolicySettings(min_runs=settings.min_runs, cooldown_seconds=engine.cooldown)
+        report = CycleReport(now, analysis, recovered)
+        for action in decide(analysis, state_view(engine.store, now), policy):
+            report.outcomes.append(_execute(action, settings, engine, now))
+        for advisory in analysis.advisories:
+            engine.notifier.send(
+                Notification("advisory", advisory.type.replace("_", " "), None, [advisory.message])
+            )
+    return report
+
+
+def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> Outcome:
+    store, notifier = engine.store, engine.notifier
+    if action.kind == "hold":
+        return Outcome(action, "held", action.why)
+    if action.kind == "refuse":
+        change = store.record(
+            action.cron,
+            action.param,
+            action.current,
+            action.proposed,
+            "refused",
+            "tunerd",
+            f"{action.reason}; refused: {action.why}",
+            action.evidence,
+            now,
+        )
+        with store.transaction() as db:
+            store.add_cooldown(
+                action.cron, action.param, action.proposed, now + engine.cooldown, "refused", db
+            )
+        notifier.send(
+            Notification(
+                "refused",
+                f"Refused: {action.param} {action.current} → {action.proposed}",
+                action.cron,
+                [action.reason, action.why],
+            )
+        )
+        return Outcome(action, "refused", action.why, change)
+    if action.kind == "start" and settings.dry_run:
+        change = store.record(
+            action.cron,
+            action.param,
+            action.current,
+            action.proposed,
+            "dry_run",
+            "tunerd",
+            f"{action.reason} (dry run: nothing written)",
+            action.evidence,
+            now,
+        )
+        return Outcome(action, "dry_run", "dry_run is set: nothing written", change)
+    if action.kind == "start":
+        try:
+            experiment = engine.start_experiment(
+                action.cron,
+                action.param,
+                action.current,
+                action.proposed,
+                action.reason,
+                action.evidence,
+                "tunerd",
+                now,
+                action.rate_limited,
+            )
+        except TargetError as exc:
+            # e.g. the script's pattern does not match exactly once: a human must look.
+            return _queue(action, engine, now, f"could not be applied automatically: {exc}")
+        except (EngineError, SafetyError) as exc:
+            return Outcome(action, "error", str(exc))
+        return Outcome(action, "started", f"experiment {experiment.id}", experiment.id)
+    return _queue(action, engine, now, action.why)
+
+
+def _queue(action: Action, engine: Engine, now: float, why: str) -> Outcome:
+    review = engine.store.queue_review(
+        action.cron,
+        action.param,
+        action.current,
+        action.proposed,
+        action.reason,
+        why,
+        action.evidence,
+        now,
+    )
+    if review is None:
+        return Outcome(action, "held", "the same change already waits for a human")
+    engine.notifier.send(
+        Notification(
+            "review_requested",
+            f"Approval needed #{review}: {action.param} {action.current} → {action.proposed}",
+            action.cron,
+            [
+                action.reason,
+                f"why a human: {why}",
+                f"tunerd approve {review} / tunerd reject {review}",
+            ],
+        )
+    )
+    return Outcome(action, "queued", why, review)

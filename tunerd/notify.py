@@ -1,0 +1,49 @@
+"""Notifications: what tunerd tells the operator, and the interface that delivers them.
+
+A ``Notification`` is plain data (what happened, to which cron, the lines that explain it). Until a
+Discord webhook is configured, ``LogNotifier`` writes each one as a log line; the text of cron
+names and errors is untrusted and is escaped for the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tunerd.report import safe_text
+
+log = logging.getLogger("tunerd.notify")
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    kind: str
+    """review_requested | experiment_started | refused | commit | rollback | harm_stop |
+    advisory | report"""
+    title: str
+    cron: str | None = None
+    lines: list[str] = field(default_factory=list)
+
+
+class Notifier(Protocol):
+    def send(self, notification: Notification) -> None: ...
+
+
+class LogNotifier:
+    """Notifications as log lines (the default without a webhook)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Notification] = []
+
+    def send(self, notification: Notification) -> None:
+        self.sent.append(notification)
+        subject = f" [{safe_text(notification.cron)}]" if notification.cron else ""
+        detail = " | ".join(safe_text(line) for line in notification.lines)
+        log.info(
+            "%s%s: %s%s",
+            notification.kind,
+            subject,
+            safe_text(notification.title),
+            f" — {detail}" if detail else "",
+        )

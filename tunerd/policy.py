@@ -1,0 +1,137 @@
+"""The policy: from an analysis and what is already under way, what to do now (pure).
+
+The seed's rules say what *could* change; the policy decides what *will*: automatic experiments
+only for increases inside the safe range, one experiment per cron at a time, nothing for a cron
+with too few runs to judge, nothing that was rolled back or rejected during its cooldown, a
+decrease or anything outside the safe range to a human, anything beyond the absolute bounds
+refused. ``check_automatic`` is the last guard, applied again right before a file is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunerd.analysis import Analysis, CronSummary
+from tunerd.params import SPECS, classify_change
+from tunerd.rules import Recommendation
+
+PRIORITY = {"backoffBase": 0, "timeout": 1, "maxRetries": 2}
+"""When one cron has several automatic candidates, the first tried: rate limiting is answered by
+slowing down before retrying more, and a timeout that cuts runs short before adding attempts."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    min_runs: int = 30
+    """Runs in the window below which a cron is not tuned (too little evidence)."""
+    cooldown_seconds: float = 14 * 86400
+    """After a rollback or a rejection, the same change is not proposed again for this long."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateView:
+    """What is already under way, from the state store."""
+
+    running: frozenset[str] = frozenset()
+    """Crons with an experiment in progress."""
+    cooling: frozenset[tuple[str, str, int]] = frozenset()
+    """(cron, param, value) changes in their cooldown."""
+    pending: frozenset[tuple[str, str, int]] = frozenset()
+    """(cron, param, value) changes waiting for a human."""
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One thing to do, with the recommendation and the evidence behind it."""
+
+    kind: str
+    """start | review | refuse | hold"""
+    cron: str
+    param: str
+    current: int
+    proposed: int
+    reason: str
+    why: str
+    """Why this kind: the safety class's reason, or why it is held."""
+    evidence: dict[str, Any] = field(default_factory=dict)
+    rate_limited: bool = False
+    """The change answers HTTP 429 (backoffBase may then go up to 5000 ms automatically)."""
+
+
+class SafetyError(Exception):
+    """An automatic change outside the safe range reached the point of writing: a bug, refused."""
+
+
+def check_automatic(param: str, current: int, proposed: int, rate_limited: bool) -> None:
+    decision, why = classify_change(param, current, proposed, rate_limited)
+    if decision != "auto":
+        raise SafetyError(f"refusing automatic {param} {current} -> {proposed}: {why}")
+
+
+def check_approved(param: str, proposed: int) -> None:
+    """An operator may approve beyond the safe range, never beyond the absolute bounds."""
+    low, high = SPECS[param].absolute
+    if not low <= proposed <= high:
+        raise SafetyError(f"{param} {proposed} is beyond the absolute bounds {low}-{high}")
+
+
+def evidence_of(summary: CronSummary) -> dict[str, Any]:
+    d = summary.duration
+    return {
+        "runs": summary.runs,
+        "retry_rate": round(summary.retry_rate, 6),
+        "final_failure_rate": round(summary.final_failure_rate, 6),
+        "duration_ms_mean": None if d is None else round(d.mean, 1),
+        "duration_ms_p95": None if d is None else round(d.p95, 1),
+        "errors": {
+            "rate_limit": summary.rate_limit,
+            "timeout": summary.timeout,
+            "other": summary.other,
+        },
+    }
+
+
+def _action(kind: str, why: str, r: Recommendation, evidence: dict[str, Any]) -> Action:
+    return Action(
+        kind,
+        r.cron,
+        r.param,
+        r.current,
+        r.proposed,
+        r.reason,
+        why,
+        evidence,
+        rate_limited=r.pattern == "rate_limited",
+    )
+
+
+def decide(analysis: Analysis, state: StateView, settings: PolicySettings) -> list[Action]:
+    summaries = {s.cron: s for s in analysis.crons}
+    by_cron: dict[str, list[Recommendation]] = {}
+    for r in analysis.recommendations:
+        by_cron.setdefault(r.cron, []).append(r)
+    actions: list[Action] = []
+    for cron, recs in by_cron.items():
+        summary = summaries[cron]
+        evidence = evidence_of(summary)
+        started = cron in state.running
+        for r in sorted(recs, key=lambda r: PRIORITY.get(r.param, 9)):
+            key = (cron, r.param, r.proposed)
+            kind, why = "", r.decision_reason
+            if r.decision == "forbidden":
+                kind = "refuse" if key not in state.cooling else ""
+            elif summary.runs < settings.min_runs:
+                kind = "hold"
+                why = f"only {summary.runs} runs in the window (at least {settings.min_runs})"
+            elif key in state.cooling:
+                kind, why = "hold", "rolled back or rejected recently: in its cooldown"
+            elif r.decision == "manual":
+                kind = "review" if key not in state.pending else ""
+            elif started:
+                kind, why = "hold", "one experiment per cron at a time: another is under way"
+            else:
+                kind, started = "start", True
+            if kind:
+                actions.append(_action(kind, why, r, evidence))
+    return actions

@@ -1,0 +1,330 @@
+"""The state store: SQLite under ``state_dir``, the source of truth for everything tunerd did.
+
+WAL mode lets the CLI read (and briefly write) while the daemon runs; every write is one short
+``BEGIN IMMEDIATE`` transaction with a busy timeout, and ``synchronous=FULL`` makes a committed
+transaction survive a crash. The schema carries a version and is migrated forward on open.
+
+Applying a change to a target is a small write-ahead protocol (see ``Applier``): the intent and the
+rollback point are committed *before* the file is touched, and the outcome after; ``recover``
+settles any intent a crash left behind by looking at what the file actually holds.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA: list[str] = [
+    # version 1
+    """
+    CREATE TABLE rollback_points (
+        id INTEGER PRIMARY KEY,
+        target TEXT NOT NULL,
+        content BLOB,             -- NULL: the file did not exist
+        sha256 TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE changes (
+        id INTEGER PRIMARY KEY,
+        cron TEXT NOT NULL,
+        param TEXT NOT NULL,
+        old_value INTEGER,
+        new_value INTEGER,
+        action TEXT NOT NULL,     -- experiment_start | commit | rollback | manual_rollback
+                                  -- | refused | dry_run
+        state TEXT NOT NULL,      -- applying | applied | aborted | conflict | recorded
+        target TEXT,
+        actor TEXT NOT NULL,      -- tunerd | operator
+        reason TEXT NOT NULL,
+        evidence TEXT,            -- JSON
+        rollback_point INTEGER REFERENCES rollback_points(id),
+        new_sha256 TEXT,
+        experiment INTEGER,
+        created_at REAL NOT NULL,
+        settled_at REAL
+    );
+    CREATE TABLE experiments (
+        id INTEGER PRIMARY KEY,
+        cron TEXT NOT NULL,
+        param TEXT NOT NULL,
+        control INTEGER NOT NULL,
+        treatment INTEGER NOT NULL,
+        mode TEXT NOT NULL,       -- ab | sequential
+        split REAL NOT NULL,
+        target TEXT NOT NULL,
+        state TEXT NOT NULL,      -- starting | running | committed | rolled_back | aborted
+        reason TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        verify_at REAL NOT NULL,
+        extensions INTEGER NOT NULL DEFAULT 0,
+        ended_at REAL,
+        verdict TEXT              -- JSON
+    );
+    CREATE UNIQUE INDEX one_running_experiment_per_cron
+        ON experiments(cron) WHERE state IN ('starting', 'running');
+    CREATE TABLE reviews (
+        id INTEGER PRIMARY KEY,
+        cron TEXT NOT NULL,
+        param TEXT NOT NULL,
+        current INTEGER NOT NULL,
+        proposed INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        why_manual TEXT NOT NULL,
+        evidence TEXT,
+        state TEXT NOT NULL,      -- pending | approved | rejected | superseded
+        created_at REAL NOT NULL,
+        decided_at REAL,
+        decided_by TEXT
+    );
+    CREATE UNIQUE INDEX one_pending_review_per_change
+        ON reviews(cron, param, proposed) WHERE state = 'pending';
+    CREATE TABLE cooldowns (
+        cron TEXT NOT NULL,
+        param TEXT NOT NULL,
+        value INTEGER NOT NULL,
+        until REAL NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (cron, param, value)
+    );
+    """,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    id: int
+    cron: str
+    param: str
+    control: int
+    treatment: int
+    mode: str
+    split: float
+    target: str
+    state: str
+    reason: str
+    started_at: float
+    verify_at: float
+    extensions: int
+    ended_at: float | None
+    verdict: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    id: int
+    cron: str
+    param: str
+    current: int
+    proposed: int
+    reason: str
+    why_manual: str
+    evidence: str | None
+    state: str
+    created_at: float
+    decided_at: float | None
+    decided_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    id: int
+    cron: str
+    param: str
+    old_value: int | None
+    new_value: int | None
+    action: str
+    state: str
+    target: str | None
+    actor: str
+    reason: str
+    evidence: str | None
+    rollback_point: int | None
+    new_sha256: str | None
+    experiment: int | None
+    created_at: float
+    settled_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackPoint:
+    id: int
+    target: str
+    content: bytes | None
+    sha256: str | None
+    created_at: float
+
+
+class StoreError(Exception):
+    """The state store cannot be opened or is newer than this tunerd."""
+
+
+class Store:
+    """One connection to the state database (open one per process or thread)."""
+
+    def __init__(self, state_dir: Path, timeout: float = 30.0) -> None:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.path = state_dir / "tunerd.sqlite3"
+            self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the state store in {state_dir}: {exc}") from exc
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: taken at once (no upgrade deadlocks), committed or rolled back."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row["value"]) if row else 0
+            if version > len(SCHEMA):
+                raise StoreError(
+                    f"the state store {self.path} has schema version {version}, newer than this "
+                    f"tunerd knows ({len(SCHEMA)}): upgrade tunerd"
+                )
+            for script in SCHEMA[version:]:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(len(SCHEMA)),),
+            )
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def experiments(self, *states: str) -> list[Experiment]:
+        query = "SELECT * FROM experiments"
+        if states:
+            query += f" WHERE state IN ({','.join('?' * len(states))})"
+        rows = self.db.execute(query + " ORDER BY id", states).fetchall()
+        return [Experiment(**dict(r)) for r in rows]
+
+    def running_experiment(self, cron: str) -> Experiment | None:
+        row = self.db.execute(
+            "SELECT * FROM experiments WHERE cron = ? AND state IN ('starting', 'running')",
+            (cron,),
+        ).fetchone()
+        return Experiment(**dict(row)) if row else None
+
+    def reviews(self, *states: str) -> list[Review]:
+        query = "SELECT * FROM reviews"
+        if states:
+            query += f" WHERE state IN ({','.join('?' * len(states))})"
+        return [Review(**dict(r)) for r in self.db.execute(query + " ORDER BY id", states)]
+
+    def review(self, review_id: int) -> Review | None:
+        row = self.db.execute("SELECT * FROM reviews WHERE id = ?", (review_id,)).fetchone()
+        return Review(**dict(row)) if row else None
+
+    def changes(self) -> list[Change]:
+        return [Change(**dict(r)) for r in self.db.execute("SELECT * FROM changes ORDER BY id")]
+
+    def change(self, change_id: int) -> Change | None:
+        row = self.db.execute("SELECT * FROM changes WHERE id = ?", (change_id,)).fetchone()
+        return Change(**dict(row)) if row else None
+
+    def rollback_point(self, point_id: int) -> RollbackPoint | None:
+        row = self.db.execute("SELECT * FROM rollback_points WHERE id = ?", (point_id,)).fetchone()
+        return RollbackPoint(**dict(row)) if row else None
+
+    def cooldowns(self, now: float) -> set[tuple[str, str, int]]:
+        rows = self.db.execute("SELECT cron, param, value FROM cooldowns WHERE until > ?", (now,))
+        return {(r["cron"], r["param"], r["value"]) for r in rows}
+
+    # --- writing (each call one transaction unless given a connection) ---------------------
+
+    def queue_review(
+        self,
+        cron: str,
+        param: str,
+        current: int,
+        proposed: int,
+        reason: str,
+        why_manual: str,
+        evidence: dict[str, Any],
+        now: float,
+    ) -> int | None:
+        """A new pending review, or None when the same change already waits for a human."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO reviews (cron, param, current, proposed, reason, why_manual,"
+                " evidence, state, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                (cron, param, current, proposed, reason, why_manual, json.dumps(evidence), now),
+            )
+            return cursor.lastrowid if cursor.rowcount else None
+
+    def decide_review(self, review_id: int, state: str, by: str, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE reviews SET state = ?, decided_at = ?, decided_by = ? WHERE id = ?",
+                (state, now, by, review_id),
+            )
+
+    def record(
+        self,
+        cron: str,
+        param: str,
+        old: int | None,
+        new: int | None,
+        action: str,
+        actor: str,
+        reason: str,
+        evidence: dict[str, Any] | None,
+        now: float,
+    ) -> int:
+        """A history row for something that touched no file (a refusal, for instance)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO changes (cron, param, old_value, new_value, action, state, actor,"
+                " reason, evidence, created_at, settled_at)"
+                " VALUES (?, ?, ?, ?, ?, 'recorded', ?, ?, ?, ?, ?)",
+                (cron, param, old, new, action, actor, reason, _json(evidence), now, now),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+    def add_cooldown(
+        self, cron: str, param: str, value: int, until: float, reason: str, db: sqlite3.Connection
+    ) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO cooldowns (cron, param, value, until, reason)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (cron, param, value, until, reason),
+        )
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def now() -> float:
+    return time.time()
