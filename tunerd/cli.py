@@ -205,9 +205,13 @@ def _engine(args: argparse.Namespace) -> tuple[Settings, Engine]:
     logging.basicConfig(level=logging.INFO, format="tunerd: %(message)s", stream=sys.stderr)
     settings = _settings(args.config)
     try:
-        return settings, build_engine(settings, LogNotifier())
+        engine = build_engine(settings, LogNotifier())
     except StoreError as exc:
         raise CommandError(str(exc)) from None
+    with engine.exclusive():  # whatever a crash interrupted is settled before anything is shown
+        for found in engine.recover(time.time()):
+            logging.getLogger("tunerd").warning("recovered: %s", found)
+    return settings, engine
 
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> int:

@@ -285,6 +285,51 @@ class Engine:
         )
         return started
 
+    def end_experiment(
+        self,
+        experiment: Experiment,
+        outcome: str,
+        reason: str,
+        verdict: dict[str, Any] | None,
+        now: float,
+    ) -> int:
+        """Commit (the treatment becomes the cron's value) or roll back (the control stays)."""
+        if outcome not in ("commit", "rollback"):
+            raise ValueError(outcome)
+        target = self.targets.by_name(experiment.target)
+        cron, param = experiment.cron, experiment.param
+        value = experiment.treatment if outcome == "commit" else experiment.control
+
+        def render(content: bytes | None) -> bytes:
+            if outcome == "rollback" and isinstance(target, ParamsFileTarget):
+                return target.end_experiment(content, cron)
+            return target.set_value(content, cron, param, value)
+
+        change_id, _ = self._apply(
+            target,
+            {
+                "cron": cron,
+                "param": param,
+                "old_value": experiment.treatment if outcome == "rollback" else experiment.control,
+                "new_value": value,
+                "action": outcome,
+                "actor": "tunerd",
+                "reason": reason,
+                "evidence": None if verdict is None else json.dumps(verdict, sort_keys=True),
+                "experiment": experiment.id,
+            },
+            render,
+            None,
+            now,
+        )
+        if verdict is not None:
+            with self.store.transaction() as db:
+                db.execute(
+                    "UPDATE experiments SET verdict = ? WHERE id = ?",
+                    (json.dumps(verdict, sort_keys=True), experiment.id),
+                )
+        return change_id
+
     def _next_experiment_id(self) -> int:
         row = self.store.db.execute("SELECT COALESCE(MAX(id), 0) + 1 AS n FROM experiments")
         return int(row.fetchone()["n"])

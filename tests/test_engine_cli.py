@@ -1,0 +1,201 @@
+"""The acting commands as an operator runs them: real processes, a real SQLite store, real files,
+and real crashes (SIGKILL at each step of a change)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ERR_429, ERR_OTHER, ROOT, run_line
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("TUNERD_")}
+HOSTILE = ["../../etc/passwd", "@everyone <@123> **bold**"]
+
+
+def write_log(path: Path) -> None:
+    lines = []
+    for cron in ["flaky", *HOSTILE]:  # maxRetries 3 -> 4, automatic
+        lines += [run_line(cron, (500,)) for _ in range(30)]
+        lines += [run_line(cron, (500, 500), error=ERR_OTHER) for _ in range(8)]
+        lines += [run_line(cron, (500, 500, 500), ok=False, error=ERR_OTHER) for _ in range(2)]
+    lines += [run_line("slow", (25_000,)) for _ in range(40)]  # timeout 37500: manual
+    lines += [run_line("api", (300,)) for _ in range(35)]  # backoffBase 1000 -> 2000, automatic
+    lines += [run_line("api", (300, 300), error=ERR_429) for _ in range(5)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> dict[str, Path]:
+    write_log(tmp_path / "auto-retry.jsonl")
+    params = tmp_path / "params.json"
+    params.write_text('{"defaults": {"maxRetries": 3}, "crons": {}, "experiments": {}}\n')
+    config = tmp_path / "tunerd.toml"
+    config.write_text(
+        f'log_path = "{tmp_path / "auto-retry.jsonl"}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'params_file = "{params}"\n'
+        'window = "3650d"\nmin_runs = 10\n'
+    )
+    return {"root": tmp_path, "config": config, "params": params}
+
+
+def tunerd(
+    setup: dict[str, Path], *args: str, crash: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = dict(ENV, HOME=str(setup["root"]))
+    if crash:
+        env["TUNERD_CRASH_AT"] = crash
+    return subprocess.run(
+        [sys.executable, "-m", "tunerd", *args, "--config", str(setup["config"])],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def as_json(setup: dict[str, Path], *args: str) -> Any:
+    done = tunerd(setup, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_cycle_starts_experiments_and_queues_reviews(setup: dict[str, Path]) -> None:
+    report = as_json(setup, "cycle")
+    results = {(a["cron"], a["param"]): a["result"] for a in report["actions"]}
+    assert results == {
+        ("flaky", "maxRetries"): "started",
+        (HOSTILE[0], "maxRetries"): "started",
+        (HOSTILE[1], "maxRetries"): "started",
+        ("api", "backoffBase"): "started",
+        ("slow", "timeout"): "queued",
+    }
+    doc = json.loads(setup["params"].read_text())
+    assert set(doc["experiments"]) == {"flaky", "api", *HOSTILE}
+    assert doc["experiments"]["api"] | {"id": "", "started": ""} == {
+        "id": "",
+        "param": "backoffBase",
+        "control": 1000,
+        "treatment": 2000,
+        "split": 0.5,
+        "started": "",
+    }
+    assert doc["defaults"] == {"maxRetries": 3}  # what tunerd did not change stays
+    # Cron names are data: nothing was created outside the params file and the state dir.
+    assert sorted(p.name for p in setup["root"].iterdir()) == [
+        "auto-retry.jsonl",
+        "params.json",
+        "state",
+        "tunerd.toml",
+    ]
+
+    again = as_json(setup, "cycle")
+    assert {a["result"] for a in again["actions"]} == {"held"}
+
+    status = as_json(setup, "status")
+    assert set(status["tail"]) >= {"path", "offset", "entries", "malformed"}
+    assert status["tail"]["offset"] == (setup["root"] / "auto-retry.jsonl").stat().st_size
+    runs = {c["cron"]: c["runs"] for c in status["crons"]}
+    assert runs["flaky"] == 40 and runs["slow"] == 40
+    assert {
+        (e["cron"], e["param"], e["control"], e["treatment"], e["mode"])
+        for e in status["experiments"]
+    } >= {("flaky", "maxRetries", 3, 4, "ab")}
+    assert all(e["verify_at"] > e["started_at"] for e in status["experiments"])
+    (pending,) = status["pending"]
+    assert (pending["cron"], pending["param"], pending["current"], pending["proposed"]) == (
+        "slow",
+        "timeout",
+        15000,
+        37500,
+    )
+    assert set(pending) >= {"id", "reason"}
+
+
+def test_approve_reject_and_rollback(setup: dict[str, Path]) -> None:
+    as_json(setup, "cycle")
+    review = as_json(setup, "status")["pending"][0]["id"]
+    approved = as_json(setup, "approve", str(review))
+    assert approved["experiment"]
+    assert json.loads(setup["params"].read_text())["experiments"]["slow"]["treatment"] == 37500
+    twice = tunerd(setup, "approve", str(review))
+    assert twice.returncode == 1 and "approved" in twice.stderr
+
+    history = as_json(setup, "history")
+    start = next(c for c in history["changes"] if c["cron"] == "flaky")
+    rolled = as_json(setup, "rollback", str(start["id"]))
+    assert rolled["rolled_back"] == start["id"]
+    doc = json.loads(setup["params"].read_text())
+    assert "flaky" not in doc["experiments"] and "flaky" not in doc["crons"]
+    history = as_json(setup, "history")
+    assert [c["action"] for c in history["changes"] if c["cron"] == "flaky"] == [
+        "experiment_start",
+        "manual_rollback",
+    ]
+    assert next(e for e in history["experiments"] if e["cron"] == "flaky")["state"] == "aborted"
+    # In its cooldown, the same change is not proposed again.
+    again = as_json(setup, "cycle")
+    flaky = next(a for a in again["actions"] if a["cron"] == "flaky")
+    assert flaky["result"] == "held" and "cooldown" in flaky["detail"]
+    missing = tunerd(setup, "rollback", "999")
+    assert missing.returncode == 1 and "no change 999" in missing.stderr
+
+
+def test_rejected_reviews_are_not_proposed_again(setup: dict[str, Path]) -> None:
+    as_json(setup, "cycle")
+    review = as_json(setup, "status")["pending"][0]["id"]
+    as_json(setup, "reject", str(review))
+    assert as_json(setup, "status")["pending"] == []
+    slow = next(a for a in as_json(setup, "cycle")["actions"] if a["cron"] == "slow")
+    assert slow["result"] == "held"
+
+
+def test_script_target_is_sequential_and_exact(setup: dict[str, Path]) -> None:
+    good = setup["root"] / "flaky.js"
+    good.write_text("const CONFIG = {\n  MAX_RETRIES: 3,\n};\nexec(c, { timeout: 15000 });\n")
+    ambiguous = setup["root"] / "api.js"
+    ambiguous.write_text("const a = { BACKOFF_BASE: 1000 };\nconst b = { baseDelay: 1000 };\n")
+    with setup["config"].open("a") as f:
+        f.write(f'[[scripts]]\ncron = "flaky"\npath = "{good}"\n')
+        f.write(f'[[scripts]]\ncron = "api"\npath = "{ambiguous}"\n')
+    report = as_json(setup, "cycle")
+    results = {a["cron"]: (a["result"], a["detail"]) for a in report["actions"]}
+    assert results["flaky"][0] == "started"
+    assert "MAX_RETRIES: 4," in good.read_text()
+    assert results["api"][0] == "queued" and "matches 2 times" in results["api"][1]
+    assert ambiguous.read_text().count("1000") == 2
+    modes = {e["cron"]: e["mode"] for e in as_json(setup, "status")["experiments"]}
+    assert modes["flaky"] == "sequential"
+
+
+@pytest.mark.parametrize(
+    "point", ["after_rollback_point", "mid_write", "after_rename", "before_history"]
+)
+def test_a_crash_at_any_step_leaves_old_or_new_and_history_agrees(
+    setup: dict[str, Path], point: str
+) -> None:
+    before = setup["params"].read_text()
+    crashed = tunerd(setup, "cycle", crash=point)
+    assert crashed.returncode == -9
+    doc = json.loads(setup["params"].read_text())  # always valid JSON
+    assert setup["params"].read_text() == before or len(doc["experiments"]) == 1
+    history = as_json(setup, "history")  # recovery runs first
+    (change,) = history["changes"]
+    assert change["state"] in {"applied", "aborted"}
+    applied = change["state"] == "applied"
+    assert (change["cron"] in doc["experiments"]) == applied
+    experiment = history["experiments"][0]
+    assert experiment["state"] == ("running" if applied else "aborted")
+    assert [p.name for p in setup["root"].iterdir() if p.name.startswith(".tunerd-")] == []
+    # After recovery the daemon's next cycle goes on as if nothing happened.
+    report = as_json(setup, "cycle")
+    assert all(a["result"] in {"started", "queued", "held"} for a in report["actions"])
+    doc = json.loads(setup["params"].read_text())
+    assert set(doc["experiments"]) == {"flaky", "api", *HOSTILE}
