@@ -199,3 +199,33 @@ def test_a_crash_at_any_step_leaves_old_or_new_and_history_agrees(
     assert all(a["result"] in {"started", "queued", "held"} for a in report["actions"])
     doc = json.loads(setup["params"].read_text())
     assert set(doc["experiments"]) == {"flaky", "api", *HOSTILE}
+
+
+def test_concurrent_cycles_start_each_experiment_once(setup: dict[str, Path]) -> None:
+    env = dict(ENV, HOME=str(setup["root"]))
+    cmd = [sys.executable, "-m", "tunerd", "cycle", "--json", "--config", str(setup["config"])]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1] for o in outputs]
+    started = [
+        a for out, _ in outputs for a in json.loads(out)["actions"] if a["result"] == "started"
+    ]
+    assert sorted(a["cron"] for a in started) == sorted(["flaky", "api", *HOSTILE])
+    history = as_json(setup, "history")
+    assert len([c for c in history["changes"] if c["action"] == "experiment_start"]) == 4
+    assert len(history["reviews"]) == 1
+
+
+def test_a_newer_store_is_refused_clearly(setup: dict[str, Path]) -> None:
+    import sqlite3
+
+    as_json(setup, "history")
+    db = sqlite3.connect(setup["root"] / "state" / "tunerd.sqlite3")
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    done = tunerd(setup, "status")
+    assert done.returncode == 1 and "newer than this tunerd" in done.stderr
