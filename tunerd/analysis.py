@@ -134,13 +134,21 @@ def analyze(
     params_for: ParamsLookup,
     since: float | None = None,
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
+    changed_at: dict[str, float] | None = None,
 ) -> Analysis:
+    """``changed_at``: when a cron's parameters last changed. Only its runs from the first whole
+    time bucket after that count: runs under the old parameters say nothing about the new ones."""
     result = Analysis(stats.totals, [], tasks=dict(stats.tasks), period=stats.period)
     for name in sorted(stats.crons):
         cron = stats.crons[name]
+        cron_since = since
+        if changed_at and name in changed_at:
+            bucket = stats.bucket_seconds or 1.0
+            after = math.ceil(changed_at[name] / bucket) * bucket
+            cron_since = after if since is None else max(since, after)
         summary = CronSummary.of(
             name,
-            cron.window(since, stats.bucket_seconds),
+            cron.window(cron_since, stats.bucket_seconds),
             params_for(name, cron.params),
             cron.schedule,
         )

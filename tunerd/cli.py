@@ -71,6 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--config", metavar="F", help="configuration file (TOML)")
     analyze.set_defaults(run=cmd_analyze)
 
+    verify = commands.add_parser(
+        "verify",
+        help="offline verdict on an experiment recorded in a log",
+        description="Judge an experiment from a log: arms told apart by each run's params[P] (or "
+        "its experiment.arm), or by time around --switch-at for a Level 1 that records neither.",
+    )
+    verify.add_argument("log", metavar="LOG")
+    verify.add_argument("--cron", required=True, metavar="C")
+    verify.add_argument("--param", required=True, choices=("maxRetries", "timeout", "backoffBase"))
+    verify.add_argument("--control", required=True, type=int, metavar="V")
+    verify.add_argument("--treatment", required=True, type=int, metavar="V")
+    verify.add_argument(
+        "--switch-at", metavar="T", help="sequential: runs before T are control, after treatment"
+    )
+    verify.add_argument(
+        "--look",
+        type=int,
+        default=1,
+        metavar="N",
+        help="which look this is (1 = the planned verification time; later looks spend less alpha)",
+    )
+    verify.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    verify.add_argument("--config", metavar="F", help="configuration file (TOML)")
+    verify.set_defaults(run=cmd_verify)
+
     def command(name: str, run: Any, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
         if json_flag:
@@ -242,6 +267,12 @@ def cmd_cycle(args: argparse.Namespace) -> int:
     except LogFileError as exc:
         raise CommandError(f"{exc} (log_path in the configuration)") from None
     lines = [f"recovered: {r}" for r in report.recovered]
+    for settled in report.settled:
+        e = settled.experiment
+        lines.append(
+            f"  {settled.action:<8} experiment {e.id} ({safe_text(e.cron)}: {e.param}"
+            f" {e.control:,} → {e.treatment:,}) — {safe_text(settled.reason)}"
+        )
     lines.append(f"Analysed {report.analysis.totals.cron_entries:,} cron runs in the window.")
     for o in report.outcomes:
         a = o.action
@@ -529,3 +560,93 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tunerd.configfile import is_configured
+    from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
+    from tunerd.records import Entry
+    from tunerd.report import safe_text
+    from tunerd.timeparse import parse_since
+    from tunerd.verdict import Arm, VerdictSettings, arm_of, judge
+
+    if args.control == args.treatment:
+        raise CommandError("--control and --treatment must differ", USAGE_ERROR)
+    if args.look < 1:
+        raise CommandError("--look counts from 1", USAGE_ERROR)
+    settings = _settings(args.config) if args.config or is_configured(args.config) else None
+    verdict_settings = settings.verdict_settings() if settings else VerdictSettings()
+    now = datetime.now(UTC)
+    switch = None
+    if args.switch_at is not None:
+        try:
+            switch = parse_since(args.switch_at, now).timestamp()
+        except ValueError as exc:
+            raise CommandError(f"--switch-at: {exc}", USAGE_ERROR) from None
+    control, treatment = Arm(), Arm()
+    ignored = 0
+
+    def take(entries: list[Entry]) -> None:
+        nonlocal ignored
+        for entry in entries:
+            if entry.cron != args.cron:
+                continue
+            at = entry.when(now).timestamp()
+            arm = arm_of(entry, args.param, args.control, args.treatment, None, switch, at)
+            if arm == "control":
+                control.add(entry)
+            elif arm == "treatment":
+                treatment.add(entry)
+            else:
+                ignored += 1
+
+    reader = LogReader(
+        max_line_bytes=settings.max_line_bytes if settings else DEFAULT_MAX_LINE_BYTES
+    )
+    malformed = 0
+    try:
+        with open(args.log, "rb") as f:
+            while block := f.read(1 << 20):
+                batch = reader.feed(block)
+                take(batch.entries)
+                malformed += len(batch.malformed)
+    except OSError as exc:
+        raise CommandError(f"cannot read the log {args.log}: {exc.strerror or exc}") from None
+    batch = reader.finish()
+    take(batch.entries)
+    malformed += len(batch.malformed)
+    if malformed:
+        print(f"warning: {malformed:,} malformed lines skipped", file=sys.stderr)
+    verdict = judge(args.param, control, treatment, args.look, verdict_settings)
+    document = verdict.as_json() | {
+        "cron": args.cron,
+        "param": args.param,
+        "control": args.control,
+        "treatment": args.treatment,
+        "unassigned_runs": ignored,
+    }
+    c, t = verdict.control.summary(), verdict.treatment.summary()
+    lines = [
+        f"{verdict.decision.upper()}: {safe_text(args.cron)}, {args.param} {args.control:,} →"
+        f" {args.treatment:,}",
+        f"  {safe_text(verdict.reason)}",
+        f"  {'':<24}{'control':>12}{'treatment':>12}",
+        f"  {'runs':<24}{c['runs']:>12,}{t['runs']:>12,}",
+        f"  {'final failures':<24}{c['final_failure_rate']:>12.1%}{t['final_failure_rate']:>12.1%}",
+        f"  {'retried runs':<24}{c['retry_rate']:>12.1%}{t['retry_rate']:>12.1%}",
+        f"  {'mean duration ms':<24}{c['duration_ms_mean'] or 0:>12,.0f}"
+        f"{t['duration_ms_mean'] or 0:>12,.0f}",
+    ]
+    for test in verdict.tests:
+        ci = f", 95% CI {test.ci[0]:.3f} to {test.ci[1]:.3f}" if test.ci else ""
+        p = "n/a" if test.p_value is None else f"{test.p_value:.4f}"
+        effect = "n/a" if test.effect is None else f"{test.effect:+.3f}"
+        if test.metric == "duration" and test.effect is not None:
+            effect = f"×{test.effect:.3f}"
+        lines.append(
+            f"  {test.role}: {test.metric} by {test.test}: p = {p} (threshold"
+            f" {test.threshold:.4f}), effect {effect}{ci}"
+        )
+    if ignored:
+        lines.append(f"  ({ignored:,} runs of the cron belonged to neither arm)")
+    return _emit(args, document, "\n".join(lines))

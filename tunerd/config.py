@@ -28,6 +28,7 @@ from tunerd.configfile import config_path
 from tunerd.params import TUNABLE
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES
 from tunerd.timeparse import parse_duration
+from tunerd.verdict import VerdictSettings
 
 
 def _duration(value: Any) -> Any:
@@ -99,6 +100,12 @@ class Settings(BaseSettings):
     """Share of runs that get the treatment in an A/B experiment."""
     dry_run: bool = False
     """Propose and record, never write a target."""
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.02
+    """Chance of committing a change that does not help, over all looks at one experiment."""
+    max_extensions: Annotated[int, Field(ge=0, le=10)] = 2
+    min_runs_per_arm: Annotated[int, Field(ge=2)] = 20
+    min_improvement: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    """The primary metric must fall by at least this share, besides being significant."""
     scripts: list[ScriptSettings] = []
     discord: DiscordSettings = DiscordSettings()
 
@@ -120,6 +127,14 @@ class Settings(BaseSettings):
         if cls.toml_path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_path))
         return (*sources, file_secret_settings)
+
+    def verdict_settings(self) -> VerdictSettings:
+        return VerdictSettings(
+            alpha=self.alpha,
+            max_extensions=self.max_extensions,
+            min_runs=self.min_runs_per_arm,
+            min_improvement=self.min_improvement,
+        )
 
 
 class ConfigError(Exception):

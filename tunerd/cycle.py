@@ -16,9 +16,15 @@ from tunerd.notify import Notification, Notifier
 from tunerd.policy import Action, PolicySettings, SafetyError, StateView, decide
 from tunerd.store import Store
 from tunerd.targets import ParamsFileTarget, ScriptTarget, TargetError
+from tunerd.verification import Settled, settle
 
 if TYPE_CHECKING:
     from tunerd.config import Settings
+
+
+DAY = 86400.0
+"""Statistics buckets of a cycle: after a parameter change, a cron's analysis starts with the
+first whole day under the new value."""
 
 
 def build_engine(settings: Settings, notifier: Notifier) -> Engine:
@@ -53,11 +59,24 @@ class CycleReport:
     analysis: Analysis
     recovered: list[str] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
+    settled: list[Settled] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "at": self.at,
             "recovered": self.recovered,
+            "experiments": [
+                {
+                    "id": s.experiment.id,
+                    "cron": s.experiment.cron,
+                    "param": s.experiment.param,
+                    "control": s.experiment.control,
+                    "treatment": s.experiment.treatment,
+                    "result": s.action,
+                    "reason": s.reason,
+                }
+                for s in self.settled
+            ],
             "runs_analysed": self.analysis.totals.cron_entries,
             "actions": [
                 {
@@ -92,6 +111,9 @@ def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
     """Holds the engine's lock throughout: decisions are made on the state they change."""
     with engine.exclusive():
         recovered = engine.recover(now)
+        settled = settle(
+            engine, settings.log_path, settings.verdict_settings(), now, settings.max_line_bytes
+        )
         since = now - settings.window.total_seconds()
         stats = read_log(
             settings.log_path,
@@ -100,11 +122,17 @@ def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
                 read_at=now,
                 max_line_bytes=settings.max_line_bytes,
                 max_crons=settings.max_crons,
+                bucket_seconds=DAY,
             ),
         )
-        analysis = analyze(stats, lambda cron, _logged: engine.current_params(cron), since=since)
+        analysis = analyze(
+            stats,
+            lambda cron, _logged: engine.current_params(cron),
+            since=since,
+            changed_at=engine.store.last_changes(),
+        )
         policy = PolicySettings(min_runs=settings.min_runs, cooldown_seconds=engine.cooldown)
-        report = CycleReport(now, analysis, recovered)
+        report = CycleReport(now, analysis, recovered, settled=settled)
         for action in decide(analysis, state_view(engine.store, now), policy):
             report.outcomes.append(_execute(action, settings, engine, now))
         for advisory in analysis.advisories:

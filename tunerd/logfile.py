@@ -34,6 +34,8 @@ class ReadOptions:
     """Epoch seconds given to lines without a timestamp."""
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_crons: int = 10_000
+    bucket_seconds: float | None = None
+    """Time buckets of the statistics (None: one bucket for the whole read)."""
     workers: int | None = None
     """Processes for a large file; None: one per CPU (at most 4)."""
 
@@ -72,7 +74,9 @@ def read_log(path: Path, options: ReadOptions) -> LogStats:
 
 def _read_range(path: Path, start: int, end: int | None, options: ReadOptions) -> LogStats:
     """Read ``[start, end)`` (to EOF when ``end`` is None); ``start`` is at a line's start."""
-    stats = LogStats(since=options.since, max_crons=options.max_crons)
+    stats = LogStats(
+        since=options.since, bucket_seconds=options.bucket_seconds, max_crons=options.max_crons
+    )
     reader = LogReader(offset=start, max_line_bytes=options.max_line_bytes)
     remaining = None if end is None else end - start
     with path.open("rb") as f:

@@ -256,6 +256,14 @@ class Store:
         row = self.db.execute("SELECT * FROM rollback_points WHERE id = ?", (point_id,)).fetchone()
         return RollbackPoint(**dict(row)) if row else None
 
+    def last_changes(self) -> dict[str, float]:
+        """cron -> when its parameters last changed (an experiment started or ended)."""
+        rows = self.db.execute(
+            "SELECT cron, MAX(COALESCE(settled_at, created_at)) AS at FROM changes"
+            " WHERE state = 'applied' GROUP BY cron"
+        )
+        return {r["cron"]: r["at"] for r in rows}
+
     def cooldowns(self, now: float) -> set[tuple[str, str, int]]:
         rows = self.db.execute("SELECT cron, param, value FROM cooldowns WHERE until > ?", (now,))
         return {(r["cron"], r["param"], r["value"]) for r in rows}

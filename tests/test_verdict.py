@@ -1,0 +1,102 @@
+"""The verdict and the harm check on arms whose truth is known."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from tunerd.verdict import Arm, VerdictSettings, harm_check, judge
+
+SETTINGS = VerdictSettings()
+
+
+def arm(runs: int, failures: int, median: float = 1500, seed: int = 1, **counts: int) -> Arm:
+    rnd = random.Random(seed)
+    a = Arm(runs=runs, failures=failures, retried=failures, **counts)
+    for _ in range(runs):
+        d = median * rnd.lognormvariate(0, 0.3)
+        a.log_durations.append(math.log(d))
+        a.duration_total += d
+    return a
+
+
+def test_a_clear_improvement_commits_with_its_evidence() -> None:
+    v = judge("maxRetries", arm(150, 18), arm(150, 3, seed=2), 1, SETTINGS)
+    assert v.decision == "commit"
+    primary = v.tests[0]
+    assert (primary.metric, primary.role, primary.test) == (
+        "final_failure_rate",
+        "primary",
+        "Boschloo exact",
+    )
+    assert primary.p_value is not None and primary.p_value < SETTINGS.alpha_at(1)
+    assert primary.effect == pytest.approx(-0.1)
+    assert primary.ci is not None and primary.ci[0] < -0.1 < primary.ci[1] < 0
+    assert "12.0% control vs 2.0% treatment" in v.reason
+    doc = v.as_json()
+    assert set(doc["arms"]["control"]) >= {
+        "runs",
+        "final_failure_rate",
+        "retry_rate",
+        "duration_ms_mean",
+    }
+    assert {"metric", "test", "p_value", "effect"} <= set(doc["tests"][0])
+
+
+def test_no_difference_extends_then_rolls_back_at_the_last_look() -> None:
+    same = (arm(150, 10), arm(150, 10, seed=2))
+    assert judge("maxRetries", *same, 1, SETTINGS).decision == "extend"
+    last = judge("maxRetries", *same, 1 + SETTINGS.max_extensions, SETTINGS)
+    assert last.decision == "rollback" and "never arrived" in last.reason
+
+
+def test_four_runs_always_extend() -> None:
+    for look in range(1, SETTINGS.max_extensions + 1):
+        v = judge("maxRetries", arm(4, 2), arm(4, 0, seed=2), look, SETTINGS)
+        assert v.decision == "extend" and "too few runs" in v.reason and v.tests == []
+    final = judge("maxRetries", arm(4, 2), arm(4, 0), 1 + SETTINGS.max_extensions, SETTINGS)
+    assert final.decision == "rollback" and "evidence never arrived" in final.reason
+
+
+def test_guardrails_roll_back() -> None:
+    slower = judge("maxRetries", arm(200, 20), arm(200, 2, median=2025, seed=2), 1, SETTINGS)
+    assert slower.decision == "rollback" and "slower" in slower.reason
+    more_failures = judge("backoffBase", arm(200, 10), arm(200, 30, seed=2), 1, SETTINGS)
+    assert more_failures.decision == "rollback" and "final failures up" in more_failures.reason
+
+
+def test_primary_metric_follows_the_parameter() -> None:
+    timeout = judge(
+        "timeout", arm(150, 5, timed_out=30), arm(150, 5, seed=2, timed_out=3), 1, SETTINGS
+    )
+    assert timeout.decision == "commit" and timeout.tests[0].metric == "timeout_rate"
+    backoff = judge(
+        "backoffBase", arm(150, 5, rate_limited_retry=25), arm(150, 5, seed=2), 1, SETTINGS
+    )
+    assert backoff.decision == "commit" and backoff.tests[0].metric == "rate_limited_retry_rate"
+
+
+def test_an_empty_arm_is_an_error_of_the_experiment_not_evidence() -> None:
+    v = judge("maxRetries", arm(150, 18), Arm(), 1, SETTINGS)
+    assert v.decision == "extend" and "no runs" in v.reason and "not evidence" in v.reason
+
+
+def test_a_significant_but_tiny_improvement_is_not_enough() -> None:
+    v = judge("maxRetries", arm(20000, 2000), arm(20000, 1800, seed=2), 1, SETTINGS)
+    assert v.tests[0].test == "Fisher exact" and v.tests[0].passed
+    assert v.decision == "extend" and "only 10% fewer" in v.reason
+
+
+def test_alpha_is_spent_over_the_looks() -> None:
+    total = sum(SETTINGS.alpha_at(k) for k in range(1, SETTINGS.max_extensions + 2))
+    assert total == pytest.approx(SETTINGS.alpha)
+    assert SETTINGS.alpha_at(SETTINGS.max_extensions + 2) == 0
+
+
+def test_harm_check_stops_only_clear_harm() -> None:
+    assert not harm_check(arm(100, 5), arm(100, 6, seed=2), SETTINGS).stop
+    assert not harm_check(arm(5, 0), arm(5, 5), SETTINGS).stop  # too few runs to say
+    harm = harm_check(arm(100, 2), arm(100, 40, seed=2), SETTINGS)
+    assert harm.stop and "final failures up" in harm.reason

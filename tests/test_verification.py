@@ -1,0 +1,224 @@
+"""Verdicts end to end: `tunerd verify` on a log, and experiments settled by `tunerd cycle`."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from .conftest import ERR_OTHER, run_line
+from .test_engine_cli import as_json, setup, tunerd  # noqa: F401  (fixture)
+
+
+def iso(at: datetime) -> str:
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def ab_lines(
+    cron: str,
+    exp_id: str,
+    param: str,
+    values: tuple[int, int],
+    fails: tuple[int, int],
+    runs: int = 150,
+    at: datetime | None = None,
+    tag: bool = True,
+) -> list[str]:
+    at = at or datetime.now(UTC)
+    lines = []
+    for arm, value, failed in zip(("control", "treatment"), values, fails, strict=True):
+        for i in range(runs):
+            ok = i >= failed
+            extra = {"params": {param: value}}
+            if tag:
+                extra["experiment"] = {"id": exp_id, "arm": arm}
+            durations = (800,) if ok and i % 5 else (800, 900)
+            lines.append(
+                run_line(
+                    cron,
+                    durations if ok else (800, 800, 800),
+                    ok=ok,
+                    error=ERR_OTHER,
+                    ts=iso(at + timedelta(milliseconds=i)),
+                    **extra,
+                )
+            )
+    return lines
+
+
+def test_verify_contract_and_decisions(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    lines = ab_lines("flaky", "9", "maxRetries", (3, 4), (18, 3), tag=False)
+    lines += [run_line("other") for _ in range(5)]
+    log.write_text("\n".join(lines) + "\n{bad\n")
+    setup_ = {"root": tmp_path, "config": tmp_path / "none.toml"}
+    (tmp_path / "none.toml").write_text("")
+    done = tunerd(
+        setup_,
+        "verify",
+        str(log),
+        "--cron",
+        "flaky",
+        "--param",
+        "maxRetries",
+        "--control",
+        "3",
+        "--treatment",
+        "4",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["decision"] == "commit" and doc["reason"]
+    assert doc["arms"]["control"]["runs"] == doc["arms"]["treatment"]["runs"] == 150
+    assert set(doc["arms"]["treatment"]) >= {
+        "runs",
+        "final_failure_rate",
+        "retry_rate",
+        "duration_ms_mean",
+    }
+    assert doc["arms"]["control"]["final_failure_rate"] == pytest.approx(0.12)
+    assert {t["metric"] for t in doc["tests"]} == {"final_failure_rate", "duration"}
+    assert all({"metric", "test", "p_value", "effect"} <= set(t) for t in doc["tests"])
+    assert "malformed" in done.stderr
+
+    text = tunerd(
+        setup_,
+        "verify",
+        str(log),
+        "--cron",
+        "flaky",
+        "--param",
+        "maxRetries",
+        "--control",
+        "3",
+        "--treatment",
+        "4",
+    )
+    assert text.stdout.startswith("COMMIT") and "Boschloo" in text.stdout
+
+    few = tunerd(
+        setup_,
+        "verify",
+        str(log),
+        "--cron",
+        "other",
+        "--param",
+        "timeout",
+        "--control",
+        "15000",
+        "--treatment",
+        "20000",
+        "--json",
+    )
+    assert json.loads(few.stdout)["decision"] == "extend"
+
+
+def test_verify_sequential_by_switch_time(tmp_path: Path) -> None:
+    start = datetime(2026, 2, 5, tzinfo=UTC)
+    lines = [
+        run_line(
+            "c",
+            (800,) if i % 4 else (800, 800, 800),
+            ok=bool(i % 4),
+            error=ERR_OTHER,
+            ts=iso(start + timedelta(minutes=i)),
+        )
+        for i in range(200)
+    ]
+    lines += [run_line("c", (800,), ts=iso(start + timedelta(minutes=200 + i))) for i in range(200)]
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    (tmp_path / "none.toml").write_text("")
+    setup_ = {"root": tmp_path, "config": tmp_path / "none.toml"}
+    done = tunerd(
+        setup_,
+        "verify",
+        str(log),
+        "--cron",
+        "c",
+        "--param",
+        "maxRetries",
+        "--control",
+        "3",
+        "--treatment",
+        "4",
+        "--switch-at",
+        iso(start + timedelta(minutes=200)),
+        "--json",
+    )
+    doc = json.loads(done.stdout)
+    assert doc["arms"]["control"]["runs"] == doc["arms"]["treatment"]["runs"] == 200
+    assert doc["decision"] == "commit"
+    bad = tunerd(
+        setup_,
+        "verify",
+        str(log),
+        "--cron",
+        "c",
+        "--param",
+        "retries",
+        "--control",
+        "3",
+        "--treatment",
+        "4",
+    )
+    assert bad.returncode == 2
+
+
+def test_cycle_settles_due_experiments(setup: dict[str, Path]) -> None:  # noqa: F811
+    with setup["config"].open("a") as f:
+        f.write('verify_after = "2s"\n')
+    as_json(setup, "cycle")
+    experiments = {e["cron"]: e for e in as_json(setup, "status")["experiments"]}
+    log = setup["root"] / "auto-retry.jsonl"
+    with log.open("a") as f:  # Level 1 splits traffic for "flaky" only
+        flaky = experiments["flaky"]
+        f.write(
+            "\n".join(ab_lines("flaky", str(flaky["id"]), "maxRetries", (3, 4), (18, 3))) + "\n"
+        )
+    time.sleep(2.5)
+    report = as_json(setup, "cycle")
+    results = {e["cron"]: e for e in report["experiments"]}
+    assert results["flaky"]["result"] == "commit"
+    assert results["api"]["result"] == "extend" and "no runs" in results["api"]["reason"]
+    doc = json.loads(setup["params"].read_text())
+    assert doc["crons"]["flaky"] == {"maxRetries": 4} and "flaky" not in doc["experiments"]
+    assert "api" in doc["experiments"]
+    history = as_json(setup, "history")
+    commit = next(c for c in history["changes"] if c["action"] == "commit")
+    assert (commit["cron"], commit["from"], commit["to"], commit["state"]) == (
+        "flaky",
+        3,
+        4,
+        "applied",
+    )
+    verdict = next(e for e in history["experiments"] if e["cron"] == "flaky")["verdict"]
+    assert verdict["decision"] == "commit" and verdict["tests"][0]["p_value"] < 0.02
+    # The api experiment never gets its runs: after the last extension it is rolled back.
+    for _ in range(2):
+        time.sleep(2.1)
+        report = as_json(setup, "cycle")
+    api = next(e for e in report["experiments"] if e["cron"] == "api")
+    assert api["result"] == "rollback" and "never arrived" in api["reason"]
+    doc = json.loads(setup["params"].read_text())
+    assert (
+        "api" not in doc["experiments"] and doc["crons"].get("api", {}).get("backoffBase") is None
+    )
+
+
+def test_harm_check_stops_a_bad_experiment_early(setup: dict[str, Path]) -> None:  # noqa: F811
+    as_json(setup, "cycle")
+    flaky = next(e for e in as_json(setup, "status")["experiments"] if e["cron"] == "flaky")
+    with (setup["root"] / "auto-retry.jsonl").open("a") as f:
+        f.write(
+            "\n".join(ab_lines("flaky", str(flaky["id"]), "maxRetries", (3, 4), (2, 40), runs=100))
+            + "\n"
+        )
+    report = as_json(setup, "cycle")
+    result = next(e for e in report["experiments"] if e["cron"] == "flaky")
+    assert result["result"] == "harm_stop" and "final failures up" in result["reason"]
+    assert "flaky" not in json.loads(setup["params"].read_text())["experiments"]

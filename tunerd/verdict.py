@@ -1,0 +1,388 @@
+"""The verdict on an experiment, and the hourly harm check (pure; SciPy is imported when judging).
+
+**What is compared.** Each arm is a set of runs. The *primary metric* is what the change is meant
+to improve: the final-failure rate for ``maxRetries``, the share of runs with a timed-out attempt
+for ``timeout``, the share of runs with a retry answered by HTTP 429 again for ``backoffBase``.
+The *guardrails* hold for every change: the final-failure rate must not get worse, and runs must
+not get more than 5 % slower (the geometric mean of run durations, compared on log-durations).
+
+**Tests.** Proportions: Boschloo's exact test (uniformly more powerful than Fisher's) while the
+table is small, Fisher's exact test when it is large (Boschloo's cost grows with n1 x n2).
+Durations: Welch's t-test on log-durations against a 5 % margin.
+
+**Error control across looks.** An experiment is judged at its verification time and again after
+each extension (at most ``max_extensions``): the same data are looked at repeatedly. The commit
+test therefore spends a total one-sided ``alpha`` over the looks: ``first_look_share`` of it at
+the first look (the planned horizon), the rest split evenly over the extensions. A look that does
+not test (too few runs) spends nothing. By the union bound the chance of committing a change that
+does not improve the primary metric stays below ``alpha`` however many looks are taken. The hourly
+harm check only ever stops (rolls back), never commits; each of its looks uses the small
+``harm_alpha`` so that a good change is rarely stopped by chance over a day of hourly looks.
+
+**Inconclusive is an outcome.** Too few runs, or no significant improvement yet, extends the
+experiment; after the last extension it is rolled back with the reason that the evidence never
+arrived. An arm with no runs at all (Level 1 ignored the split) is reported as an error of the
+experiment, not as evidence against the change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from tunerd.records import Entry, describe_error
+
+Decision = Literal["commit", "rollback", "extend"]
+PRIMARY: Final = {
+    "maxRetries": ("final_failure_rate", "final failures"),
+    "timeout": ("timeout_rate", "runs with a timed-out attempt"),
+    "backoffBase": ("rate_limited_retry_rate", "runs whose retry hit HTTP 429 again"),
+}
+BOSCHLOO_MAX_CELLS: Final = 250_000
+"""Above n1 x n2 this large, Fisher's exact test is used (Boschloo would take seconds)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictSettings:
+    alpha: float = 0.02
+    """One-sided error allowed for a wrong commit, over all looks together."""
+    first_look_share: float = 0.75
+    max_extensions: int = 2
+    min_runs: int = 20
+    """Per arm, before anything is tested."""
+    min_improvement: float = 0.2
+    """The primary metric must also fall by at least this share of the control's value."""
+    guard_alpha: float = 0.05
+    """A guardrail is broken when the treatment is worse at this one-sided level."""
+    duration_margin: float = 0.05
+    harm_alpha: float = 0.001
+    harm_min_runs: int = 10
+
+    def alpha_at(self, look: int) -> float:
+        """Alpha spent at look ``look`` (1 = the planned verification time)."""
+        if look <= 1:
+            return self.alpha * self.first_look_share
+        if look > 1 + self.max_extensions:
+            return 0.0
+        return self.alpha * (1 - self.first_look_share) / max(self.max_extensions, 1)
+
+
+@dataclass(slots=True)
+class Arm:
+    """The runs of one arm, reduced to what the tests need."""
+
+    runs: int = 0
+    failures: int = 0
+    retried: int = 0
+    timed_out: int = 0
+    rate_limited_retry: int = 0
+    log_durations: list[float] = field(default_factory=list)
+    duration_total: float = 0.0
+
+    def add(self, entry: Entry) -> None:
+        self.runs += 1
+        self.failures += not entry.succeeded
+        self.retried += len(entry.attempts) > 1
+        timed_out = rate_limited_retry = False
+        for i, attempt in enumerate(entry.attempts):
+            if attempt.success:
+                continue
+            kind = describe_error(attempt.error)[0]
+            timed_out |= kind == "timeout"
+            rate_limited_retry |= kind == "rate_limit" and i > 0
+        if not entry.attempts and not entry.succeeded:
+            timed_out = describe_error(entry.final_error)[0] == "timeout"
+        self.timed_out += timed_out
+        self.rate_limited_retry += rate_limited_retry
+        duration = entry.duration
+        if duration is not None:
+            self.duration_total += duration
+            self.log_durations.append(math.log(max(duration, 1.0)))
+
+    def count(self, metric: str) -> int:
+        return {
+            "final_failure_rate": self.failures,
+            "timeout_rate": self.timed_out,
+            "rate_limited_retry_rate": self.rate_limited_retry,
+        }[metric]
+
+    def rate(self, metric: str) -> float:
+        return self.count(metric) / self.runs if self.runs else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.log_durations)
+        return {
+            "runs": self.runs,
+            "final_failure_rate": round(self.rate("final_failure_rate"), 6),
+            "retry_rate": round(self.retried / self.runs, 6) if self.runs else 0.0,
+            "timeout_rate": round(self.rate("timeout_rate"), 6),
+            "rate_limited_retry_rate": round(self.rate("rate_limited_retry_rate"), 6),
+            "duration_ms_mean": round(self.duration_total / n, 1) if n else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TestResult:
+    metric: str
+    test: str
+    p_value: float | None
+    effect: float | None
+    """treatment minus control (rates), or treatment / control (duration, geometric means)"""
+    ci: tuple[float, float] | None
+    threshold: float
+    role: str
+    """primary | guardrail | harm"""
+    passed: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "test": self.test,
+            "p_value": None if self.p_value is None else round(self.p_value, 6),
+            "effect": None if self.effect is None else round(self.effect, 6),
+            "ci": None if self.ci is None else [round(x, 6) for x in self.ci],
+            "threshold": self.threshold,
+            "role": self.role,
+            "passed": self.passed,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    decision: Decision
+    reason: str
+    control: Arm
+    treatment: Arm
+    tests: list[TestResult]
+    look: int
+    alpha: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision,
+            "reason": self.reason,
+            "look": self.look,
+            "alpha_at_look": round(self.alpha, 6),
+            "arms": {"control": self.control.summary(), "treatment": self.treatment.summary()},
+            "tests": [t.as_json() for t in self.tests],
+        }
+
+
+# --- the tests ------------------------------------------------------------------------------
+
+
+def proportion_test(
+    metric: str, control: Arm, treatment: Arm, alternative: str, threshold: float, role: str
+) -> TestResult:
+    """Is the treatment's rate lower (``"less"``) or higher (``"greater"``) than the control's?"""
+    from scipy import stats
+
+    c, t = control.count(metric), treatment.count(metric)
+    table = [[t, treatment.runs - t], [c, control.runs - c]]
+    if (
+        treatment.runs * control.runs <= BOSCHLOO_MAX_CELLS
+        and 0 < c + t < control.runs + treatment.runs
+    ):
+        name, p = (
+            "Boschloo exact",
+            float(stats.boschloo_exact(table, alternative=alternative).pvalue),
+        )
+    else:
+        name, p = "Fisher exact", float(stats.fisher_exact(table, alternative=alternative).pvalue)
+    diff = treatment.rate(metric) - control.rate(metric)
+    ci = _newcombe(t, treatment.runs, c, control.runs)
+    return TestResult(metric, name, p, diff, ci, threshold, role, p < threshold)
+
+
+def duration_test(
+    control: Arm, treatment: Arm, margin: float, threshold: float, role: str
+) -> TestResult:
+    """Welch's t on log-durations: are runs more than ``margin`` slower in the treatment?"""
+    from scipy import stats
+
+    a, b = treatment.log_durations, control.log_durations
+    if len(a) < 2 or len(b) < 2:
+        return TestResult(
+            "duration", "Welch t on log-durations", None, None, None, threshold, role, False
+        )
+    shift = math.log1p(margin)
+    result = stats.ttest_ind([x - shift for x in a], b, equal_var=False, alternative="greater")
+    diff = sum(a) / len(a) - sum(b) / len(b)
+    low, high = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    p = float(result.pvalue) if math.isfinite(result.pvalue) else 1.0
+    return TestResult(
+        "duration",
+        "Welch t on log-durations",
+        p,
+        math.exp(diff),
+        (math.exp(float(low)), math.exp(float(high))) if math.isfinite(low) else None,
+        threshold,
+        role,
+        p < threshold,
+    )
+
+
+def _newcombe(
+    x1: int, n1: int, x2: int, n2: int, z: float = 1.959964
+) -> tuple[float, float] | None:
+    """95 % CI of p1 - p2 from Wilson score intervals (Newcombe's hybrid method)."""
+    if not n1 or not n2:
+        return None
+
+    def wilson(x: int, n: int) -> tuple[float, float]:
+        p = x / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return centre - half, centre + half
+
+    (l1, u1), (l2, u2) = wilson(x1, n1), wilson(x2, n2)
+    p1, p2 = x1 / n1, x2 / n2
+    d = p1 - p2
+    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt(
+        (u1 - p1) ** 2 + (p2 - l2) ** 2
+    )
+
+
+# --- verdict and harm check -----------------------------------------------------------------
+
+
+def judge(
+    param: str, control: Arm, treatment: Arm, look: int, settings: VerdictSettings
+) -> Verdict:
+    """commit, rollback or extend, with the evidence. ``look`` counts from 1."""
+    final = look >= 1 + settings.max_extensions
+    alpha = settings.alpha_at(look)
+
+    def verdict(decision: Decision, reason: str, tests: list[TestResult], spent: float) -> Verdict:
+        if decision == "extend" and final:
+            decision = "rollback"
+            reason += (
+                f"; no extension left ({settings.max_extensions} used): the evidence never arrived"
+            )
+        return Verdict(decision, reason, control, treatment, tests, look, spent)
+
+    if not control.runs or not treatment.runs:
+        empty = "treatment" if not treatment.runs else "control"
+        return verdict(
+            "extend",
+            f"error of the experiment: the {empty} arm has no runs (does Level 1 read the params "
+            "file and record params/experiment in its log lines?); not evidence against the change",
+            [],
+            0.0,
+        )
+    if min(control.runs, treatment.runs) < settings.min_runs:
+        return verdict(
+            "extend",
+            f"too few runs to decide: {control.runs} control and {treatment.runs} treatment"
+            f" (at least {settings.min_runs} each)",
+            [],
+            0.0,
+        )
+    metric, words = PRIMARY[param]
+    guards = [
+        proportion_test(
+            "final_failure_rate", control, treatment, "greater", settings.guard_alpha, "guardrail"
+        ),
+        duration_test(
+            control, treatment, settings.duration_margin, settings.guard_alpha, "guardrail"
+        ),
+    ]
+    broken = [g for g in guards if g.passed]  # "passed" the test for harm: the guardrail is broken
+    primary = proportion_test(metric, control, treatment, "less", alpha, "primary")
+    tests = [primary, *guards]
+    c_rate, t_rate = control.rate(metric), treatment.rate(metric)
+    change = f"{words}: {c_rate:.1%} control vs {t_rate:.1%} treatment"
+    if broken:
+        what = "; ".join(_guard_words(g, settings) for g in broken)
+        return verdict("rollback", f"guardrail broken: {what} ({change})", tests, alpha)
+    improvement = (c_rate - t_rate) / c_rate if c_rate else 0.0
+    if primary.passed and improvement >= settings.min_improvement:
+        return verdict(
+            "commit",
+            f"{change}, {improvement:.0%} fewer (p = {primary.p_value:.4f} < {alpha:.4f},"
+            f" {primary.test}); no guardrail broken",
+            tests,
+            alpha,
+        )
+    if primary.passed:
+        why = (
+            f"{change}: significant but only {improvement:.0%} fewer"
+            f" (at least {settings.min_improvement:.0%} needed)"
+        )
+    else:
+        why = (
+            f"{change}: not a significant improvement yet"
+            f" (p = {primary.p_value:.4f}, needs < {alpha:.4f})"
+        )
+    return verdict("extend", why, tests, alpha)
+
+
+def _guard_words(test: TestResult, settings: VerdictSettings) -> str:
+    if test.metric == "duration":
+        return (
+            f"runs {((test.effect or 1) - 1):.0%} slower (more than {settings.duration_margin:.0%},"
+            f" p = {test.p_value:.4f})"
+        )
+    return f"final failures up by {(test.effect or 0):.1%} (p = {test.p_value:.4f})"
+
+
+@dataclass(frozen=True, slots=True)
+class Harm:
+    stop: bool
+    reason: str
+    tests: list[TestResult]
+
+
+def harm_check(control: Arm, treatment: Arm, settings: VerdictSettings) -> Harm:
+    """Run hourly during an experiment: ``stop`` when the treatment is already clearly worse."""
+    if min(control.runs, treatment.runs) < settings.harm_min_runs:
+        return Harm(False, "too few runs to judge harm yet", [])
+    tests = [
+        proportion_test(
+            "final_failure_rate", control, treatment, "greater", settings.harm_alpha, "harm"
+        ),
+        duration_test(control, treatment, settings.duration_margin, settings.harm_alpha, "harm"),
+    ]
+    harmful = [t for t in tests if t.passed]
+    if harmful:
+        return Harm(True, "harm: " + "; ".join(_guard_words(t, settings) for t in harmful), tests)
+    return Harm(False, "no harm detected", tests)
+
+
+# --- arms from log entries ------------------------------------------------------------------
+
+
+def arm_of(
+    entry: Entry,
+    param: str,
+    control: int,
+    treatment: int,
+    experiment_id: str | None = None,
+    switch_at: float | None = None,
+    at: float | None = None,
+) -> str | None:
+    """Which arm a run of the experiment's cron belongs to, or None (neither).
+
+    A/B: the run's ``experiment`` tag (``arm``, with a matching ``id`` when one is given), else the
+    value of ``params[param]`` it recorded. Sequential: before or after ``switch_at``.
+    """
+    if switch_at is not None:
+        if at is None:
+            return None
+        return "treatment" if at >= switch_at else "control"
+    tag = entry.experiment
+    if (
+        tag is not None
+        and tag.arm in ("control", "treatment")
+        and (experiment_id is None or tag.id is None or str(tag.id) == experiment_id)
+    ):
+        return tag.arm
+    if entry.params is not None:
+        value = entry.params.get(param)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value == treatment:
+                return "treatment"
+            if value == control:
+                return "control"
+    return None

@@ -1,0 +1,166 @@
+"""Settling experiments: gather each arm's runs from the log, judge, and act on the verdict (shell).
+
+``settle`` is what the daemon's verification timers and hourly harm checks call, and what
+``tunerd cycle`` runs first: an experiment whose verification time has passed gets its verdict
+(commit, rollback, or one more period); one still running is checked for harm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tunerd.engine import Engine
+from tunerd.notify import Notification
+from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
+from tunerd.records import Entry
+from tunerd.store import Experiment
+from tunerd.verdict import Arm, Verdict, VerdictSettings, arm_of, harm_check, judge
+
+BLOCK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    experiment: Experiment
+    action: str
+    """commit | rollback | extend | harm_stop | running"""
+    reason: str
+
+
+def window_of(experiment: Experiment, now: float) -> tuple[float, float | None]:
+    """(from, switch): A/B arms run side by side since the start; a sequential experiment
+    compares the time since the switch with an equally long period before it."""
+    if experiment.mode == "sequential":
+        return experiment.started_at - (now - experiment.started_at), experiment.started_at
+    return experiment.started_at, None
+
+
+def gather_arms(
+    log_path: Path,
+    experiments: list[Experiment],
+    now: float,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> dict[int, tuple[Arm, Arm]]:
+    """Each experiment's (control, treatment) runs, in one pass over the log."""
+    arms = {e.id: (Arm(), Arm()) for e in experiments}
+    by_cron: dict[str, list[Experiment]] = {}
+    for e in experiments:
+        by_cron.setdefault(e.cron, []).append(e)
+    if not by_cron:
+        return arms
+    windows = {e.id: window_of(e, now) for e in experiments}
+    read_at = datetime.fromtimestamp(now, UTC)
+
+    def take(entries: list[Entry]) -> None:
+        for entry in entries:
+            for e in by_cron.get(entry.cron or "", ()):
+                start, switch = windows[e.id]
+                at = entry.when(read_at).timestamp()
+                if not start <= at <= now:
+                    continue
+                arm = arm_of(entry, e.param, e.control, e.treatment, str(e.id), switch, at)
+                control, treatment = arms[e.id]
+                if arm == "control":
+                    control.add(entry)
+                elif arm == "treatment":
+                    treatment.add(entry)
+
+    reader = LogReader(max_line_bytes=max_line_bytes)
+    with log_path.open("rb") as f:
+        while block := f.read(BLOCK):
+            take(reader.feed(block).entries)
+    take(reader.finish().entries)
+    return arms
+
+
+def settle(
+    engine: Engine,
+    log_path: Path,
+    settings: VerdictSettings,
+    now: float,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> list[Settled]:
+    """Judge what is due and check the rest for harm. The caller holds ``engine.exclusive()``."""
+    running = engine.store.experiments("running")
+    if not running:
+        return []
+    arms = gather_arms(log_path, running, now, max_line_bytes)
+    out = []
+    for experiment in running:
+        control, treatment = arms[experiment.id]
+        if experiment.verify_at <= now:
+            verdict = judge(
+                experiment.param, control, treatment, experiment.extensions + 1, settings
+            )
+            out.append(_act(engine, experiment, verdict, now))
+            continue
+        harm = harm_check(control, treatment, settings)
+        if harm.stop:
+            engine.end_experiment(
+                experiment,
+                "rollback",
+                f"harm check stopped it: {harm.reason}",
+                {"harm": [t.as_json() for t in harm.tests]},
+                now,
+            )
+            _notify(engine, experiment, "harm_stop", "Stopped early (harm)", harm.reason)
+            out.append(Settled(experiment, "harm_stop", harm.reason))
+        else:
+            out.append(Settled(experiment, "running", harm.reason))
+    return out
+
+
+def _act(engine: Engine, experiment: Experiment, verdict: Verdict, now: float) -> Settled:
+    document = verdict.as_json()
+    if verdict.decision == "extend":
+        with engine.store.transaction() as db:
+            db.execute(
+                "UPDATE experiments SET extensions = extensions + 1, verify_at = ?, verdict = ?"
+                " WHERE id = ?",
+                (now + engine.verify_after, _dumps(document), experiment.id),
+            )
+        engine.store.record(
+            experiment.cron,
+            experiment.param,
+            experiment.control,
+            experiment.treatment,
+            "extend",
+            "tunerd",
+            verdict.reason,
+            document,
+            now,
+        )
+        _notify(engine, experiment, "extend", "Experiment extended", verdict.reason)
+    else:
+        engine.end_experiment(experiment, verdict.decision, verdict.reason, document, now)
+        title = "Committed" if verdict.decision == "commit" else "Rolled back"
+        _notify(engine, experiment, verdict.decision, title, verdict.reason, verdict)
+    return Settled(experiment, verdict.decision, verdict.reason)
+
+
+def _notify(
+    engine: Engine,
+    e: Experiment,
+    kind: str,
+    title: str,
+    reason: str,
+    verdict: Verdict | None = None,
+) -> None:
+    lines = [reason]
+    if verdict is not None:
+        c, t = verdict.control.summary(), verdict.treatment.summary()
+        lines.append(
+            f"runs {c['runs']} / {t['runs']}; final failures {c['final_failure_rate']:.1%} /"
+            f" {t['final_failure_rate']:.1%}; retries {c['retry_rate']:.1%} / {t['retry_rate']:.1%}"
+        )
+    engine.notifier.send(
+        Notification(kind, f"{title}: {e.param} {e.control} → {e.treatment}", e.cron, lines)
+    )
+
+
+def _dumps(document: object) -> str:
+    import json
+
+    return json.dumps(document, ensure_ascii=False, sort_keys=True)
