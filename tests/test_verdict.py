@@ -100,3 +100,15 @@ def test_harm_check_stops_only_clear_harm() -> None:
     assert not harm_check(arm(5, 0), arm(5, 5), SETTINGS).stop  # too few runs to say
     harm = harm_check(arm(100, 2), arm(100, 40, seed=2), SETTINGS)
     assert harm.stop and "final failures up" in harm.reason
+
+
+def test_power_before_starting() -> None:
+    from tunerd.verdict import plan
+
+    busy = plan(0.12, runs_per_hour=12, verify_after=86400, split=0.5, settings=SETTINGS)
+    assert busy.period == 86400 and busy.runs_per_arm == 144 and busy.note == ""
+    assert busy.detectable is not None and 0.05 < busy.detectable < 0.12
+    rare = plan(0.12, runs_per_hour=1 / 24, verify_after=86400, split=0.5, settings=SETTINGS)
+    assert rare.period == 14 * 86400 and "may never be verified" in rare.note
+    hourly = plan(0.12, runs_per_hour=1, verify_after=86400, split=0.5, settings=SETTINGS)
+    assert hourly.period == 80 * 3600 and "instead of 24 h" in hourly.note

@@ -16,6 +16,7 @@ from tunerd.notify import Notification, Notifier
 from tunerd.policy import Action, PolicySettings, SafetyError, StateView, decide
 from tunerd.store import Store
 from tunerd.targets import ParamsFileTarget, ScriptTarget, TargetError
+from tunerd.verdict import plan
 from tunerd.verification import Settled, settle
 
 if TYPE_CHECKING:
@@ -185,17 +186,34 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
         )
         return Outcome(action, "dry_run", "dry_run is set: nothing written", change)
     if action.kind == "start":
+        target = engine.targets.for_cron(action.cron)
+        power = plan(
+            action.evidence.get("baseline", {}).get(action.param, 0.0),
+            action.evidence.get("runs_per_hour") or 0.0,
+            engine.verify_after,
+            engine.split if target.mode == "ab" else 1.0,
+            settings.verdict_settings(),
+        )
+        reason = action.reason
+        if power.detectable is not None:
+            reason += (
+                f"; about {power.runs_per_arm} runs per arm expected, enough to detect a drop of"
+                f" {power.detectable:.1%} or more"
+            )
+        if power.note:
+            reason += f"; {power.note}"
         try:
             experiment = engine.start_experiment(
                 action.cron,
                 action.param,
                 action.current,
                 action.proposed,
-                action.reason,
+                reason,
                 action.evidence,
                 "tunerd",
                 now,
                 action.rate_limited,
+                verify_after=power.period,
             )
         except TargetError as exc:
             # e.g. the script's pattern does not match exactly once: a human must look.

@@ -219,6 +219,7 @@ class Engine:
         actor: str,
         now: float,
         rate_limited: bool = False,
+        verify_after: float | None = None,
     ) -> Experiment:
         if actor == "tunerd":
             check_automatic(param, control, treatment, rate_limited)
@@ -246,7 +247,7 @@ class Engine:
             "state": "starting",
             "reason": reason,
             "started_at": now,
-            "verify_at": now + self.verify_after,
+            "verify_at": now + (verify_after or self.verify_after),
         }
         next_id = self._next_experiment_id()
         block["id"] = str(next_id)

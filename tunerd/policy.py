@@ -78,8 +78,16 @@ def check_approved(param: str, proposed: int) -> None:
 
 def evidence_of(summary: CronSummary) -> dict[str, Any]:
     d = summary.duration
+    span = (summary.last_at or 0) - (summary.first_at or 0)
+    runs = max(summary.runs, 1)
     return {
         "runs": summary.runs,
+        "runs_per_hour": round(summary.runs / (span / 3600), 4) if span > 0 else None,
+        "baseline": {  # the primary metric of each parameter, before the change
+            "maxRetries": round(summary.final_failure_rate, 6),
+            "timeout": round(min(1.0, summary.timeout / runs), 6),
+            "backoffBase": round(min(1.0, summary.rate_limited_retries / runs), 6),
+        },
         "retry_rate": round(summary.retry_rate, 6),
         "final_failure_rate": round(summary.final_failure_rate, 6),
         "duration_ms_mean": None if d is None else round(d.mean, 1),

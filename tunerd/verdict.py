@@ -386,3 +386,52 @@ def arm_of(
             if value == control:
                 return "control"
     return None
+
+
+# --- power before starting ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    period: float
+    """Seconds of verification to plan for."""
+    runs_per_arm: int
+    """Expected runs per arm in that period."""
+    detectable: float | None
+    """Smallest drop of the primary rate (absolute) detectable with 80 % power at look 1."""
+    note: str
+
+
+def plan(
+    baseline: float,
+    runs_per_hour: float,
+    verify_after: float,
+    split: float,
+    settings: VerdictSettings,
+    max_period: float = 14 * 86400,
+) -> Plan:
+    """How long to verify, and what the experiment can detect (the canary tools' lesson: power
+    before starting). A cron that runs too rarely for ``min_runs`` per arm in ``verify_after``
+    gets a longer period, up to ``max_period``, and the note says so."""
+    rate = runs_per_hour / 3600 * min(split, 1 - split) if split < 1 else runs_per_hour / 3600
+    needed = 2 * settings.min_runs  # some margin over the minimum, so look 1 can decide
+    period = verify_after
+    note = ""
+    if rate <= 0:
+        return Plan(verify_after, 0, None, "the cron's run rate is unknown")
+    if rate * period < needed:
+        period = min(max_period, needed / rate)
+        note = (
+            f"this cron runs {runs_per_hour:.2g} times an hour: verification planned over"
+            f" {period / 3600:.0f} h instead of {verify_after / 3600:.0f} h"
+        )
+        if rate * period < settings.min_runs:
+            note += f" (still under {settings.min_runs} runs per arm: it may never be verified)"
+    n = int(rate * period)
+    detectable = None
+    if n >= 2 and 0 < baseline < 1:
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf(1 - settings.alpha_at(1)) + NormalDist().inv_cdf(0.8)
+        detectable = min(baseline, z * math.sqrt(2 * baseline * (1 - baseline) / n))
+    return Plan(period, n, detectable, note)
