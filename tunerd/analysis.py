@@ -23,7 +23,7 @@ from tunerd.rules import (
     recommend,
 )
 from tunerd.sketch import QuantileSketch
-from tunerd.stats import LogStats, RunStats, Signature, Totals
+from tunerd.stats import LogStats, Rates, RunStats, Signature, Totals
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class Distribution:
 
 
 @dataclass(frozen=True, slots=True)
-class CronSummary:
+class CronSummary(Rates):
     """The statistics of one cron over the window, with the parameters it runs with."""
 
     cron: str
@@ -88,22 +88,6 @@ class CronSummary:
             last_at=run.last_at if math.isfinite(run.last_at) else None,
             schedule=schedule,
         )
-
-    @property
-    def failures(self) -> int:
-        return self.runs - self.successes
-
-    @property
-    def retry_rate(self) -> float:
-        return self.retried / self.runs if self.runs else 0.0
-
-    @property
-    def final_failure_rate(self) -> float:
-        return self.failures / self.runs if self.runs else 0.0
-
-    @property
-    def attempts_per_run(self) -> float:
-        return self.attempts / self.runs if self.runs else 0.0
 
     @property
     def duration_mean(self) -> float | None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tunerd.config import Settings
     from tunerd.engine import Engine
     from tunerd.params import Params, ParamsFile
+    from tunerd.store import Experiment
 
 USAGE_ERROR = 2
 FAILURE = 1
@@ -329,20 +330,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             {"cron": name, "runs": runs, "params": engine.current_params(name).as_dict()}
             for name, runs in sorted(crons.items())
         ],
-        "experiments": [
-            {
-                "id": e.id,
-                "cron": e.cron,
-                "param": e.param,
-                "control": e.control,
-                "treatment": e.treatment,
-                "mode": e.mode,
-                "state": e.state,
-                "started_at": _iso(e.started_at),
-                "verify_at": _iso(e.verify_at),
-            }
-            for e in experiments
-        ],
+        "experiments": [_experiment_json(e) for e in experiments],
         "pending": [
             {
                 "id": r.id,
@@ -409,16 +397,8 @@ def cmd_history(args: argparse.Namespace) -> int:
             for c in changes
         ],
         "experiments": [
-            {
-                "id": e.id,
-                "cron": e.cron,
-                "param": e.param,
-                "control": e.control,
-                "treatment": e.treatment,
-                "mode": e.mode,
-                "state": e.state,
-                "started_at": _iso(e.started_at),
-                "verify_at": _iso(e.verify_at),
+            _experiment_json(e)
+            | {
                 "ended_at": _iso(e.ended_at) if e.ended_at else None,
                 "verdict": json.loads(e.verdict) if e.verdict else None,
             }
@@ -556,6 +536,21 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         f"Rolled back change {args.id}: {change.param} of {change.cron!r} is"
         f" {change.new_value} again (history: change {change.id}).",
     )
+
+
+def _experiment_json(e: Experiment) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "cron": e.cron,
+        "param": e.param,
+        "control": e.control,
+        "treatment": e.treatment,
+        "mode": e.mode,
+        "state": e.state,
+        "extensions": e.extensions,
+        "started_at": _iso(e.started_at),
+        "verify_at": _iso(e.verify_at),
+    }
 
 
 def _iso(epoch: float) -> str:

@@ -108,7 +108,33 @@ class ErrorTally:
         self._first, self._retry, self._signatures = {}, {}, state
 
 
-class RunStats:
+class Rates:
+    """The rates every summary of runs derives from its counts."""
+
+    __slots__ = ()
+    runs: int
+    successes: int
+    retried: int
+    attempts: int
+
+    @property
+    def failures(self) -> int:
+        return self.runs - self.successes
+
+    @property
+    def retry_rate(self) -> float:
+        return self.retried / self.runs if self.runs else 0.0
+
+    @property
+    def final_failure_rate(self) -> float:
+        return self.failures / self.runs if self.runs else 0.0
+
+    @property
+    def attempts_per_run(self) -> float:
+        return self.attempts / self.runs if self.runs else 0.0
+
+
+class RunStats(Rates):
     """What the runs of one cron in one stretch of time did."""
 
     __slots__ = (
@@ -218,22 +244,6 @@ class RunStats:
     def rate_limited_retries(self) -> int:
         """Retries that were answered with HTTP 429 again: what a longer backoff should cut."""
         return self.errors.retries("rate_limit")
-
-    @property
-    def failures(self) -> int:
-        return self.runs - self.successes
-
-    @property
-    def retry_rate(self) -> float:
-        return self.retried / self.runs if self.runs else 0.0
-
-    @property
-    def final_failure_rate(self) -> float:
-        return self.failures / self.runs if self.runs else 0.0
-
-    @property
-    def attempts_per_run(self) -> float:
-        return self.attempts / self.runs if self.runs else 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
