@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     """Share of runs that get the treatment in an A/B experiment."""
     dry_run: bool = False
     """Propose and record, never write a target."""
-    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.02
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.015
     """Chance of committing a change that does not help, over all looks at one experiment."""
     max_extensions: Annotated[int, Field(ge=0, le=10)] = 2
     min_runs_per_arm: Annotated[int, Field(ge=2)] = 20

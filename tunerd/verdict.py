@@ -45,9 +45,9 @@ BOSCHLOO_MAX_CELLS: Final = 250_000
 
 @dataclass(frozen=True, slots=True)
 class VerdictSettings:
-    alpha: float = 0.02
+    alpha: float = 0.015
     """One-sided error allowed for a wrong commit, over all looks together."""
-    first_look_share: float = 0.75
+    first_look_share: float = 0.8
     max_extensions: int = 2
     min_runs: int = 20
     """Per arm, before anything is tested."""
