@@ -174,3 +174,28 @@ def test_help_and_small_analyze_stay_light(tmp_path: Path) -> None:
             timeout=60,
         )
         assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr
+
+
+def test_configuration_keys_env_and_secrets(tmp_path: Path) -> None:
+    from tunerd.config import load
+
+    config = tmp_path / "tunerd.toml"
+    config.write_text(
+        'log_path = "~/x.jsonl"\nverify_after = "5s"\nfuture_key = 1\n'
+        '[discord]\nwebhook_url = "https://discord.com/api/webhooks/1/FILESECRET"\n'
+    )
+    os.environ["TUNERD_DISCORD__WEBHOOK_URL"] = "https://discord.com/api/webhooks/2/ENVSECRET"
+    os.environ["TUNERD_STATE_DIR"] = str(tmp_path / "state")
+    try:
+        settings = load(str(config))
+    finally:
+        del os.environ["TUNERD_DISCORD__WEBHOOK_URL"], os.environ["TUNERD_STATE_DIR"]
+    assert settings.verify_after.total_seconds() == 5
+    assert settings.log_path == Path("~/x.jsonl").expanduser()
+    assert settings.state_dir == tmp_path / "state"
+    assert settings.discord.webhook_url is not None
+    assert settings.discord.webhook_url.get_secret_value().endswith("ENVSECRET")
+    assert "SECRET" not in repr(settings) and "SECRET" not in str(settings.model_dump())
+    done = tunerd("analyze", str(REAL_SAMPLE), "--config", str(config), home=tmp_path)
+    assert done.returncode == 0
+    assert "unknown key 'future_key'" in done.stderr and "SECRET" not in done.stderr + done.stdout

@@ -11,7 +11,9 @@ starts fast.
 
 from __future__ import annotations
 
+import logging
 import re
+import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -30,6 +32,8 @@ from tunerd.reader import DEFAULT_MAX_LINE_BYTES
 from tunerd.timeparse import parse_duration
 from tunerd.verdict import VerdictSettings
 
+log = logging.getLogger("tunerd.config")
+
 
 def _duration(value: Any) -> Any:
     return parse_duration(value) if isinstance(value, str) else value
@@ -41,7 +45,7 @@ Duration = Annotated[timedelta, BeforeValidator(_duration)]
 class ScriptSettings(BaseModel):
     """A cron whose parameters live in its wrapper script (sequential experiments)."""
 
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "ignore"}
 
     cron: str
     path: Path
@@ -69,7 +73,7 @@ class ScriptSettings(BaseModel):
 
 
 class DiscordSettings(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "ignore"}
 
     webhook_url: SecretStr | None = None
 
@@ -78,7 +82,7 @@ class Settings(BaseSettings):
     """Every key of the configuration file (SPEC section 6)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="TUNERD_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="TUNERD_", env_nested_delimiter="__", extra="ignore", validate_default=True
     )
     toml_path: ClassVar[Path | None] = None
 
@@ -150,7 +154,7 @@ def load(explicit: str | None = None) -> Settings:
         toml_path = path
 
     try:
-        return _FromFile()
+        settings = _FromFile()
     except ValidationError as exc:
         where = f" in {path}" if path else ""
         problems = "; ".join(
@@ -159,3 +163,26 @@ def load(explicit: str | None = None) -> Settings:
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
     except (OSError, ValueError) as exc:  # unreadable file, TOML syntax
         raise ConfigError(f"cannot read configuration {path}: {exc}") from None
+    if path is not None:
+        for key in unknown_keys(path):
+            log.warning("configuration %s: unknown key %r ignored (a typo?)", str(path), key)
+    return settings
+
+
+def unknown_keys(path: Path) -> list[str]:
+    """Keys of the file no setting reads: ignored, so that a newer file still loads, but named."""
+    with path.open("rb") as f:
+        document = tomllib.load(f)
+    models: dict[str, type[BaseModel]] = {"": Settings, "discord": DiscordSettings}
+    unknown = []
+    for key, value in document.items():
+        if key not in Settings.model_fields:
+            unknown.append(key)
+        elif key in models and isinstance(value, dict):
+            unknown += [f"{key}.{k}" for k in value if k not in models[key].model_fields]
+        elif key == "scripts" and isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    known = ScriptSettings.model_fields
+                    unknown += [f"scripts[{i}].{k}" for k in item if k not in known]
+    return unknown
