@@ -232,3 +232,29 @@ def test_a_newer_store_is_refused_clearly(setup: dict[str, Path]) -> None:
     db.close()
     done = tunerd(setup, "status")
     assert done.returncode == 1 and "newer than this tunerd" in done.stderr
+
+
+def test_an_older_store_is_migrated(setup: dict[str, Path]) -> None:
+    import sqlite3
+
+    from tunerd.store import SCHEMA
+
+    (setup["root"] / "state").mkdir()
+    db = sqlite3.connect(setup["root"] / "state" / "tunerd.sqlite3")
+    db.executescript(SCHEMA[0])
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute(
+        "INSERT INTO reviews (cron, param, current, proposed, reason, why_manual, state,"
+        " created_at)"
+        " VALUES ('old', 'timeout', 15000, 40000, 'kept', 'manual', 'pending', 0)"
+    )
+    db.commit()
+    db.close()
+    status = as_json(setup, "status")
+    assert status["pending"][0]["cron"] == "old"
+    assert status["notifications"] == {"pending": 0, "dead": 0}
+    db = sqlite3.connect(setup["root"] / "state" / "tunerd.sqlite3")
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(len(SCHEMA)),
+    )

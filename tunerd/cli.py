@@ -121,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status: int = args.run(args)
+        if (notifier := getattr(args, "notifier", None)) is not None:
+            # A few seconds at most; what cannot be delivered now waits in the outbox.
+            notifier.flush(budget=5.0, retry_now=True)
     except CommandError as exc:
         print(f"tunerd: error: {exc}", file=sys.stderr)
         return exc.status
@@ -225,15 +228,20 @@ def _engine(args: argparse.Namespace) -> tuple[Settings, Engine]:
     import logging
 
     from tunerd.cycle import build_engine
-    from tunerd.notify import LogNotifier
-    from tunerd.store import StoreError
+    from tunerd.discord import DiscordNotifier
+    from tunerd.notify import LogNotifier, Notifier
+    from tunerd.store import Store, StoreError
 
     logging.basicConfig(level=logging.INFO, format="tunerd: %(message)s", stream=sys.stderr)
     settings = _settings(args.config)
     try:
-        engine = build_engine(settings, LogNotifier())
+        store = Store(settings.state_dir)
     except StoreError as exc:
         raise CommandError(str(exc)) from None
+    url = settings.discord.url()
+    notifier: Notifier = DiscordNotifier(store, url) if url else LogNotifier()
+    engine = build_engine(settings, notifier, store)
+    args.notifier = notifier
     with engine.exclusive():  # whatever a crash interrupted is settled before anything is shown
         for found in engine.recover(time.time()):
             logging.getLogger("tunerd").warning("recovered: %s", found)
@@ -323,9 +331,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     pending = store.reviews("pending")
     for e in experiments:
         crons.setdefault(e.cron, 0)
+    outbox = dict.fromkeys(("pending", "dead"), 0) | {
+        row["state"]: row["n"]
+        for row in store.db.execute(
+            "SELECT state, COUNT(*) AS n FROM outbox WHERE state != 'delivered' GROUP BY state"
+        )
+    }
     document = {
         "daemon": None,
         "tail": tail,
+        "notifications": outbox,
         "crons": [
             {"cron": name, "runs": runs, "params": engine.current_params(name).as_dict()}
             for name, runs in sorted(crons.items())
@@ -361,6 +376,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(
             f"  #{e.id} {safe_text(e.cron)}: {e.param} {e.control:,} → {e.treatment:,}"
             f" ({e.mode}), verdict in {left:.1f} h"
+        )
+    if outbox["pending"] or outbox["dead"]:
+        lines.append(
+            f"Discord: {outbox['pending']} notifications waiting to be delivered,"
+            f" {outbox['dead']} refused (see the log)"
         )
     lines.append(f"Waiting for approval ({len(pending)}):")
     for r in pending:

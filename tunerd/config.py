@@ -12,6 +12,7 @@ starts fast.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tomllib
 from datetime import timedelta
@@ -76,6 +77,18 @@ class DiscordSettings(BaseModel):
     model_config = {"extra": "ignore"}
 
     webhook_url: SecretStr | None = None
+    from_openclaw: bool = False
+    """Use Level 1's own webhook: ``$OPENCLAW_DISCORD_WEBHOOK``, else ``webhook.url`` of
+    ``~/.openclaw/monitoring.json`` (when ``webhook_url`` is not set)."""
+
+    def url(self) -> str | None:
+        if self.webhook_url is not None:
+            return self.webhook_url.get_secret_value() or None
+        if self.from_openclaw:
+            from tunerd.discord import openclaw_webhook
+
+            return openclaw_webhook(Path.home(), dict(os.environ))
+        return None
 
 
 class Settings(BaseSettings):

@@ -28,7 +28,7 @@ DAY = 86400.0
 first whole day under the new value."""
 
 
-def build_engine(settings: Settings, notifier: Notifier) -> Engine:
+def build_engine(settings: Settings, notifier: Notifier, store: Store | None = None) -> Engine:
     scripts = {
         s.cron: ScriptTarget(
             s.path, s.cron, {**ScriptTarget(s.path, s.cron).patterns, **s.patterns}
@@ -36,7 +36,7 @@ def build_engine(settings: Settings, notifier: Notifier) -> Engine:
         for s in settings.scripts
     }
     return Engine(
-        Store(settings.state_dir),
+        store or Store(settings.state_dir),
         Targets(ParamsFileTarget(settings.params_file), scripts),
         notifier,
         verify_after=settings.verify_after.total_seconds(),

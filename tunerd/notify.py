@@ -27,11 +27,19 @@ class Notification:
 
 
 class Notifier(Protocol):
-    def send(self, notification: Notification) -> None: ...
+    def send(self, notification: Notification) -> None:
+        """Accept a notification (durably, where the notifier has a store)."""
+
+    def flush(self, budget: float = 10.0, retry_now: bool = False) -> int:
+        """Deliver what is pending for at most ``budget`` seconds; returns how many."""
+        return 0
 
 
 class LogNotifier:
-    """Notifications as log lines (the default without a webhook)."""
+    """Notifications as log lines (the default without a webhook): delivered as they are sent."""
+
+    def flush(self, budget: float = 10.0, retry_now: bool = False) -> int:
+        return 0
 
     def __init__(self) -> None:
         self.sent: list[Notification] = []

@@ -93,6 +93,23 @@ SCHEMA: list[str] = [
         PRIMARY KEY (cron, param, value)
     );
     """,
+    # version 2: the notification outbox
+    """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,    -- the webhook body, JSON
+        state TEXT NOT NULL,      -- pending | delivered | dead
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        rate_limited INTEGER NOT NULL DEFAULT 0,  -- next_attempt_at is Discord's own retry_after
+        created_at REAL NOT NULL,
+        delivered_at REAL,
+        message_id TEXT,
+        last_error TEXT
+    );
+    CREATE INDEX outbox_pending ON outbox(state, id);
+    """,
 ]
 
 
