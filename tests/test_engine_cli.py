@@ -258,3 +258,15 @@ def test_an_older_store_is_migrated(setup: dict[str, Path]) -> None:
     assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
         str(len(SCHEMA)),
     )
+
+
+def test_a_missing_log_is_a_clear_error_even_with_experiments_running(
+    setup: dict[str, Path],
+) -> None:
+    as_json(setup, "cycle")
+    (setup["root"] / "auto-retry.jsonl").rename(setup["root"] / "gone.jsonl")
+    done = tunerd(setup, "cycle")
+    assert done.returncode == 1
+    assert "cannot read the log" in done.stderr and "Traceback" not in done.stderr
+    status = as_json(setup, "status")  # status still shows what is under way
+    assert len(status["experiments"]) == 4 and "error" in status["tail"]

@@ -195,3 +195,10 @@ def test_no_sequence_makes_an_automatic_change_leave_the_safe_range(
             else {}
         )
         assert set(doc.get("experiments", {})) == set(running)
+        for e in engine.store.experiments("running"):
+            block = doc["experiments"][e.cron]
+            assert (block["param"], block["control"], block["treatment"]) == (
+                e.param,
+                e.control,
+                e.treatment,
+            )

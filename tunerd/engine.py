@@ -350,22 +350,31 @@ class Engine:
         experiment = self.store.db.execute(
             "SELECT state FROM experiments WHERE id = ?", (change.experiment,)
         ).fetchone()
-        later = [
-            c
+        state = experiment["state"] if experiment else None
+        if change.action == "experiment_start" and state not in ("starting", "running"):
+            raise EngineError(
+                f"change {change_id} started experiment {change.experiment}, which is {state}"
+                + (
+                    ": roll back its commit instead (see tunerd history)"
+                    if state == "committed"
+                    else ": nothing left to undo"
+                )
+            )
+        superseded = [
+            c.id
             for c in self.store.changes()
             if c.id > change.id
             and c.cron == change.cron
             and c.param == change.param
             and c.state == "applied"
-            and c.action != "manual_rollback"
         ]
-        if later and not (experiment and experiment["state"] == "running"):
+        if change.action == "commit" and superseded:
             raise EngineError(
                 f"{change.param} of {change.cron!r} changed again after change {change_id}"
-                f" (change {later[-1].id}): roll that one back instead"
+                f" (change {superseded[-1]}): roll that one back instead"
             )
         target = self.targets.by_name(change.target or "")
-        running = experiment is not None and experiment["state"] in ("starting", "running")
+        running = state in ("starting", "running")
         old_value = change.old_value
 
         def render(content: bytes | None) -> bytes:

@@ -147,13 +147,16 @@ class ParamsFileTarget:
         return _dump(doc)
 
     def set_value(self, content: bytes | None, cron: str, param: str, value: int) -> bytes:
-        """The cron's parameter set (a commit or a rollback); any experiment block removed."""
+        """The cron's parameter set (a commit or a rollback), and the experiment block on that
+        parameter, if any, removed (one on another parameter stays)."""
         doc = self.load(content)
         overrides = doc["crons"].setdefault(cron, {})
         if not isinstance(overrides, dict):
             raise TargetError(f"{self.path}: the entry of a cron is not an object")
         overrides[param] = value
-        doc["experiments"].pop(cron, None)
+        block = doc["experiments"].get(cron)
+        if isinstance(block, dict) and block.get("param") == param:
+            del doc["experiments"][cron]
         return _dump(doc)
 
     def end_experiment(self, content: bytes | None, cron: str) -> bytes:

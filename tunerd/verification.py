@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tunerd.engine import Engine
+from tunerd.engine import Engine, EngineError
+from tunerd.logfile import LogFileError
 from tunerd.notify import Notification
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
 from tunerd.records import Entry
 from tunerd.store import Experiment
+from tunerd.targets import TargetError
 from tunerd.verdict import Arm, Verdict, VerdictSettings, arm_of, harm_check, judge
 
 BLOCK = 1 << 20
@@ -25,7 +27,7 @@ BLOCK = 1 << 20
 class Settled:
     experiment: Experiment
     action: str
-    """commit | rollback | extend | harm_stop | running"""
+    """commit | rollback | extend | harm_stop | running | error"""
     reason: str
 
 
@@ -68,9 +70,12 @@ def gather_arms(
                     treatment.add(entry)
 
     reader = LogReader(max_line_bytes=max_line_bytes)
-    with log_path.open("rb") as f:
-        while block := f.read(BLOCK):
-            take(reader.feed(block).entries)
+    try:
+        with log_path.open("rb") as f:
+            while block := f.read(BLOCK):
+                take(reader.feed(block).entries)
+    except OSError as exc:
+        raise LogFileError(f"cannot read the log {log_path}: {exc.strerror or exc}") from exc
     take(reader.finish().entries)
     return arms
 
@@ -90,26 +95,38 @@ def settle(
     out = []
     for experiment in running:
         control, treatment = arms[experiment.id]
-        if experiment.verify_at <= now:
-            verdict = judge(
-                experiment.param, control, treatment, experiment.extensions + 1, settings
-            )
-            out.append(_act(engine, experiment, verdict, now))
-            continue
-        harm = harm_check(control, treatment, settings)
-        if harm.stop:
-            engine.end_experiment(
-                experiment,
-                "rollback",
-                f"harm check stopped it: {harm.reason}",
-                {"harm": [t.as_json() for t in harm.tests]},
-                now,
-            )
-            _notify(engine, experiment, "harm_stop", "Stopped early (harm)", harm.reason)
-            out.append(Settled(experiment, "harm_stop", harm.reason))
-        else:
-            out.append(Settled(experiment, "running", harm.reason))
+        try:
+            out.append(_settle_one(engine, experiment, control, treatment, settings, now))
+        except (EngineError, TargetError) as exc:
+            # e.g. its target was removed from the configuration, or the file became unreadable:
+            # the experiment stays as it is, and says why, until a person looks.
+            out.append(Settled(experiment, "error", str(exc)))
     return out
+
+
+def _settle_one(
+    engine: Engine,
+    experiment: Experiment,
+    control: Arm,
+    treatment: Arm,
+    settings: VerdictSettings,
+    now: float,
+) -> Settled:
+    if experiment.verify_at <= now:
+        verdict = judge(experiment.param, control, treatment, experiment.extensions + 1, settings)
+        return _act(engine, experiment, verdict, now)
+    harm = harm_check(control, treatment, settings)
+    if not harm.stop:
+        return Settled(experiment, "running", harm.reason)
+    engine.end_experiment(
+        experiment,
+        "rollback",
+        f"harm check stopped it: {harm.reason}",
+        {"harm": [t.as_json() for t in harm.tests]},
+        now,
+    )
+    _notify(engine, experiment, "harm_stop", "Stopped early (harm)", harm.reason)
+    return Settled(experiment, "harm_stop", harm.reason)
 
 
 def _act(engine: Engine, experiment: Experiment, verdict: Verdict, now: float) -> Settled:
