@@ -209,6 +209,20 @@ def test_cycle_settles_due_experiments(setup: dict[str, Path]) -> None:  # noqa:
         "api" not in doc["experiments"] and doc["crons"].get("api", {}).get("backoffBase") is None
     )
 
+    report = as_json(setup, "report")
+    verdicts = {v["cron"]: v for v in report["verdicts"]}
+    assert verdicts["flaky"]["verdict"] == "commit" and verdicts["api"]["verdict"] == "rollback"
+    assert verdicts["flaky"]["before"]["final_failure_rate"] == pytest.approx(0.12)
+    assert verdicts["flaky"]["after"]["final_failure_rate"] == pytest.approx(0.02)
+    metrics = report["metrics"]
+    assert metrics["rollback_ratio"] == pytest.approx(3 / 4)  # api and the two hostile names
+    assert metrics["share_needing_a_human"] == pytest.approx(1 / 5)  # the slow cron's review
+    assert metrics["automatic_changes_outside_safe_range"] == 0
+    assert metrics["mean_final_failure_drop_of_commits"] == pytest.approx(0.10)
+    text = tunerd(setup, "report")
+    assert "rollback ratio 75.0%" in text.stdout and "100 % inside the safe range" in text.stdout
+    assert tunerd(setup, "report", "--month", "2026-13").returncode == 2
+
 
 def test_harm_check_stops_a_bad_experiment_early(setup: dict[str, Path]) -> None:  # noqa: F811
     as_json(setup, "cycle")

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("cycle", cmd_cycle, "run a tuning cycle now: analyse, decide, apply, queue, notify")
     command("status", cmd_status, "parameters in force, experiments, pending approvals")
     command("history", cmd_history, "every change, verdict and rollback")
+    command(
+        "report", cmd_report, "the monthly report: changes, verdicts, success metrics"
+    ).add_argument("--month", metavar="YYYY-MM", help="the month (default: this one)")
     for name, run, help in (
         ("approve", cmd_approve, "approve a pending review: its experiment starts"),
         ("reject", cmd_reject, "reject a pending review: it is not proposed again for a while"),
@@ -665,3 +668,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if ignored:
         lines.append(f"  ({ignored:,} runs of the cron belonged to neither arm)")
     return _emit(args, document, "\n".join(lines))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tunerd.monthly import Month, monthly_report, report_text
+    from tunerd.report import safe_text
+
+    try:
+        month = Month.parse(args.month) if args.month else Month.of(time.time())
+    except ValueError as exc:
+        raise CommandError(f"--month: {exc}", USAGE_ERROR) from None
+    _, engine = _engine(args)
+    store = engine.store
+    report = monthly_report(month, store.changes(), store.experiments(), store.reviews())
+    return _emit(args, report, report_text(report, safe_text))
