@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
+    command("run", cmd_run, "the daemon: follow the log, tune weekly, verify, notify", False)
     command("cycle", cmd_cycle, "run a tuning cycle now: analyse, decide, apply, queue, notify")
     command("status", cmd_status, "parameters in force, experiments, pending approvals")
     command("history", cmd_history, "every change, verdict and rollback")
@@ -278,6 +279,7 @@ def cmd_cycle(args: argparse.Namespace) -> int:
         report = run_cycle(settings, engine, time.time())
     except LogFileError as exc:
         raise CommandError(f"{exc} (log_path in the configuration)") from None
+    _tell_daemon(settings)
     lines = [f"recovered: {r}" for r in report.recovered]
     for settled in report.settled:
         e = settled.experiment
@@ -300,36 +302,44 @@ def cmd_cycle(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from tunerd.logfile import LogFileError, ReadOptions, read_log
     from tunerd.report import safe_text
+    from tunerd.server import daemon_pid
 
     settings, engine = _engine(args)
     now = time.time()
     store = engine.store
-    since = now - settings.window.total_seconds()
-    try:
-        stats = read_log(
-            settings.log_path,
-            ReadOptions(since=since, read_at=now, max_line_bytes=settings.max_line_bytes),
-        )
-        crons = {
-            name: c.window(since, stats.bucket_seconds).runs for name, c in stats.crons.items()
-        }
-        tail = {
-            "path": str(settings.log_path),
-            "offset": stats.offset,
-            "entries": stats.totals.entries + stats.totals.before_since,
-            "malformed": stats.totals.malformed,
-        }
-    except LogFileError as exc:
-        crons, tail = (
-            {},
-            {
+    pid = daemon_pid(settings.state_dir)
+    snapshot = store.db.execute("SELECT * FROM daemon_status WHERE id = 1").fetchone()
+    daemon = None
+    if pid is not None and snapshot is not None and snapshot["pid"] == pid:
+        # The daemon publishes within a second of every change it reads.
+        published = json.loads(snapshot["document"])
+        tail, crons = published["tail"], published["crons"]
+        daemon = {"pid": pid, "published_at": _iso(snapshot["updated_at"])}
+    else:
+        since = now - settings.window.total_seconds()
+        try:
+            stats = read_log(
+                settings.log_path,
+                ReadOptions(since=since, read_at=now, max_line_bytes=settings.max_line_bytes),
+            )
+            crons = {
+                name: c.window(since, stats.bucket_seconds).runs for name, c in stats.crons.items()
+            }
+            tail = {
+                "path": str(settings.log_path),
+                "offset": stats.offset,
+                "entries": stats.totals.entries + stats.totals.before_since,
+                "malformed": stats.totals.malformed,
+            }
+        except LogFileError as exc:
+            crons = {}
+            tail = {
                 "path": str(settings.log_path),
                 "offset": 0,
                 "entries": 0,
                 "malformed": 0,
                 "error": str(exc),
-            },
-        )
+            }
     experiments = store.experiments("starting", "running")
     pending = store.reviews("pending")
     for e in experiments:
@@ -341,7 +351,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     }
     document = {
-        "daemon": None,
+        "daemon": daemon,
         "tail": tail,
         "notifications": outbox,
         "crons": [
@@ -456,7 +466,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     from tunerd.policy import SafetyError, check_approved
     from tunerd.targets import TargetError
 
-    _, engine = _engine(args)
+    settings, engine = _engine(args)
     now = time.time()
     with engine.exclusive():
         engine.recover(now)
@@ -487,6 +497,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
         except (EngineError, SafetyError, TargetError) as exc:
             raise CommandError(f"review {args.id} not approved: {exc}") from None
         engine.store.decide_review(review.id, "approved", _operator(), now)
+    _tell_daemon(settings)
     return _emit(
         args,
         {
@@ -503,7 +514,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 def cmd_reject(args: argparse.Namespace) -> int:
     from tunerd.notify import Notification
 
-    _, engine = _engine(args)
+    settings, engine = _engine(args)
     now = time.time()
     with engine.exclusive():
         review = engine.store.review(args.id)
@@ -528,6 +539,7 @@ def cmd_reject(args: argparse.Namespace) -> int:
             [f"by {_operator()}"],
         )
     )
+    _tell_daemon(settings)
     return _emit(
         args,
         {"rejected": review.id},
@@ -540,7 +552,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from tunerd.engine import EngineError
     from tunerd.targets import TargetError
 
-    _, engine = _engine(args)
+    settings, engine = _engine(args)
     now = time.time()
     with engine.exclusive():
         engine.recover(now)
@@ -548,6 +560,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             change = engine.manual_rollback(args.id, now, _operator())
         except (EngineError, TargetError) as exc:
             raise CommandError(f"change {args.id} not rolled back: {exc}") from None
+    _tell_daemon(settings)
     return _emit(
         args,
         {
@@ -682,3 +695,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = engine.store
     report = monthly_report(month, store.changes(), store.experiments(), store.reviews())
     return _emit(args, report, report_text(report, safe_text))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tunerd.server import run
+
+    return run(args.config)
+
+
+def _tell_daemon(settings: Settings) -> None:
+    """A change made here takes effect in a running daemon at once (it rebuilds its timers)."""
+    from tunerd.server import signal_daemon
+
+    signal_daemon(settings.state_dir)

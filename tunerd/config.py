@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     min_improvement: Annotated[float, Field(ge=0, lt=1)] = 0.2
     """The primary metric must fall by at least this share, besides being significant."""
     scripts: list[ScriptSettings] = []
+    schedule: str = "0 23 * * 0"
+    """When the daemon runs the weekly tuning cycle (crontab: Sunday 23:00)."""
+    timezone: str | None = None
+    """IANA time zone of ``schedule`` (default: the machine's)."""
     discord: DiscordSettings = DiscordSettings()
 
     @field_validator("log_path", "state_dir", "params_file")
@@ -144,6 +148,18 @@ class Settings(BaseSettings):
         if cls.toml_path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_path))
         return (*sources, file_secret_settings)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        if value is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{value!r} is not a known time zone (e.g. Asia/Seoul)") from None
+        return value
 
     def verdict_settings(self) -> VerdictSettings:
         return VerdictSettings(

@@ -529,6 +529,24 @@ class LogStats:
         room = MALFORMED_SAMPLES - len(self.malformed_samples)
         self.malformed_samples.extend(other.malformed_samples[: max(room, 0)])
 
+    def evict(self, before: float) -> None:
+        """Drop the time buckets that ended before ``before`` (the rolling window's old edge)."""
+        if self.bucket_seconds is None:
+            return
+        self._fold()
+        keep_from = int(before // self.bucket_seconds)
+        for name in list(self._crons):
+            cron = self._crons[name]
+            cron.buckets = {k: b for k, b in cron.buckets.items() if k >= keep_from}
+            if not cron.buckets:
+                del self._crons[name]
+        self._slot_of = {}
+        self._slots = []
+        for name, cron in self._crons.items():
+            for key, bucket in cron.buckets.items():
+                self._slot_of[(name, key)] = len(self._slots)
+                self._slots.append(bucket)
+
     def window(self, cron: str, since: float | None = None) -> RunStats:
         return self.crons[cron].window(since, self.bucket_seconds)
 

@@ -110,6 +110,21 @@ SCHEMA: list[str] = [
     );
     CREATE INDEX outbox_pending ON outbox(state, id);
     """,
+    # version 3: the daemon's read position with the statistics it produced, and its status
+    """
+    CREATE TABLE tail (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        checkpoint TEXT,          -- JSON: path, identity, offset, offset marker
+        stats BLOB NOT NULL,      -- the rolling statistics as of that offset (pickle)
+        saved_at REAL NOT NULL
+    );
+    CREATE TABLE daemon_status (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        pid INTEGER NOT NULL,
+        document TEXT NOT NULL,   -- JSON: tail and per-cron runs, for tunerd status
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -344,6 +359,23 @@ class Store:
             "INSERT OR REPLACE INTO cooldowns (cron, param, value, until, reason)"
             " VALUES (?, ?, ?, ?, ?)",
             (cron, param, value, until, reason),
+        )
+
+
+def load_tail(store: Store) -> tuple[dict[str, Any] | None, bytes | None]:
+    row = store.db.execute("SELECT checkpoint, stats FROM tail WHERE id = 1").fetchone()
+    if row is None:
+        return None, None
+    return (json.loads(row["checkpoint"]) if row["checkpoint"] else None), row["stats"]
+
+
+def save_tail(store: Store, checkpoint: dict[str, Any] | None, stats: bytes, now: float) -> None:
+    """The read position and the statistics it produced, in one transaction: a crash keeps both
+    or neither, so no line is lost or counted twice."""
+    with store.transaction() as db:
+        db.execute(
+            "INSERT OR REPLACE INTO tail (id, checkpoint, stats, saved_at) VALUES (1, ?, ?, ?)",
+            (None if checkpoint is None else json.dumps(checkpoint), stats, now),
         )
 
 

@@ -1,0 +1,204 @@
+"""The daemon as systemd runs it: a real subprocess, real signals, a real notify socket, real
+file rotation; every line counted exactly once across SIGTERM and SIGKILL restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ERR_OTHER, ROOT, run_line
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("TUNERD_")}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Daemon:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config = root / "tunerd.toml"
+        self.log = root / "logs" / "auto-retry.jsonl"
+        self.log.parent.mkdir(exist_ok=True)
+        if not self.config.exists():
+            self.write_config()
+        self.notify_path = root / "notify.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.written = 0
+
+    def write_config(self, extra: str = "") -> None:
+        self.config.write_text(
+            f'log_path = "{self.log}"\nstate_dir = "{self.root / "state"}"\n'
+            f'params_file = "{self.root / "params.json"}"\n' + extra
+        )
+
+    def start(self) -> None:
+        with __import__("contextlib").suppress(FileNotFoundError):
+            self.notify_path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.notify_path))
+        self.sock.settimeout(15)
+        env = dict(ENV, HOME=str(self.root), NOTIFY_SOCKET=str(self.notify_path))
+        self.stderr = open(self.root / "daemon.err", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tunerd", "run", "--config", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+            env=env,
+            cwd=ROOT,
+        )
+        assert "READY=1" in self.messages_until("READY=1")
+
+    def messages_until(self, wanted: str) -> str:
+        assert self.sock is not None
+        seen = ""
+        while wanted not in seen:
+            seen += self.sock.recv(4096).decode() + "\n"
+        return seen
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=30)
+        self.stderr.close()
+        if self.sock:
+            self.sock.close()
+        return code
+
+    def append(self, cron: str, n: int, partial: bool = False) -> None:
+        with self.log.open("a") as f:
+            for _ in range(n):
+                f.write(run_line(cron, ts=now_iso()) + "\n")
+        self.written += n
+
+    def cli(self, *args: str) -> Any:
+        done = subprocess.run(
+            [sys.executable, "-m", "tunerd", *args, "--json", "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            env=dict(ENV, HOME=str(self.root)),
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def runs(self) -> dict[str, int]:
+        return {c["cron"]: c["runs"] for c in self.cli("status")["crons"]}
+
+    def errors(self) -> str:
+        return (self.root / "daemon.err").read_text()
+
+
+def eventually(check: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+
+
+def test_follows_in_real_time_and_stops_cleanly(daemon: Daemon) -> None:
+    daemon.start()
+    daemon.append("a", 5)
+    eventually(lambda: daemon.runs().get("a") == 5)  # never more than 2 s behind
+    status = daemon.cli("status")
+    assert status["daemon"]["pid"] == daemon.proc.pid  # type: ignore[union-attr]
+    assert status["tail"]["offset"] == daemon.log.stat().st_size
+    second = subprocess.run(
+        [sys.executable, "-m", "tunerd", "run", "--config", str(daemon.config)],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(daemon.root)),
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert second.returncode == 1 and "already runs" in second.stderr
+    assert daemon.stop() == 0
+    assert "stopped" in daemon.errors()
+
+
+def test_exactly_once_across_rotation_and_restarts(daemon: Daemon) -> None:
+    daemon.start()
+    daemon.append("a", 10)
+    eventually(lambda: daemon.runs().get("a") == 10)
+    daemon.log.rename(daemon.log.with_name("auto-retry.jsonl.1"))  # rotation while running
+    daemon.append("a", 7)
+    eventually(lambda: daemon.runs().get("a") == 17)
+    assert daemon.stop(signal.SIGKILL) == -9
+    daemon.append("a", 3)  # written while down ...
+    daemon.log.rename(daemon.log.with_name("auto-retry.jsonl.2"))  # ... then rotated while down
+    daemon.append("a", 4)
+    with daemon.log.open("a") as f:
+        f.write(run_line("a", ts=now_iso())[:30])  # a partial line at the moment of a crash
+    daemon.start()
+    eventually(lambda: daemon.runs().get("a") == 24, timeout=5)
+    assert daemon.stop() == 0
+    with daemon.log.open("a") as f:
+        f.write(run_line("a", ts=now_iso())[30:] + "\n")
+    daemon.start()
+    eventually(lambda: daemon.runs().get("a") == 25, timeout=5)
+    with daemon.log.open("r+b") as f:  # copytruncate
+        f.truncate(0)
+    daemon.append("a", 2)
+    eventually(lambda: daemon.runs().get("a") == 27, timeout=5)
+    assert daemon.stop() == 0
+
+
+def test_sighup_keeps_a_valid_configuration(daemon: Daemon) -> None:
+    daemon.start()
+    daemon.append("a", 2)
+    eventually(lambda: daemon.runs().get("a") == 2)
+    valid = daemon.config.read_text()
+    daemon.config.write_text(valid + 'verify_after = "soon"\n')
+    daemon.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    assert "RELOADING=1" in daemon.messages_until("READY=1")
+    eventually(lambda: "not reloaded" in daemon.errors())
+    daemon.config.write_text(valid)  # (for the CLI below; the daemon is not told)
+    daemon.append("a", 1)  # still following, with the old configuration
+    eventually(lambda: daemon.runs().get("a") == 3)
+    daemon.write_config('schedule = "0 22 * * 0"\n')
+    daemon.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    eventually(lambda: "configuration reloaded" in daemon.errors())
+    assert daemon.stop() == 0
+
+
+def test_verification_timers_run_in_the_daemon(daemon: Daemon) -> None:
+    daemon.write_config('verify_after = "2s"\nmin_runs = 10\nwindow = "30d"\n')
+    with daemon.log.open("a") as f:
+        for _ in range(30):
+            f.write(run_line("flaky", (500,), ts=now_iso()) + "\n")
+        for _ in range(10):
+            f.write(
+                run_line("flaky", (500, 500, 500), ok=False, error=ERR_OTHER, ts=now_iso()) + "\n"
+            )
+    daemon.start()
+    started = daemon.cli("cycle")  # the CLI tells the daemon, which sets the verification timer
+    assert [a["result"] for a in started["actions"]] == ["started"]
+
+    def settled() -> bool:
+        return any(c["action"] == "extend" for c in daemon.cli("history")["changes"])
+
+    eventually(settled, timeout=10)  # no runs in either arm yet: extended, by the daemon
+    assert daemon.stop() == 0

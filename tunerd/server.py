@@ -1,0 +1,496 @@
+"""``tunerd run``: the daemon. One asyncio process that owns the lifecycle (start, ready, reload,
+stop) and wires the core to the world, as uvicorn's server does.
+
+- **Follow** the log: watchfiles wakes the follower when the log's directory changes (events are
+  only wake-ups; a timeout polls anyway), and every new run goes into the rolling statistics.
+- **Checkpoint** the read position together with the statistics it produced, in one SQLite
+  transaction, about once a second when something changed and on the way out: a restart after
+  SIGTERM or SIGKILL neither loses nor double-counts a line.
+- **Publish** a status snapshot (tail position, runs per cron in the window) once a second for
+  ``tunerd status``.
+- **Timers** (APScheduler 3): the weekly tuning cycle, one verification timer per running
+  experiment, the hourly harm check, the monthly report, the Discord outbox. They are rebuilt
+  from the state store at start (a timer that fell due while the daemon was down runs at once)
+  and on SIGUSR1 (``tunerd cycle``/``approve``/``reject``/``rollback`` send it). Timer work runs in
+  one worker thread with its own database connection, one job at a time.
+- **Signals**: SIGHUP re-reads and validates the configuration (an invalid one is logged and the
+  old one kept), SIGTERM/SIGINT finish the job in flight, checkpoint and exit 0.
+- **systemd**: READY, STATUS, WATCHDOG and RELOADING through the notify socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import pickle
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from tunerd import systemd
+from tunerd.config import ConfigError, Settings, load
+from tunerd.follower import Checkpoint, Follower
+from tunerd.stats import LogStats
+from tunerd.store import Store, load_tail, save_tail
+
+log = logging.getLogger("tunerd.daemon")
+
+DAY = 86400.0
+HEARTBEAT = 1.0
+"""Seconds between checkpoints and status snapshots (while something changes)."""
+RESCAN = 2.0
+"""Seconds after which the follower polls even without a file event (dropped events cost a delay,
+never data)."""
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def daemon_pid(state_dir: Path) -> int | None:
+    """The pid of the daemon that holds ``state_dir``, or None when none runs."""
+    lock = state_dir / "daemon.lock"
+    try:
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                text = f.read().strip()
+                return int(text) if text.isdigit() else None
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
+def signal_daemon(state_dir: Path) -> bool:
+    """Ask a running daemon to rebuild its timers from the store (after a change by the CLI)."""
+    pid = daemon_pid(state_dir)
+    if pid is None:
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGUSR1)
+        return True
+    return False
+
+
+class Worker:
+    """The timer jobs, in one thread with its own database connection."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tunerd-job")
+        self._engine: Any = None
+        self._settings: Settings | None = None
+        self.closing = False
+
+    def engine(self) -> Any:
+        from tunerd.cycle import build_engine
+        from tunerd.discord import DiscordNotifier
+        from tunerd.notify import LogNotifier, Notifier
+
+        settings = self.daemon.settings
+        if self._engine is None or self._settings is not settings:
+            if self._engine is not None:
+                self._engine.store.close()
+            store = Store(settings.state_dir)
+            url = settings.discord.url()
+            notifier: Notifier = DiscordNotifier(store, url) if url else LogNotifier()
+            self._engine, self._settings = build_engine(settings, notifier, store), settings
+        return self._engine
+
+    def submit(self, name: str, job: Any) -> concurrent.futures.Future[Any]:
+        def run() -> Any:
+            if self.closing:
+                return None  # stopping: only the job already in flight finishes
+            try:
+                return job(self.engine(), self.daemon.settings)
+            except Exception:
+                log.exception("job %s failed; it will run again at its next time", name)
+                return None
+
+        return self.executor.submit(run)
+
+    def shutdown(self) -> None:
+        """Let the job in flight finish, drop the ones not started, then close (in the worker's
+        own thread: its database connection belongs to it)."""
+
+        def close() -> None:
+            if self._engine is not None:
+                self._engine.notifier.flush(budget=2.0)
+                self._engine.store.close()
+
+        self.closing = True
+        self.executor.submit(close)
+        self.executor.shutdown(wait=True)
+
+
+class Daemon:
+    def __init__(self, config: str | None, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.store = Store(settings.state_dir)
+        self.stopping = asyncio.Event()
+        self.worker = Worker(self)
+        self.scheduler: Any = None
+        self._lock_file: Any = None
+        self._dirty = False
+        self._dirty_status = False
+        self.stats, self.follower = self._restore()
+
+    # --- state ------------------------------------------------------------------------------
+
+    def _restore(self) -> tuple[LogStats, Follower]:
+        checkpoint, blob = load_tail(self.store)
+        stats = None
+        if blob is not None:
+            try:
+                stats = pickle.loads(blob)  # tunerd's own state, in its 0700 directory
+            except Exception:
+                log.warning("the saved statistics could not be read: starting them afresh")
+                checkpoint = None
+        if checkpoint is not None and checkpoint.get("path") != str(self.settings.log_path):
+            checkpoint, stats = None, None  # another log now
+        if stats is None:
+            stats = LogStats(bucket_seconds=DAY, max_crons=self.settings.max_crons)
+        resume = Checkpoint(**checkpoint) if checkpoint else None
+        follower = Follower(self.settings.log_path, resume, self.settings.max_line_bytes)
+        return stats, follower
+
+    def _save(self) -> None:
+        self._dirty_status = True
+        checkpoint = self.follower.checkpoint()
+        save_tail(
+            self.store,
+            checkpoint.as_dict() if checkpoint else None,
+            pickle.dumps(self.stats, protocol=pickle.HIGHEST_PROTOCOL),
+            time.time(),
+        )
+        self._dirty = False
+
+    def _publish(self) -> None:
+        self._dirty_status = False
+        now = time.time()
+        since = now - self.settings.window.total_seconds()
+        crons = {name: c.window(since, DAY).runs for name, c in self.stats.crons.items()}
+        checkpoint = self.follower.checkpoint()
+        document = {
+            "tail": {
+                "path": str(self.settings.log_path),
+                "offset": checkpoint.offset if checkpoint else 0,
+                "entries": self.follower.entries,
+                "malformed": self.follower.malformed,
+            },
+            "crons": {name: runs for name, runs in crons.items() if runs},
+        }
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO daemon_status (id, pid, document, updated_at)"
+                " VALUES (1, ?, ?, ?)",
+                (os.getpid(), json.dumps(document, ensure_ascii=False), now),
+            )
+        experiments = len(self.store.experiments("running"))
+        systemd.notify(
+            f"STATUS=following {self.settings.log_path.name}: {self.follower.entries} lines,"
+            f" {len(crons)} crons, {experiments} experiments"
+        )
+
+    # --- the log ----------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        poll = self.follower.poll()
+        for event in poll.events:
+            log.info("log %s: %s", self.settings.log_path, event)
+        if poll.batch.entries or poll.batch.malformed:
+            self.stats.add_entries(poll.batch.entries, time.time())
+            self.stats.add_malformed(poll.batch.malformed)
+            for m in poll.batch.malformed[:5]:
+                log.warning("malformed line at byte %d skipped: %s", m.offset, m.reason)
+        if poll.batch.entries or poll.batch.malformed or poll.events:
+            self._dirty = True
+
+    async def follow(self) -> None:
+        from watchfiles import awatch
+
+        self._poll()
+        while not self.stopping.is_set():
+            directory = self.settings.log_path.parent
+            name = self.settings.log_path.name
+
+            def ours(_change: object, path: str, name: str = name) -> bool:
+                # The log and what rotation makes of it; not the daemon's own files beside it.
+                base = os.path.basename(path)
+                return base == name or base.startswith(name + ".")
+
+            try:
+                async for _changes in awatch(
+                    directory,
+                    watch_filter=ours,
+                    recursive=False,
+                    debounce=20,
+                    step=10,
+                    rust_timeout=int(RESCAN * 1000),
+                    yield_on_timeout=True,
+                    stop_event=self.stopping,
+                ):
+                    self._poll()
+                    if self._reload_follower:
+                        break
+            except (FileNotFoundError, OSError) as exc:
+                log.warning("cannot watch %s (%s): polling every %.0f s", directory, exc, RESCAN)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), RESCAN)
+                self._poll()
+            self._reload_follower = False
+
+    _reload_follower = False
+
+    async def heartbeat(self) -> None:
+        last_evict = last_publish = time.time()
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), HEARTBEAT)
+            if self._dirty:
+                self._save()
+            if self._dirty_status or time.time() - last_publish > 60:  # the window moves on
+                self._publish()
+                last_publish = time.time()
+            if time.time() - last_evict > 3600:
+                last_evict = time.time()
+                self.stats.evict(time.time() - self.settings.window.total_seconds() - DAY)
+
+    async def watchdog(self) -> None:
+        interval = systemd.watchdog_interval()
+        if interval is None:
+            return
+        while not self.stopping.is_set():
+            systemd.notify("WATCHDOG=1")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
+
+    # --- timers -----------------------------------------------------------------------------
+
+    def _timezone(self) -> Any:
+        from zoneinfo import ZoneInfo
+
+        if self.settings.timezone:
+            return ZoneInfo(self.settings.timezone)
+        from tzlocal import get_localzone
+
+        return get_localzone()
+
+    def build_timers(self) -> None:
+        """(Re)build every timer from the configuration and the state store."""
+        from apscheduler.triggers.cron import CronTrigger
+        from apscheduler.triggers.date import DateTrigger
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        from tunerd.schedule import cron_trigger
+
+        scheduler, zone = self.scheduler, self._timezone()
+        scheduler.remove_all_jobs()
+        scheduler.add_job(
+            self._job, cron_trigger(self.settings.schedule, zone), args=["cycle"], id="cycle"
+        )
+        scheduler.add_job(
+            self._job, IntervalTrigger(hours=1, timezone=zone), args=["harm"], id="harm"
+        )
+        scheduler.add_job(
+            self._job, CronTrigger(day=1, hour=8, timezone=zone), args=["report"], id="report"
+        )
+        scheduler.add_job(
+            self._job, IntervalTrigger(seconds=5, timezone=zone), args=["outbox"], id="outbox"
+        )
+        now = time.time()
+        for e in self.store.experiments("running"):
+            at = max(e.verify_at, now + 0.5)  # due while the daemon was down: at once
+            scheduler.add_job(
+                self._job,
+                DateTrigger(run_date=_utc(at)),
+                args=["verify"],
+                id=f"verify-{e.id}",
+                replace_existing=True,
+            )
+
+    async def _job(self, kind: str) -> None:
+        """Run by the scheduler on the event loop: hand the work to the worker thread, and
+        rebuild the timers after anything that may start or end an experiment."""
+        future = self.worker.submit(kind, JOBS[kind])
+        if kind in ("cycle", "verify", "harm"):
+            loop = asyncio.get_running_loop()
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._rebuild_soon))
+
+    def _rebuild_soon(self) -> None:
+        if not self.stopping.is_set():
+            self.build_timers()
+
+    # --- signals ----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        systemd.reloading()
+        try:
+            settings = load(self.config)
+            from zoneinfo import ZoneInfo
+
+            from tunerd.schedule import cron_trigger
+
+            cron_trigger(settings.schedule, ZoneInfo(settings.timezone or "UTC"))
+        except (ConfigError, ValueError) as exc:
+            log.error("configuration not reloaded, the old one stays: %s", exc)
+            systemd.notify("READY=1")
+            return
+        old = self.settings
+        self.settings = settings
+        if settings.log_path != old.log_path:
+            self.follower.close()
+            self.stats = LogStats(bucket_seconds=DAY, max_crons=settings.max_crons)
+            self.follower = Follower(settings.log_path, None, settings.max_line_bytes)
+            self._reload_follower = True
+            self._dirty = True
+        self.build_timers()
+        log.info("configuration reloaded")
+        systemd.notify("READY=1")
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        path = self.settings.state_dir / "daemon.lock"
+        self._lock_file = open(path, "a+")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(
+                f"a tunerd daemon already runs on {self.settings.state_dir}"
+            ) from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
+
+    async def serve(self) -> int:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        self._take_lock()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.build_timers)
+        self.scheduler = AsyncIOScheduler(
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1}
+        )
+        self.build_timers()
+        self.scheduler.start()
+        self._poll()
+        self._save()
+        self._publish()
+        systemd.notify("READY=1")
+        log.info("following %s", self.settings.log_path)
+        tasks = [asyncio.create_task(t) for t in (self.follow(), self.heartbeat(), self.watchdog())]
+        await self.stopping.wait()
+        systemd.notify("STOPPING=1")
+        log.info("stopping: finishing the job in flight")
+        self.scheduler.shutdown(wait=False)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(self.worker.shutdown)
+        self._poll()
+        self._save()
+        self._publish()
+        self.follower.close()
+        self.store.close()
+        log.info("stopped")
+        return 0
+
+
+def _utc(epoch: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+# --- the jobs (run in the worker thread) ------------------------------------------------------
+
+
+def _cycle(engine: Any, settings: Settings) -> None:
+    from tunerd.cycle import run_cycle
+
+    report = run_cycle(settings, engine, time.time())
+    log.info(
+        "tuning cycle: %d actions, %d experiments settled",
+        len(report.outcomes),
+        len(report.settled),
+    )
+
+
+def _settle(engine: Any, settings: Settings) -> None:
+    from tunerd.verification import settle
+
+    with engine.exclusive():
+        for s in settle(
+            engine,
+            settings.log_path,
+            settings.verdict_settings(),
+            time.time(),
+            settings.max_line_bytes,
+        ):
+            if s.action != "running":
+                log.info(
+                    "experiment %d (%s): %s — %s",
+                    s.experiment.id,
+                    s.experiment.param,
+                    s.action,
+                    s.reason,
+                )
+
+
+def _report(engine: Any, settings: Settings) -> None:
+    from tunerd.monthly import Month, monthly_report, report_text
+    from tunerd.notify import Notification
+    from tunerd.report import safe_text
+
+    last_month = Month.of(time.time() - 2 * DAY)
+    store = engine.store
+    report = monthly_report(last_month, store.changes(), store.experiments(), store.reviews())
+    engine.notifier.send(
+        Notification(
+            "report",
+            f"Monthly report {last_month}",
+            None,
+            report_text(report, safe_text).splitlines()[1:],
+        )
+    )
+
+
+def _outbox(engine: Any, settings: Settings) -> None:
+    engine.notifier.flush(budget=4.0)
+
+
+JOBS = {"cycle": _cycle, "verify": _settle, "harm": _settle, "report": _report, "outbox": _outbox}
+
+
+def run(config: str | None) -> int:
+    """The ``tunerd run`` command."""
+    from tunerd import logs
+
+    try:
+        settings = load(config)
+    except ConfigError as exc:
+        logs.configure()
+        log.error("%s", exc)
+        return 2
+    logs.configure(secrets=[settings.discord.url() or ""])
+    try:
+        daemon = Daemon(config, settings)
+        return asyncio.run(daemon.serve())
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return 1
