@@ -52,6 +52,8 @@ class Daemon:
         self.sock.bind(str(self.notify_path))
         self.sock.settimeout(15)
         env = dict(ENV, HOME=str(self.root), NOTIFY_SOCKET=str(self.notify_path))
+        if "WATCHDOG_USEC" in os.environ:
+            env["WATCHDOG_USEC"] = os.environ["WATCHDOG_USEC"]
         self.stderr = open(self.root / "daemon.err", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tunerd", "run", "--config", str(self.config)],
@@ -60,7 +62,7 @@ class Daemon:
             env=env,
             cwd=ROOT,
         )
-        assert "READY=1" in self.messages_until("READY=1")
+        self.startup = self.messages_until("READY=1")
 
     def messages_until(self, wanted: str) -> str:
         assert self.sock is not None
@@ -202,3 +204,26 @@ def test_verification_timers_run_in_the_daemon(daemon: Daemon) -> None:
 
     eventually(settled, timeout=10)  # no runs in either arm yet: extended, by the daemon
     assert daemon.stop() == 0
+
+
+def test_watchdog_pings_and_the_system_unit_is_hardened(daemon: Daemon) -> None:
+    import shutil
+
+    os.environ["WATCHDOG_USEC"] = "400000"
+    try:
+        daemon.start()
+        assert "WATCHDOG=1" in daemon.messages_until("WATCHDOG=1")
+        assert "STATUS=following auto-retry.jsonl" in daemon.startup
+    finally:
+        del os.environ["WATCHDOG_USEC"]
+    assert daemon.stop() == 0
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    score = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(ROOT / "systemd" / "tunerd.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    line = next(x for x in score.stdout.splitlines() if "Overall exposure level" in x)
+    assert float(line.split(":")[1].split()[0]) <= 2.0

@@ -173,3 +173,21 @@ def test_a_huge_line_between_good_ones_under_a_small_cap(tmp_path: Path) -> None
     assert [e.cron for e in poll.batch.entries] == ["c0", "c1"]
     assert [m.offset for m in poll.batch.malformed] == [len(lines(1))]
     assert f.offset == log.stat().st_size
+
+
+def test_rotated_twice_while_stopped(tmp_path: Path) -> None:
+    log = tmp_path / "auto-retry.jsonl"
+    log.write_bytes(lines(3))
+    f = Follower(log)
+    names(f)
+    checkpoint = f.checkpoint()
+    f.close()
+    append(log, lines(1, 3))
+    log.rename(tmp_path / "auto-retry.jsonl.1")
+    os.utime(tmp_path / "auto-retry.jsonl.1", (1_000_000, 1_000_000))  # the older file
+    log.write_bytes(lines(2, 10))
+    log.rename(tmp_path / "auto-retry.jsonl.2")  # (a numbering that does not say the order)
+    (tmp_path / "auto-retry.jsonl.9.gz").write_bytes(b"\x1f\x8b compressed, not ours")
+    log.write_bytes(lines(1, 20))
+    g = Follower(log, checkpoint)
+    assert names(g) == ["c3", "c10", "c11", "c20"]

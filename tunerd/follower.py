@@ -199,11 +199,18 @@ class Follower:
             rotated = self._find_rotated(resume)
             if rotated is not None:
                 result.events.append("rotated while stopped")
-                self._file, self._stat = rotated
+                f, st = rotated
+                self._file, self._stat = f, st
                 self._reader = LogReader(offset=resume.offset, max_line_bytes=self.max_line_bytes)
                 self._resume = None
                 self._drain(result)
                 self.close()
+                # Rotated more than once: the files written after it, oldest first, whole.
+                for later in self._rotated_after(st):
+                    self._file, self._stat = later
+                    self._reader = LogReader(max_line_bytes=self.max_line_bytes)
+                    self._drain(result)
+                    self.close()
                 self._open_new(result, resume_at=None)
                 return
         if self._open_new(result, resume_at=resume):
@@ -256,6 +263,30 @@ class Follower:
                 return f, os.fstat(f.fileno())
             f.close()
         return None
+
+    def _rotated_after(self, first: os.stat_result) -> list[tuple[BinaryIO, os.stat_result]]:
+        """Rotated siblings (``name.1``, ``name-20260205``, not compressed ones) last written
+        after ``first``: written while tunerd was down, after the file it was reading."""
+        found = []
+        for candidate in self.path.parent.iterdir():
+            name = candidate.name
+            if candidate == self.path or not name.startswith(
+                (self.path.name + ".", self.path.name + "-")
+            ):
+                continue
+            if name.endswith((".gz", ".bz2", ".xz", ".zst", ".tmp")):
+                continue
+            try:
+                f = candidate.open("rb")
+            except OSError:
+                continue
+            st = os.fstat(f.fileno())
+            is_first = (st.st_dev, st.st_ino) == (first.st_dev, first.st_ino)
+            if is_first or not stat.S_ISREG(st.st_mode) or st.st_mtime_ns < first.st_mtime_ns:
+                f.close()
+                continue
+            found.append((f, st))
+        return sorted(found, key=lambda pair: pair[1].st_mtime_ns)
 
     def _drain(self, result: Poll) -> None:
         """Read the open file from where the reader stands to its end."""

@@ -6,8 +6,8 @@ stop) and wires the core to the world, as uvicorn's server does.
 - **Checkpoint** the read position together with the statistics it produced, in one SQLite
   transaction, about once a second when something changed and on the way out: a restart after
   SIGTERM or SIGKILL neither loses nor double-counts a line.
-- **Publish** a status snapshot (tail position, runs per cron in the window) once a second for
-  ``tunerd status``.
+- **Publish** a status snapshot (tail position, runs per cron in the window) for ``tunerd status``
+  within 50 ms of reading new lines (and every minute, as the window moves).
 - **Timers** (APScheduler 3): the weekly tuning cycle, one verification timer per running
   experiment, the hourly harm check, the monthly report, the Discord outbox. They are rebuilt
   from the state store at start (a timer that fell due while the daemon was down runs at once)
@@ -44,6 +44,8 @@ log = logging.getLogger("tunerd.daemon")
 DAY = 86400.0
 HEARTBEAT = 1.0
 """Seconds between checkpoints and status snapshots (while something changes)."""
+PUBLISH_EVERY = 0.05
+"""At most this often, the status snapshot follows what was just read."""
 RESCAN = 2.0
 """Seconds after which the follower polls even without a file event (dropped events cost a delay,
 never data)."""
@@ -143,6 +145,7 @@ class Daemon:
         self._lock_file: Any = None
         self._dirty = False
         self._dirty_status = False
+        self._published_at = 0.0
         self.stats, self.follower = self._restore()
 
     # --- state ------------------------------------------------------------------------------
@@ -165,7 +168,6 @@ class Daemon:
         return stats, follower
 
     def _save(self) -> None:
-        self._dirty_status = True
         checkpoint = self.follower.checkpoint()
         save_tail(
             self.store,
@@ -177,9 +179,9 @@ class Daemon:
 
     def _publish(self) -> None:
         self._dirty_status = False
-        now = time.time()
+        now = self._published_at = time.time()
         since = now - self.settings.window.total_seconds()
-        crons = {name: c.window(since, DAY).runs for name, c in self.stats.crons.items()}
+        crons = {name: c.runs_since(since, DAY) for name, c in self.stats.crons.items()}
         checkpoint = self.follower.checkpoint()
         document = {
             "tail": {
@@ -214,7 +216,9 @@ class Daemon:
             for m in poll.batch.malformed[:5]:
                 log.warning("malformed line at byte %d skipped: %s", m.offset, m.reason)
         if poll.batch.entries or poll.batch.malformed or poll.events:
-            self._dirty = True
+            self._dirty = self._dirty_status = True
+            if time.time() - self._published_at >= PUBLISH_EVERY:
+                self._publish()
 
     async def follow(self) -> None:
         from watchfiles import awatch
@@ -253,15 +257,14 @@ class Daemon:
     _reload_follower = False
 
     async def heartbeat(self) -> None:
-        last_evict = last_publish = time.time()
+        last_evict = time.time()
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), HEARTBEAT)
             if self._dirty:
                 self._save()
-            if self._dirty_status or time.time() - last_publish > 60:  # the window moves on
+            if self._dirty_status or time.time() - self._published_at > 60:  # the window moves
                 self._publish()
-                last_publish = time.time()
             if time.time() - last_evict > 3600:
                 last_evict = time.time()
                 self.stats.evict(time.time() - self.settings.window.total_seconds() - DAY)

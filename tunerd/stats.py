@@ -264,6 +264,14 @@ class CronStats:
     params_at: float = -math.inf
     schedule: str | None = None
 
+    def runs_since(self, since: float | None, bucket_seconds: float | None) -> int:
+        """How many runs ``window`` would hold, without merging anything."""
+        return sum(
+            b.runs
+            for key, b in self.buckets.items()
+            if since is None or bucket_seconds is None or (key + 1) * bucket_seconds > since
+        )
+
     def window(self, since: float | None, bucket_seconds: float | None) -> RunStats:
         """The merge of the buckets from ``since`` on (bucket granularity)."""
         total = RunStats()
