@@ -105,10 +105,12 @@ class Daemon:
         return (self.root / "daemon.err").read_text()
 
 
-def eventually(check: Callable[[], bool], timeout: float = 2.0) -> None:
+def eventually(
+    check: Callable[[], bool], timeout: float = 2.0, show: Callable[[], object] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
+        assert time.monotonic() < deadline, f"not within the time allowed: {show and show()}"
         time.sleep(0.05)
 
 
@@ -155,7 +157,7 @@ def test_exactly_once_across_rotation_and_restarts(daemon: Daemon) -> None:
     with daemon.log.open("a") as f:
         f.write(run_line("a", ts=now_iso())[:30])  # a partial line at the moment of a crash
     daemon.start()
-    eventually(lambda: daemon.runs().get("a") == 24, timeout=5)
+    eventually(lambda: daemon.runs().get("a") == 24, timeout=5, show=daemon.runs)
     assert daemon.stop() == 0
     with daemon.log.open("a") as f:
         f.write(run_line("a", ts=now_iso())[30:] + "\n")

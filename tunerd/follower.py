@@ -239,6 +239,7 @@ class Follower:
         self._file, self._stat = f, st
         self._reader = LogReader(offset=offset, max_line_bytes=self.max_line_bytes)
         self._mark = None
+        result.events.append(f"opened at byte {offset}")
         return True
 
     def _find_rotated(self, checkpoint: Checkpoint) -> tuple[BinaryIO, os.stat_result] | None:
@@ -292,7 +293,7 @@ class Follower:
         """Read the open file from where the reader stands to its end."""
         if self._file is None:
             return
-        position = self._reader.offset + self._reader.pending_bytes
+        position = start = self._reader.offset + self._reader.pending_bytes
         while True:
             try:
                 block = _pread(self._file, position, BLOCK)
@@ -307,4 +308,5 @@ class Follower:
             self.malformed += len(batch.malformed)
             result.take(batch)
         self._stat = os.fstat(self._file.fileno())
-        self._remember()
+        if position != start or self._mark is None:
+            self._remember()

@@ -44,9 +44,9 @@ log = logging.getLogger("tunerd.daemon")
 DAY = 86400.0
 HEARTBEAT = 1.0
 """Seconds between checkpoints and status snapshots (while something changes)."""
-PUBLISH_EVERY = 0.05
+PUBLISH_EVERY = 0.01
 """At most this often, the status snapshot follows what was just read."""
-RESCAN = 2.0
+RESCAN = 5.0
 """Seconds after which the follower polls even without a file event (dropped events cost a delay,
 never data)."""
 
@@ -113,7 +113,10 @@ class Worker:
             if self.closing:
                 return None  # stopping: only the job already in flight finishes
             try:
-                return job(self.engine(), self.daemon.settings)
+                engine = self.engine()
+                result = job(engine, self.daemon.settings)
+                engine.notifier.flush(budget=5.0)  # what the job said, delivered at once
+                return result
             except Exception:
                 log.exception("job %s failed; it will run again at its next time", name)
                 return None
@@ -140,12 +143,14 @@ class Daemon:
         self.settings = settings
         self.store = Store(settings.state_dir)
         self.stopping = asyncio.Event()
+        self._changed = asyncio.Event()
         self.worker = Worker(self)
         self.scheduler: Any = None
         self._lock_file: Any = None
         self._dirty = False
         self._dirty_status = False
         self._published_at = 0.0
+        self._publish_pending = False
         self.stats, self.follower = self._restore()
 
     # --- state ------------------------------------------------------------------------------
@@ -215,10 +220,26 @@ class Daemon:
             self.stats.add_malformed(poll.batch.malformed)
             for m in poll.batch.malformed[:5]:
                 log.warning("malformed line at byte %d skipped: %s", m.offset, m.reason)
-        if poll.batch.entries or poll.batch.malformed or poll.events:
+        if poll.events:
+            # Another file, or the same one cut short: checkpoint now, not within the second,
+            # so that a crash cannot leave the checkpoint on a file whose successor was read.
+            self._save()
+            self._dirty_status = True
+        elif poll.batch.entries or poll.batch.malformed:
             self._dirty = self._dirty_status = True
-            if time.time() - self._published_at >= PUBLISH_EVERY:
+            self._changed.set()
+        if self._dirty_status:
+            wait = self._published_at + PUBLISH_EVERY - time.time()
+            if wait <= 0:
                 self._publish()
+            elif not self._publish_pending:
+                self._publish_pending = True
+                asyncio.get_running_loop().call_later(wait, self._publish_later)
+
+    def _publish_later(self) -> None:
+        self._publish_pending = False
+        if self._dirty_status:
+            self._publish()
 
     async def follow(self) -> None:
         from watchfiles import awatch
@@ -239,7 +260,7 @@ class Daemon:
                     watch_filter=ours,
                     recursive=False,
                     debounce=20,
-                    step=10,
+                    step=5,
                     rust_timeout=int(RESCAN * 1000),
                     yield_on_timeout=True,
                     stop_event=self.stopping,
@@ -257,10 +278,14 @@ class Daemon:
     _reload_follower = False
 
     async def heartbeat(self) -> None:
+        """Checkpoint at most once a second while lines arrive; sleep while none do."""
         last_evict = time.time()
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 60)
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), HEARTBEAT)
+            self._changed.clear()
             if self._dirty:
                 self._save()
             if self._dirty_status or time.time() - self._published_at > 60:  # the window moves
@@ -309,7 +334,7 @@ class Daemon:
             self._job, CronTrigger(day=1, hour=8, timezone=zone), args=["report"], id="report"
         )
         scheduler.add_job(
-            self._job, IntervalTrigger(seconds=5, timezone=zone), args=["outbox"], id="outbox"
+            self._job, IntervalTrigger(seconds=15, timezone=zone), args=["outbox"], id="outbox"
         )
         now = time.time()
         for e in self.store.experiments("running"):
