@@ -150,7 +150,7 @@ def main() -> None:
                 f.write("".join(line(rnd, name, at) for name in names))
         d.start()
         d.wait_for(total, poll=0.05)
-        time.sleep(3)  # let the first checkpoint and status settle
+        time.sleep(10)  # let the last checkpoint and status settle
         cpu0, t0 = d.cpu_seconds(), time.perf_counter()
         time.sleep(30)
         cpu = d.cpu_seconds() - cpu0

@@ -27,7 +27,6 @@ import fcntl
 import json
 import logging
 import os
-import pickle
 import signal
 import time
 from pathlib import Path
@@ -151,35 +150,45 @@ class Daemon:
         self._dirty_status = False
         self._published_at = 0.0
         self._publish_pending = False
+        self._changed_crons: set[str] = set()
         self.stats, self.follower = self._restore()
 
     # --- state ------------------------------------------------------------------------------
 
     def _restore(self) -> tuple[LogStats, Follower]:
-        checkpoint, blob = load_tail(self.store)
+        checkpoint, shell, crons = load_tail(self.store)
         stats = None
-        if blob is not None:
+        if shell is not None:
             try:
-                stats = pickle.loads(blob)  # tunerd's own state, in its 0700 directory
+                stats = LogStats.load(shell, crons)
             except Exception:
                 log.warning("the saved statistics could not be read: starting them afresh")
                 checkpoint = None
         if checkpoint is not None and checkpoint.get("path") != str(self.settings.log_path):
             checkpoint, stats = None, None  # another log now
         if stats is None:
-            stats = LogStats(bucket_seconds=DAY, max_crons=self.settings.max_crons)
+            stats = self._fresh_stats()
+            self._changed_crons = set(crons)  # rows of another log or state: replace them all
         resume = Checkpoint(**checkpoint) if checkpoint else None
         follower = Follower(self.settings.log_path, resume, self.settings.max_line_bytes)
         return stats, follower
 
+    def _fresh_stats(self) -> LogStats:
+        return LogStats(bucket_seconds=DAY, max_crons=self.settings.max_crons)
+
     def _save(self) -> None:
         checkpoint = self.follower.checkpoint()
+        names = self._changed_crons
+        shell, changed = self.stats.dump(names)
         save_tail(
             self.store,
             checkpoint.as_dict() if checkpoint else None,
-            pickle.dumps(self.stats, protocol=pickle.HIGHEST_PROTOCOL),
+            shell,
+            changed,
+            names - changed.keys(),
             time.time(),
         )
+        self._changed_crons = set()
         self._dirty = False
 
     def _publish(self) -> None:
@@ -217,6 +226,7 @@ class Daemon:
             log.info("log %s: %s", self.settings.log_path, event)
         if poll.batch.entries or poll.batch.malformed:
             self.stats.add_entries(poll.batch.entries, time.time())
+            self._changed_crons.update(e.cron for e in poll.batch.entries if e.cron)
             self.stats.add_malformed(poll.batch.malformed)
             for m in poll.batch.malformed[:5]:
                 log.warning("malformed line at byte %d skipped: %s", m.offset, m.reason)
@@ -260,7 +270,7 @@ class Daemon:
                     watch_filter=ours,
                     recursive=False,
                     debounce=20,
-                    step=5,
+                    step=20,
                     rust_timeout=int(RESCAN * 1000),
                     yield_on_timeout=True,
                     stop_event=self.stopping,
@@ -292,7 +302,12 @@ class Daemon:
                 self._publish()
             if time.time() - last_evict > 3600:
                 last_evict = time.time()
-                self.stats.evict(time.time() - self.settings.window.total_seconds() - DAY)
+                changed, gone = self.stats.evict(
+                    time.time() - self.settings.window.total_seconds() - DAY
+                )
+                if changed or gone:
+                    self._changed_crons |= changed | gone
+                    self._save()
 
     async def watchdog(self) -> None:
         interval = systemd.watchdog_interval()
@@ -378,7 +393,8 @@ class Daemon:
         self.settings = settings
         if settings.log_path != old.log_path:
             self.follower.close()
-            self.stats = LogStats(bucket_seconds=DAY, max_crons=settings.max_crons)
+            self._changed_crons |= set(self.stats.crons)
+            self.stats = self._fresh_stats()
             self.follower = Follower(settings.log_path, None, settings.max_line_bytes)
             self._reload_follower = True
             self._dirty = True

@@ -12,6 +12,7 @@ log, and a million distinct names must not mean a million entries in memory.
 from __future__ import annotations
 
 import math
+import pickle
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -537,23 +538,25 @@ class LogStats:
         room = MALFORMED_SAMPLES - len(self.malformed_samples)
         self.malformed_samples.extend(other.malformed_samples[: max(room, 0)])
 
-    def evict(self, before: float) -> None:
-        """Drop the time buckets that ended before ``before`` (the rolling window's old edge)."""
+    def evict(self, before: float) -> tuple[set[str], set[str]]:
+        """Drop the time buckets that ended before ``before`` (the rolling window's old edge);
+        returns the crons that lost buckets and those that are gone."""
         if self.bucket_seconds is None:
-            return
+            return set(), set()
         self._fold()
         keep_from = int(before // self.bucket_seconds)
+        changed, gone = set(), set()
         for name in list(self._crons):
             cron = self._crons[name]
-            cron.buckets = {k: b for k, b in cron.buckets.items() if k >= keep_from}
+            kept = {k: b for k, b in cron.buckets.items() if k >= keep_from}
+            if len(kept) != len(cron.buckets):
+                changed.add(name)
+                cron.buckets = kept
             if not cron.buckets:
                 del self._crons[name]
-        self._slot_of = {}
-        self._slots = []
-        for name, cron in self._crons.items():
-            for key, bucket in cron.buckets.items():
-                self._slot_of[(name, key)] = len(self._slots)
-                self._slots.append(bucket)
+                gone.add(name)
+        self._reindex()
+        return changed - gone, gone
 
     def window(self, cron: str, since: float | None = None) -> RunStats:
         return self.crons[cron].window(since, self.bucket_seconds)
@@ -567,3 +570,31 @@ class LogStats:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._clean = _CleanRuns()
+
+    def dump(self, names: Iterable[str]) -> tuple[bytes, dict[str, bytes]]:
+        """Everything but the crons as one pickle, and the named crons one pickle each: a
+        daemon rewrites only the crons that changed since its last checkpoint."""
+        self._fold()
+        shell = dict(self.__getstate__(), _crons={}, _slot_of={}, _slots=[])
+        crons = {name: pickle.dumps(self._crons[name]) for name in names if name in self._crons}
+        return pickle.dumps(shell), crons
+
+    @classmethod
+    def load(cls, shell: bytes, crons: dict[str, bytes]) -> LogStats:
+        """What ``dump`` wrote (tunerd's own state: the pickles never come from elsewhere)."""
+        stats: LogStats = cls.__new__(cls)
+        stats.__setstate__(pickle.loads(shell))
+        stats._crons = {name: pickle.loads(blob) for name, blob in crons.items()}
+        stats._reindex()
+        return stats
+
+    def _reindex(self) -> None:
+        self._slot_of = {}
+        self._slots = []
+        for name, cron in self._crons.items():
+            for key, bucket in cron.buckets.items():
+                slot_key: str | tuple[str, int] = (
+                    name if self.bucket_seconds is None else (name, key)
+                )
+                self._slot_of[slot_key] = len(self._slots)
+                self._slots.append(bucket)

@@ -115,8 +115,12 @@ SCHEMA: list[str] = [
     CREATE TABLE tail (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         checkpoint TEXT,          -- JSON: path, identity, offset, offset marker
-        stats BLOB NOT NULL,      -- the rolling statistics as of that offset (pickle)
+        stats BLOB NOT NULL,      -- the rolling statistics but the crons', as of that offset
         saved_at REAL NOT NULL
+    );
+    CREATE TABLE tail_crons (    -- each cron's statistics, rewritten only when it changed
+        cron TEXT PRIMARY KEY,
+        stats BLOB NOT NULL
     );
     CREATE TABLE daemon_status (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -362,21 +366,37 @@ class Store:
         )
 
 
-def load_tail(store: Store) -> tuple[dict[str, Any] | None, bytes | None]:
+def load_tail(
+    store: Store,
+) -> tuple[dict[str, Any] | None, bytes | None, dict[str, bytes]]:
+    """The checkpoint, the statistics' shell and each cron's statistics (all pickles)."""
     row = store.db.execute("SELECT checkpoint, stats FROM tail WHERE id = 1").fetchone()
     if row is None:
-        return None, None
-    return (json.loads(row["checkpoint"]) if row["checkpoint"] else None), row["stats"]
+        return None, None, {}
+    crons = {r["cron"]: r["stats"] for r in store.db.execute("SELECT cron, stats FROM tail_crons")}
+    checkpoint = json.loads(row["checkpoint"]) if row["checkpoint"] else None
+    return checkpoint, row["stats"], crons
 
 
-def save_tail(store: Store, checkpoint: dict[str, Any] | None, stats: bytes, now: float) -> None:
+def save_tail(
+    store: Store,
+    checkpoint: dict[str, Any] | None,
+    shell: bytes,
+    changed: dict[str, bytes],
+    removed: set[str],
+    now: float,
+) -> None:
     """The read position and the statistics it produced, in one transaction: a crash keeps both
-    or neither, so no line is lost or counted twice."""
+    or neither, so no line is lost or counted twice. Only the crons that changed are written."""
     with store.transaction() as db:
         db.execute(
             "INSERT OR REPLACE INTO tail (id, checkpoint, stats, saved_at) VALUES (1, ?, ?, ?)",
-            (None if checkpoint is None else json.dumps(checkpoint), stats, now),
+            (None if checkpoint is None else json.dumps(checkpoint), shell, now),
         )
+        db.executemany(
+            "INSERT OR REPLACE INTO tail_crons (cron, stats) VALUES (?, ?)", changed.items()
+        )
+        db.executemany("DELETE FROM tail_crons WHERE cron = ?", [(name,) for name in removed])
 
 
 def _json(value: dict[str, Any] | None) -> str | None:
