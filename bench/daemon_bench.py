@@ -29,18 +29,26 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-ERR = {"type": "ETIMEDOUT", "message": "Command failed: yf TQQQ", "retryable": True,
-       "category": "network", "suggestedFix": "Network timeout - check connection"}
+ERR = {
+    "type": "ETIMEDOUT",
+    "message": "Command failed: yf TQQQ",
+    "retryable": True,
+    "category": "network",
+    "suggestedFix": "Network timeout - check connection",
+}
 
 
 def line(rnd: random.Random, cron: str, at: datetime) -> str:
     ok = rnd.random() > 0.05
     d = int(rnd.lognormvariate(7, 0.3))
     attempts = [{"attempt": 1, "success": ok, "duration": d}]
-    rec = {"timestamp": at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-           "type": "success" if ok else "failure",
-           "context": {"cron": cron, "schedule": "*/15 * * * *"}, "attempts": attempts,
-           "totalDuration": d}
+    rec = {
+        "timestamp": at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "type": "success" if ok else "failure",
+        "context": {"cron": cron, "schedule": "*/15 * * * *"},
+        "attempts": attempts,
+        "totalDuration": d,
+    }
     if ok:
         rec["result"] = {"output": f"TQQQ 51.27 vol {rnd.randint(1, 10**7)}\n", "stderr": ""}
     else:
@@ -55,14 +63,19 @@ class Daemon:
         self.log = root / "logs" / "auto-retry.jsonl"
         self.log.parent.mkdir()
         self.config = root / "tunerd.toml"
-        self.config.write_text(f'log_path = "{self.log}"\nstate_dir = "{root / "state"}"\n'
-                               f'params_file = "{root / "params.json"}"\n')
+        self.config.write_text(
+            f'log_path = "{self.log}"\nstate_dir = "{root / "state"}"\n'
+            f'params_file = "{root / "params.json"}"\n'
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TUNERD_")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "tunerd", "run", "--config", str(self.config)],
-                                     stderr=subprocess.DEVNULL, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tunerd", "run", "--config", str(self.config)],
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
         while self.entries() is None:
             time.sleep(0.05)
 
@@ -99,7 +112,9 @@ class Daemon:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--ingest-lines", type=int, default=300_000)
     ap.add_argument("--crons", type=int, default=1000)
     ap.add_argument("--days", type=int, default=7)
@@ -120,9 +135,11 @@ def main() -> None:
         written = time.perf_counter()
         done = d.wait_for(args.ingest_lines, poll=0.01)
         rate = args.ingest_lines / (done - start)
-        print(f"ingest: {args.ingest_lines:,} lines ({len(body) / 1e6:.0f} MB) written in "
-              f"{written - start:.2f} s, counted after {done - start:.2f} s: {rate:,.0f} lines/s"
-              "   (target: at least 100,000 lines/s)")
+        print(
+            f"ingest: {args.ingest_lines:,} lines ({len(body) / 1e6:.0f} MB) written in "
+            f"{written - start:.2f} s, counted after {done - start:.2f} s: {rate:,.0f} lines/s"
+            "   (target: at least 100,000 lines/s)"
+        )
 
         lags = []
         base = args.ingest_lines
@@ -134,9 +151,11 @@ def main() -> None:
                 lags.append((d.wait_for(base + i + 1) - t0) * 1000)
                 time.sleep(max(0.0, 0.02 - (time.perf_counter() - t0)))
         lags.sort()
-        print(f"latency, appended line to published statistics: p50 {statistics.median(lags):.1f} ms,"
-              f" p99 {lags[int(len(lags) * 0.99) - 1]:.1f} ms, max {lags[-1]:.1f} ms"
-              "   (target: p99 at most 50 ms)")
+        print(
+            f"latency, appended line to published statistics: p50 {statistics.median(lags):.1f} ms,"
+            f" p99 {lags[int(len(lags) * 0.99) - 1]:.1f} ms, max {lags[-1]:.1f} ms"
+            "   (target: p99 at most 50 ms)"
+        )
         d.stop()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -155,9 +174,12 @@ def main() -> None:
         time.sleep(30)
         cpu = d.cpu_seconds() - cpu0
         elapsed = time.perf_counter() - t0
-        print(f"idle with {args.crons:,} crons x {args.days} days ({total:,} runs): CPU "
-              f"{cpu:.2f} s over {elapsed:.0f} s ({100 * cpu / elapsed:.2f} %), RSS {d.rss_mb():.0f} MB"
-              "   (targets: no CPU when nothing is written, RSS at most 60 MB)")
+        print(
+            f"idle with {args.crons:,} crons x {args.days} days ({total:,} runs): CPU "
+            f"{cpu:.2f} s over {elapsed:.0f} s ({100 * cpu / elapsed:.2f} %),"
+            f" RSS {d.rss_mb():.0f} MB"
+            "   (targets: no CPU when nothing is written, RSS at most 60 MB)"
+        )
         d.stop()
 
 
