@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunerd import __version__
+from tunerd.timeparse import iso as _iso
 
 if TYPE_CHECKING:
     from tunerd.config import Settings
     from tunerd.engine import Engine
     from tunerd.params import Params, ParamsFile
-    from tunerd.store import Experiment
+    from tunerd.store import Experiment, Review
 
 USAGE_ERROR = 2
 FAILURE = 1
@@ -470,10 +471,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     now = time.time()
     with engine.exclusive():
         engine.recover(now)
-        review = engine.store.review(args.id)
-        if review is None or review.state != "pending":
-            state = "no such review" if review is None else f"it is {review.state}"
-            raise CommandError(f"review {args.id} cannot be approved: {state} (see tunerd status)")
+        review = _pending_review(engine, args.id, "approved")
         current = engine.current_params(review.cron).get(review.param)
         if current != review.current:
             engine.store.decide_review(review.id, "superseded", _operator(), now)
@@ -511,16 +509,21 @@ def cmd_approve(args: argparse.Namespace) -> int:
     )
 
 
+def _pending_review(engine: Engine, review_id: int, verb: str) -> Review:
+    review = engine.store.review(review_id)
+    if review is None or review.state != "pending":
+        state = "no such review" if review is None else f"it is {review.state}"
+        raise CommandError(f"review {review_id} cannot be {verb}: {state} (see tunerd status)")
+    return review
+
+
 def cmd_reject(args: argparse.Namespace) -> int:
     from tunerd.notify import Notification
 
     settings, engine = _engine(args)
     now = time.time()
     with engine.exclusive():
-        review = engine.store.review(args.id)
-        if review is None or review.state != "pending":
-            state = "no such review" if review is None else f"it is {review.state}"
-            raise CommandError(f"review {args.id} cannot be rejected: {state} (see tunerd status)")
+        review = _pending_review(engine, args.id, "rejected")
         engine.store.decide_review(review.id, "rejected", _operator(), now)
         with engine.store.transaction() as db:
             engine.store.add_cooldown(
@@ -587,10 +590,6 @@ def _experiment_json(e: Experiment) -> dict[str, Any]:
         "started_at": _iso(e.started_at),
         "verify_at": _iso(e.verify_at),
     }
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

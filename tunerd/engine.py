@@ -18,7 +18,6 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from tunerd.targets import (
     remove_stale_temporaries,
     sha256,
 )
+from tunerd.timeparse import iso as _iso
 
 
 class EngineError(Exception):
@@ -418,7 +418,3 @@ def _insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> int:
     cursor = db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row.values()))
     assert cursor.lastrowid is not None
     return cursor.lastrowid
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

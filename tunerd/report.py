@@ -8,11 +8,12 @@ width that counts East Asian wide characters as two columns, so Korean names lin
 from __future__ import annotations
 
 import unicodedata
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from tunerd.analysis import Analysis, CronSummary, Distribution
 from tunerd.reader import Malformed
+from tunerd.timeparse import iso
 
 
 def _round(x: float | None, digits: int) -> float | None:
@@ -27,11 +28,7 @@ def _distribution(d: Distribution | None) -> dict[str, float | None]:
 
 
 def _iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return (
-        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    return None if epoch is None else iso(epoch, "milliseconds")
 
 
 def cron_json(s: CronSummary) -> dict[str, Any]:

@@ -31,3 +31,8 @@ def parse_since(text: str, now: datetime) -> datetime:
             "2026-02-05T12:00:00Z or 7d"
         ) from None
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def iso(epoch: float, timespec: str = "seconds") -> str:
+    """Epoch seconds as ISO 8601 in UTC with a ``Z``, the way tunerd writes every time."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
