@@ -229,3 +229,39 @@ def test_watchdog_pings_and_the_system_unit_is_hardened(daemon: Daemon) -> None:
     )
     line = next(x for x in score.stdout.splitlines() if "Overall exposure level" in x)
     assert float(line.split(":")[1].split()[0]) <= 2.0
+
+
+def test_a_missed_weekly_cycle_runs_at_start_and_discord_hears_once(daemon: Daemon) -> None:
+    import sqlite3
+
+    from .test_discord import TOKEN, FakeDiscord
+
+    server = FakeDiscord([429])
+    url = f"http://127.0.0.1:{server.port}/api/webhooks/1/{TOKEN}"
+    daemon.write_config(f'min_runs = 10\n[discord]\nwebhook_url = "{url}"\n')
+    with daemon.log.open("a") as f:
+        for _ in range(30):
+            f.write(run_line("flaky", (500,), ts=now_iso()) + "\n")
+        for _ in range(10):
+            f.write(run_line("flaky", (500,) * 3, ok=False, error=ERR_OTHER, ts=now_iso()) + "\n")
+    (daemon.root / "state").mkdir()
+    daemon.cli("status")  # creates the store
+    db = sqlite3.connect(daemon.root / "state" / "tunerd.sqlite3")
+    db.execute(
+        "INSERT OR REPLACE INTO meta VALUES ('last_cycle_at', ?)", (str(time.time() - 8 * 86400),)
+    )
+    db.commit()
+    db.close()
+    try:
+        daemon.start()
+        eventually(lambda: len(server.received) >= 2, timeout=15)  # experiment started, advisory
+        time.sleep(1)
+        assert daemon.stop() == 0
+    finally:
+        server.stop()
+    titles = [m["embeds"][0]["title"] for m in server.received]
+    assert titles[0] == "Experiment started: maxRetries 3 → 4"
+    bodies = [json.dumps(m["embeds"][0]["description"]) for m in server.received]
+    assert len(bodies) == len(set(bodies))  # nothing twice
+    assert all(m["allowed_mentions"] == {"parse": []} for m in server.received)
+    assert "missed while stopped" in daemon.errors() and TOKEN not in daemon.errors()

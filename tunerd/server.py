@@ -339,19 +339,33 @@ class Daemon:
 
         scheduler, zone = self.scheduler, self._timezone()
         scheduler.remove_all_jobs()
-        scheduler.add_job(
-            self._job, cron_trigger(self.settings.schedule, zone), args=["cycle"], id="cycle"
-        )
+        weekly = cron_trigger(self.settings.schedule, zone)
+        monthly = CronTrigger(day=1, hour=8, timezone=zone)
+        now = time.time()
+        for kind, trigger in (("cycle", weekly), ("report", monthly)):
+            # A run that fell due while the daemon was down runs at once.
+            last = self.store.meta(f"last_{kind}_at")
+            if last is None:
+                self.store.set_meta(f"last_{kind}_at", str(now))  # counting from the first start
+                continue
+            due = trigger.get_next_fire_time(None, _utc(float(last)))
+            if due is not None and due.timestamp() <= now:
+                log.info("the %s due at %s was missed while stopped: running it now", kind, due)
+                scheduler.add_job(
+                    self._job,
+                    DateTrigger(run_date=_utc(now + 1)),
+                    args=[kind],
+                    id=f"{kind}-missed",
+                    replace_existing=True,
+                )
+        scheduler.add_job(self._job, weekly, args=["cycle"], id="cycle")
         scheduler.add_job(
             self._job, IntervalTrigger(hours=1, timezone=zone), args=["harm"], id="harm"
         )
-        scheduler.add_job(
-            self._job, CronTrigger(day=1, hour=8, timezone=zone), args=["report"], id="report"
-        )
+        scheduler.add_job(self._job, monthly, args=["report"], id="report")
         scheduler.add_job(
             self._job, IntervalTrigger(seconds=15, timezone=zone), args=["outbox"], id="outbox"
         )
-        now = time.time()
         for e in self.store.experiments("running"):
             at = max(e.verify_at, now + 0.5)  # due while the daemon was down: at once
             scheduler.add_job(
@@ -468,6 +482,7 @@ def _cycle(engine: Any, settings: Settings) -> None:
     from tunerd.cycle import run_cycle
 
     report = run_cycle(settings, engine, time.time())
+    engine.store.set_meta("last_cycle_at", str(report.at))
     log.info(
         "tuning cycle: %d actions, %d experiments settled",
         len(report.outcomes),
@@ -503,6 +518,7 @@ def _report(engine: Any, settings: Settings) -> None:
 
     last_month = Month.of(time.time() - 2 * DAY)
     store = engine.store
+    store.set_meta("last_report_at", str(time.time()))
     report = monthly_report(last_month, store.changes(), store.experiments(), store.reviews())
     engine.notifier.send(
         Notification(

@@ -255,6 +255,14 @@ class Store:
                 (str(len(SCHEMA)),),
             )
 
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row["value"])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     # --- reading ---------------------------------------------------------------------------
 
     def experiments(self, *states: str) -> list[Experiment]:
