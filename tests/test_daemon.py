@@ -158,6 +158,7 @@ def test_exactly_once_across_rotation_and_restarts(daemon: Daemon) -> None:
         f.write(run_line("a", ts=now_iso())[:30])  # a partial line at the moment of a crash
     daemon.start()
     eventually(lambda: daemon.runs().get("a") == 24, timeout=5, show=daemon.runs)
+    assert daemon.cli("status")["tail"]["entries"] == 24  # counted across the restart
     assert daemon.stop() == 0
     with daemon.log.open("a") as f:
         f.write(run_line("a", ts=now_iso())[30:] + "\n")

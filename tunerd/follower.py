@@ -92,8 +92,6 @@ class Follower:
         self._reader = LogReader(max_line_bytes=max_line_bytes)
         self._resume = checkpoint
         self._mark: Checkpoint | None = None
-        self.entries = 0
-        self.malformed = 0
 
     # --- state ----------------------------------------------------------------------------
 
@@ -303,10 +301,7 @@ class Follower:
             if not block:
                 break
             position += len(block)
-            batch = self._reader.feed(block)
-            self.entries += len(batch.entries)
-            self.malformed += len(batch.malformed)
-            result.take(batch)
+            result.take(self._reader.feed(block))
         self._stat = os.fstat(self._file.fileno())
         if position != start or self._mark is None:
             self._remember()

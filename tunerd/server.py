@@ -201,8 +201,8 @@ class Daemon:
             "tail": {
                 "path": str(self.settings.log_path),
                 "offset": checkpoint.offset if checkpoint else 0,
-                "entries": self.follower.entries,
-                "malformed": self.follower.malformed,
+                "entries": self.stats.totals.entries,  # since the first start: checkpointed
+                "malformed": self.stats.totals.malformed,
             },
             "crons": {name: runs for name, runs in crons.items() if runs},
         }
@@ -214,7 +214,7 @@ class Daemon:
             )
         experiments = len(self.store.experiments("running"))
         systemd.notify(
-            f"STATUS=following {self.settings.log_path.name}: {self.follower.entries} lines,"
+            f"STATUS=following {self.settings.log_path.name}: {self.stats.totals.entries} lines,"
             f" {len(crons)} crons, {experiments} experiments"
         )
 
