@@ -252,38 +252,57 @@ class Daemon:
             self._publish()
 
     async def follow(self) -> None:
-        from watchfiles import awatch
+        """Poll the log whenever its directory changes, and every ``RESCAN`` seconds anyway."""
+        from tunerd.inotify import DirectoryWatch, Unavailable
 
         self._poll()
         while not self.stopping.is_set():
             directory = self.settings.log_path.parent
             name = self.settings.log_path.name
-
-            def ours(_change: object, path: str, name: str = name) -> bool:
-                # The log and what rotation makes of it; not the daemon's own files beside it.
-                base = os.path.basename(path)
-                return base == name or base.startswith(name + ".")
-
             try:
-                async for _changes in awatch(
-                    directory,
-                    watch_filter=ours,
-                    recursive=False,
-                    debounce=20,
-                    step=20,
-                    rust_timeout=int(RESCAN * 1000),
-                    yield_on_timeout=True,
-                    stop_event=self.stopping,
-                ):
+                watch = DirectoryWatch(directory, name)
+            except Unavailable as exc:
+                if directory.is_dir():
+                    await self._follow_with_watchfiles(directory, name)
+                else:
+                    log.warning(
+                        "cannot watch %s (%s): polling every %.0f s", directory, exc, RESCAN
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), RESCAN)
                     self._poll()
-                    if self._reload_follower:
-                        break
-            except (FileNotFoundError, OSError) as exc:
-                log.warning("cannot watch %s (%s): polling every %.0f s", directory, exc, RESCAN)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), RESCAN)
-                self._poll()
+            else:
+                try:
+                    while not self.stopping.is_set() and not self._reload_follower:
+                        await watch.changed(RESCAN)
+                        self._poll()
+                finally:
+                    watch.close()
             self._reload_follower = False
+
+    async def _follow_with_watchfiles(self, directory: Path, name: str) -> None:
+        """Where inotify is not at hand (watchfiles polls its queue every ``step`` ms)."""
+        from watchfiles import awatch
+
+        def ours(_change: object, path: str) -> bool:
+            # The log and what rotation makes of it; not the daemon's own files beside it.
+            base = os.path.basename(path)
+            return base == name or base.startswith(name + ".")
+
+        with contextlib.suppress(OSError):
+            async for _changes in awatch(
+                directory,
+                watch_filter=ours,
+                recursive=False,
+                debounce=20,
+                step=20,
+                rust_timeout=int(RESCAN * 1000),
+                yield_on_timeout=True,
+                stop_event=self.stopping,
+            ):
+                self._poll()
+                if self._reload_follower:
+                    return
 
     _reload_follower = False
 
