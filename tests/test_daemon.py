@@ -266,3 +266,60 @@ def test_a_missed_weekly_cycle_runs_at_start_and_discord_hears_once(daemon: Daem
     assert len(bodies) == len(set(bodies))  # nothing twice
     assert all(m["allowed_mentions"] == {"parse": []} for m in server.received)
     assert "missed while stopped" in daemon.errors() and TOKEN not in daemon.errors()
+
+
+def test_the_watchfiles_fallback_follows_too(daemon: Daemon) -> None:
+    """Where inotify is not available the daemon falls back to watchfiles."""
+    runner = daemon.root / "no_inotify.py"
+    runner.write_text(
+        "import sys\n"
+        "import tunerd.inotify as inotify\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise inotify.Unavailable('not in this test')\n"
+        "inotify.DirectoryWatch = refuse\n"
+        "from tunerd.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    original = sys.executable
+    daemon_args = ["run", "--config", str(daemon.config)]
+    with __import__("contextlib").suppress(FileNotFoundError):
+        daemon.notify_path.unlink()
+    daemon.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.sock.bind(str(daemon.notify_path))
+    daemon.sock.settimeout(15)
+    daemon.stderr = open(daemon.root / "daemon.err", "ab")  # noqa: SIM115
+    daemon.proc = subprocess.Popen(
+        [original, str(runner), *daemon_args],
+        stdout=subprocess.DEVNULL,
+        stderr=daemon.stderr,
+        cwd=ROOT,
+        env=dict(ENV, HOME=str(daemon.root), NOTIFY_SOCKET=str(daemon.notify_path)),
+    )
+    daemon.messages_until("READY=1")
+    daemon.append("w", 4)
+    eventually(lambda: daemon.runs().get("w") == 4)
+    daemon.log.rename(daemon.log.with_name("auto-retry.jsonl.1"))
+    daemon.append("w", 2)
+    eventually(lambda: daemon.runs().get("w") == 6)
+    assert daemon.stop() == 0
+
+
+def test_directory_watch_fires_only_for_the_log(tmp_path: Path) -> None:
+    import asyncio
+
+    from tunerd.inotify import DirectoryWatch
+
+    async def scenario() -> list[bool]:
+        watch = DirectoryWatch(tmp_path, "auto-retry.jsonl")
+        try:
+            (tmp_path / "other.log").write_text("x")
+            quiet = await watch.changed(0.2)
+            (tmp_path / "auto-retry.jsonl").write_text("x")
+            woke = await watch.changed(2)
+            (tmp_path / "auto-retry.jsonl").rename(tmp_path / "auto-retry.jsonl.1")
+            rotated = await watch.changed(2)
+            return [quiet, woke, rotated]
+        finally:
+            watch.close()
+
+    assert asyncio.run(scenario()) == [False, True, True]
