@@ -297,10 +297,10 @@ def test_the_watchfiles_fallback_follows_too(daemon: Daemon) -> None:
     )
     daemon.messages_until("READY=1")
     daemon.append("w", 4)
-    eventually(lambda: daemon.runs().get("w") == 4)
+    eventually(lambda: daemon.runs().get("w") == 4, timeout=5, show=daemon.runs)
     daemon.log.rename(daemon.log.with_name("auto-retry.jsonl.1"))
     daemon.append("w", 2)
-    eventually(lambda: daemon.runs().get("w") == 6)
+    eventually(lambda: daemon.runs().get("w") == 6, timeout=5, show=daemon.runs)
     assert daemon.stop() == 0
 
 
