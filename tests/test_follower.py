@@ -191,3 +191,28 @@ def test_rotated_twice_while_stopped(tmp_path: Path) -> None:
     log.write_bytes(lines(1, 20))
     g = Follower(log, checkpoint)
     assert names(g) == ["c3", "c10", "c11", "c20"]
+
+
+def test_a_long_backlog_is_read_in_bounded_steps(tmp_path: Path) -> None:
+    log = tmp_path / "auto-retry.jsonl"
+    log.write_bytes(lines(2000))
+    f = Follower(log)
+    steps, seen = 0, []
+    while True:
+        poll = f.poll(max_bytes=64 << 10)
+        seen += [e.cron for e in poll.batch.entries]
+        steps += 1
+        assert len(poll.batch.entries) < 2000
+        if not poll.more:
+            break
+    assert seen == [f"c{i}" for i in range(2000)] and steps > 3
+    log.rename(tmp_path / "auto-retry.jsonl.1")  # rotation with a backlog in the old file
+    append(tmp_path / "auto-retry.jsonl.1", lines(1500, 5000))
+    log.write_bytes(lines(3, 9000))
+    seen = []
+    while True:
+        poll = f.poll(max_bytes=64 << 10)
+        seen += [e.cron for e in poll.batch.entries]
+        if not poll.more:
+            break
+    assert seen == [f"c{i}" for i in range(5000, 6500)] + ["c9000", "c9001", "c9002"]

@@ -40,6 +40,8 @@ HEAD_BYTES = 1024
 MARKER_BYTES = 64
 """Bytes before the offset whose hash must match on resume."""
 BLOCK = 1 << 20
+POLL_BYTES = 8 << 20
+"""Bytes read by one poll at most (a catch-up after downtime goes in bounded steps)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,9 @@ class Poll:
 
     batch: Batch = field(default_factory=Batch)
     events: list[str] = field(default_factory=list)
+    more: bool = False
+    """Stopped at the byte budget with more to read: poll again."""
+    budget: int = 0
 
     def take(self, other: Batch) -> None:
         self.batch.entries += other.entries
@@ -128,9 +133,11 @@ class Follower:
 
     # --- polling --------------------------------------------------------------------------
 
-    def poll(self) -> Poll:
-        """Read everything new; never raises for what the file system does to the log."""
-        result = Poll()
+    def poll(self, max_bytes: int = POLL_BYTES) -> Poll:
+        """Read what is new, up to about ``max_bytes`` (``more`` says whether to poll again at
+        once): memory stays bounded however far behind the log is. Never raises for what the
+        file system does to the log."""
+        result = Poll(budget=max_bytes)
         if self._file is None:
             self._open(result)
             if self._file is None:
@@ -147,6 +154,8 @@ class Follower:
         if not same:
             # Renamed away or deleted: what was written to the old file before it went is ours.
             self._drain(result)
+            if result.more:
+                return result  # the rest of the old file first, at the next poll
             if current is None:
                 result.events.append("deleted")
                 self.close()
@@ -197,6 +206,7 @@ class Follower:
             rotated = self._find_rotated(resume)
             if rotated is not None:
                 result.events.append("rotated while stopped")
+                result.budget = 1 << 62  # this catch-up spans files: it is read in one go
                 f, st = rotated
                 self._file, self._stat = f, st
                 self._reader = LogReader(offset=resume.offset, max_line_bytes=self.max_line_bytes)
@@ -293,14 +303,18 @@ class Follower:
             return
         position = start = self._reader.offset + self._reader.pending_bytes
         while True:
+            if result.budget <= 0:
+                result.more = True
+                break
             try:
-                block = _pread(self._file, position, BLOCK)
+                block = _pread(self._file, position, min(BLOCK, result.budget))
             except OSError as exc:
                 result.events.append(f"read error: {exc.strerror or exc}")
                 return
             if not block:
                 break
             position += len(block)
+            result.budget -= len(block)
             result.take(self._reader.feed(block))
         self._stat = os.fstat(self._file.fileno())
         if position != start or self._mark is None:

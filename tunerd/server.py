@@ -190,6 +190,8 @@ class Daemon:
         )
         self._changed_crons = set()
         self._dirty = False
+        if len(changed) > 100:  # after a big catch-up: give the freed heap back to the system
+            _trim_heap()
 
     def _publish(self) -> None:
         self._dirty_status = False
@@ -220,7 +222,8 @@ class Daemon:
 
     # --- the log ----------------------------------------------------------------------------
 
-    def _poll(self) -> None:
+    def _poll(self) -> bool:
+        """Read what is new (a bounded step); True when there is more to read at once."""
         poll = self.follower.poll()
         for event in poll.events:
             log.info("log %s: %s", self.settings.log_path, event)
@@ -245,6 +248,12 @@ class Daemon:
             elif not self._publish_pending:
                 self._publish_pending = True
                 asyncio.get_running_loop().call_later(wait, self._publish_later)
+        return poll.more
+
+    async def _catch_up(self) -> None:
+        """Poll until the end of the log, letting the event loop breathe between steps."""
+        while self._poll():
+            await asyncio.sleep(0)
 
     def _publish_later(self) -> None:
         self._publish_pending = False
@@ -255,7 +264,7 @@ class Daemon:
         """Poll the log whenever its directory changes, and every ``RESCAN`` seconds anyway."""
         from tunerd.inotify import DirectoryWatch, Unavailable
 
-        self._poll()
+        await self._catch_up()
         while not self.stopping.is_set():
             directory = self.settings.log_path.parent
             name = self.settings.log_path.name
@@ -270,12 +279,12 @@ class Daemon:
                     )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.stopping.wait(), RESCAN)
-                    self._poll()
+                    await self._catch_up()
             else:
                 try:
                     while not self.stopping.is_set() and not self._reload_follower:
                         await watch.changed(RESCAN)
-                        self._poll()
+                        await self._catch_up()
                 finally:
                     watch.close()
             self._reload_follower = False
@@ -300,7 +309,7 @@ class Daemon:
                 yield_on_timeout=True,
                 stop_event=self.stopping,
             ):
-                self._poll()
+                await self._catch_up()
                 if self._reload_follower:
                     return
 
@@ -486,6 +495,16 @@ class Daemon:
         self.store.close()
         log.info("stopped")
         return 0
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed memory for reuse; after reading hundreds of MB of log at start that is
+    tens of MB the daemon will not need again."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def _utc(epoch: float) -> Any:
