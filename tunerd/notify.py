@@ -41,11 +41,7 @@ class LogNotifier:
     def flush(self, budget: float = 10.0, retry_now: bool = False) -> int:
         return 0
 
-    def __init__(self) -> None:
-        self.sent: list[Notification] = []
-
     def send(self, notification: Notification) -> None:
-        self.sent.append(notification)
         subject = f" [{safe_text(notification.cron)}]" if notification.cron else ""
         detail = " | ".join(safe_text(line) for line in notification.lines)
         log.info(

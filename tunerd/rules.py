@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
-from tunerd.params import SPECS, Decision, Params, classify_change
+from tunerd.params import SPECS, Decision, classify_change
 
 if TYPE_CHECKING:
     from tunerd.analysis import CronSummary
@@ -225,6 +225,3 @@ def _pct(x: float) -> str:
 def _ms(x: float) -> str:
     return f"{x:,.0f} ms"
 
-
-def describe_params(p: Params) -> str:
-    return f"maxRetries {p.maxRetries}, timeout {_ms(p.timeout)}, backoffBase {_ms(p.backoffBase)}"
