@@ -45,7 +45,8 @@ class Daemon:
             f'params_file = "{self.root / "params.json"}"\n' + extra
         )
 
-    def start(self) -> None:
+    def start(self, command: list[str] | None = None) -> None:
+        """Start the daemon (``command``: another way of running ``tunerd run``)."""
         with __import__("contextlib").suppress(FileNotFoundError):
             self.notify_path.unlink()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -56,7 +57,7 @@ class Daemon:
             env["WATCHDOG_USEC"] = os.environ["WATCHDOG_USEC"]
         self.stderr = open(self.root / "daemon.err", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tunerd", "run", "--config", str(self.config)],
+            [*(command or [sys.executable, "-m", "tunerd"]), "run", "--config", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=self.stderr,
             env=env,
@@ -280,22 +281,7 @@ def test_the_watchfiles_fallback_follows_too(daemon: Daemon) -> None:
         "from tunerd.cli import main\n"
         "raise SystemExit(main(sys.argv[1:]))\n"
     )
-    original = sys.executable
-    daemon_args = ["run", "--config", str(daemon.config)]
-    with __import__("contextlib").suppress(FileNotFoundError):
-        daemon.notify_path.unlink()
-    daemon.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    daemon.sock.bind(str(daemon.notify_path))
-    daemon.sock.settimeout(15)
-    daemon.stderr = open(daemon.root / "daemon.err", "ab")  # noqa: SIM115
-    daemon.proc = subprocess.Popen(
-        [original, str(runner), *daemon_args],
-        stdout=subprocess.DEVNULL,
-        stderr=daemon.stderr,
-        cwd=ROOT,
-        env=dict(ENV, HOME=str(daemon.root), NOTIFY_SOCKET=str(daemon.notify_path)),
-    )
-    daemon.messages_until("READY=1")
+    daemon.start([sys.executable, str(runner)])
     daemon.append("w", 4)
     eventually(lambda: daemon.runs().get("w") == 4, timeout=5, show=daemon.runs)
     daemon.log.rename(daemon.log.with_name("auto-retry.jsonl.1"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tunerd.follower import Follower
+from tunerd.follower import Checkpoint, Follower
 
 from .conftest import run_line
 
@@ -20,6 +20,15 @@ def names(follower: Follower, polls: int = 1) -> list[str]:
     for _ in range(polls):
         out += [e.cron or "" for e in follower.poll().batch.entries]
     return out
+
+
+def read_and_stop(log: Path) -> Checkpoint | None:
+    """A daemon that read the log to its end, then stopped: where it would resume."""
+    f = Follower(log)
+    names(f)
+    checkpoint = f.checkpoint()
+    f.close()
+    return checkpoint
 
 
 def append(path: Path, data: bytes) -> None:
@@ -66,10 +75,7 @@ def test_rename_rotation_while_writing(tmp_path: Path) -> None:
 def test_rotation_while_stopped_drains_the_rotated_file_first(tmp_path: Path) -> None:
     log = tmp_path / "auto-retry.jsonl"
     log.write_bytes(lines(4))
-    f = Follower(log)
-    names(f)
-    checkpoint = f.checkpoint()
-    f.close()
+    checkpoint = read_and_stop(log)
     append(log, lines(2, 4))
     log.rename(tmp_path / "auto-retry.jsonl.1")
     log.write_bytes(lines(3, 10))
@@ -111,10 +117,7 @@ def test_replaced_while_stopped_with_the_same_header(tmp_path: Path) -> None:
     log = tmp_path / "auto-retry.jsonl"
     first = lines(1)
     log.write_bytes(first + lines(2, 1))
-    f = Follower(log)
-    names(f)
-    checkpoint = f.checkpoint()
-    f.close()
+    checkpoint = read_and_stop(log)
     log.unlink()
     log.write_bytes(first + lines(6, 300))
     g = Follower(log, checkpoint)
@@ -126,10 +129,7 @@ def test_replaced_while_stopped_with_the_same_header(tmp_path: Path) -> None:
 def test_rewritten_in_place_while_stopped_is_read_from_the_start(tmp_path: Path) -> None:
     log = tmp_path / "auto-retry.jsonl"
     log.write_bytes(lines(3))
-    f = Follower(log)
-    names(f)
-    checkpoint = f.checkpoint()
-    f.close()
+    checkpoint = read_and_stop(log)
     with log.open("r+b") as handle:  # same inode (as when an inode is reused), other content
         handle.truncate(0)
         handle.write(lines(5, 40))
@@ -178,10 +178,7 @@ def test_a_huge_line_between_good_ones_under_a_small_cap(tmp_path: Path) -> None
 def test_rotated_twice_while_stopped(tmp_path: Path) -> None:
     log = tmp_path / "auto-retry.jsonl"
     log.write_bytes(lines(3))
-    f = Follower(log)
-    names(f)
-    checkpoint = f.checkpoint()
-    f.close()
+    checkpoint = read_and_stop(log)
     append(log, lines(1, 3))
     log.rename(tmp_path / "auto-retry.jsonl.1")
     os.utime(tmp_path / "auto-retry.jsonl.1", (1_000_000, 1_000_000))  # the older file

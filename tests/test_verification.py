@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,27 +50,22 @@ def ab_lines(
     return lines
 
 
+def verify(
+    root: Path, log: Path, cron: str, param: str, control: int, treatment: int, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``tunerd verify`` with no configuration of its own."""
+    (root / "none.toml").write_text("")
+    setup_ = {"root": root, "config": root / "none.toml"}
+    arms = ["--control", str(control), "--treatment", str(treatment)]
+    return tunerd(setup_, "verify", str(log), "--cron", cron, "--param", param, *arms, *extra)
+
+
 def test_verify_contract_and_decisions(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     lines = ab_lines("flaky", "9", "maxRetries", (3, 4), (18, 3), tag=False)
     lines += [run_line("other") for _ in range(5)]
     log.write_text("\n".join(lines) + "\n{bad\n")
-    setup_ = {"root": tmp_path, "config": tmp_path / "none.toml"}
-    (tmp_path / "none.toml").write_text("")
-    done = tunerd(
-        setup_,
-        "verify",
-        str(log),
-        "--cron",
-        "flaky",
-        "--param",
-        "maxRetries",
-        "--control",
-        "3",
-        "--treatment",
-        "4",
-        "--json",
-    )
+    done = verify(tmp_path, log, "flaky", "maxRetries", 3, 4, "--json")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert doc["decision"] == "commit" and doc["reason"]
@@ -85,35 +81,10 @@ def test_verify_contract_and_decisions(tmp_path: Path) -> None:
     assert all({"metric", "test", "p_value", "effect"} <= set(t) for t in doc["tests"])
     assert "malformed" in done.stderr
 
-    text = tunerd(
-        setup_,
-        "verify",
-        str(log),
-        "--cron",
-        "flaky",
-        "--param",
-        "maxRetries",
-        "--control",
-        "3",
-        "--treatment",
-        "4",
-    )
+    text = verify(tmp_path, log, "flaky", "maxRetries", 3, 4)
     assert text.stdout.startswith("COMMIT") and "Boschloo" in text.stdout
 
-    few = tunerd(
-        setup_,
-        "verify",
-        str(log),
-        "--cron",
-        "other",
-        "--param",
-        "timeout",
-        "--control",
-        "15000",
-        "--treatment",
-        "20000",
-        "--json",
-    )
+    few = verify(tmp_path, log, "other", "timeout", 15000, 20000, "--json")
     assert json.loads(few.stdout)["decision"] == "extend"
 
 
@@ -132,20 +103,13 @@ def test_verify_sequential_by_switch_time(tmp_path: Path) -> None:
     lines += [run_line("c", (800,), ts=iso(start + timedelta(minutes=200 + i))) for i in range(200)]
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(lines) + "\n")
-    (tmp_path / "none.toml").write_text("")
-    setup_ = {"root": tmp_path, "config": tmp_path / "none.toml"}
-    done = tunerd(
-        setup_,
-        "verify",
-        str(log),
-        "--cron",
+    done = verify(
+        tmp_path,
+        log,
         "c",
-        "--param",
         "maxRetries",
-        "--control",
-        "3",
-        "--treatment",
-        "4",
+        3,
+        4,
         "--switch-at",
         iso(start + timedelta(minutes=200)),
         "--json",
@@ -153,19 +117,7 @@ def test_verify_sequential_by_switch_time(tmp_path: Path) -> None:
     doc = json.loads(done.stdout)
     assert doc["arms"]["control"]["runs"] == doc["arms"]["treatment"]["runs"] == 200
     assert doc["decision"] == "commit"
-    bad = tunerd(
-        setup_,
-        "verify",
-        str(log),
-        "--cron",
-        "c",
-        "--param",
-        "retries",
-        "--control",
-        "3",
-        "--treatment",
-        "4",
-    )
+    bad = verify(tmp_path, log, "c", "retries", 3, 4)
     assert bad.returncode == 2
 
 
