@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,7 +31,7 @@ TOKEN = "S3CRET-TOKEN-abcdef"
 class FakeDiscord:
     """Answers each POST with the next scripted status (then 200), recording what arrived."""
 
-    def __init__(self, script: list[int], port: int = 0) -> None:
+    def __init__(self, script: list[int], port: int = 0, delay: float = 0.0) -> None:
         self.script = list(script)
         self.received: list[dict[str, Any]] = []
         self.paths: list[str] = []
@@ -39,6 +40,7 @@ class FakeDiscord:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
+                time.sleep(delay)
                 status = fake.script.pop(0) if fake.script else 200
                 fake.paths.append(self.path)
                 if status == 429:
@@ -130,6 +132,37 @@ def test_a_discord_that_is_down_gets_everything_later(discord_config: dict[str, 
     assert len(got) == len(set(got)) >= 5
     assert json.loads(got[0])["title"].startswith("Experiment started")
     assert TOKEN not in later.stderr + again.stderr
+
+
+def test_two_processes_flushing_at_once_send_each_message_once(tmp_path: Path) -> None:
+    """The daemon's outbox job and a command run by hand may flush together: one delivers."""
+    from tunerd.discord import DiscordNotifier
+    from tunerd.store import Store
+
+    server = FakeDiscord([], delay=0.05)
+    url = f"http://127.0.0.1:{server.port}/api/webhooks/1/{TOKEN}"
+    queue = DiscordNotifier(Store(tmp_path), url)
+    for i in range(10):
+        queue.send(Notification("advisory", f"advisory {i}", "cron", [f"line {i}"]))
+    counts: list[int] = []
+
+    def flush() -> None:
+        notifier = DiscordNotifier(Store(tmp_path), url)  # its own connection, as a process has
+        counts.append(notifier.flush(budget=10))
+
+    try:
+        threads = [threading.Thread(target=flush) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        counts.append(queue.flush(budget=10))
+    finally:
+        server.stop()
+    assert [m["embeds"][0]["title"] for m in server.received] == [
+        f"advisory {i}" for i in range(10)
+    ]
+    assert sorted(counts) == [0, 0, 10]
 
 
 def test_a_gone_webhook_is_not_retried(discord_config: dict[str, Any]) -> None:

@@ -5,8 +5,10 @@ transaction), then delivered in order. A 2xx answer marks it delivered (with ``?
 Discord returns the message, whose id is recorded); HTTP 429 waits the ``retry_after`` Discord
 asks for; 5xx, timeouts and connection errors back off exponentially; 404 (the webhook is gone)
 and other 4xx answers are final and said loudly. Nothing is lost across restarts: what is not
-delivered stays in the outbox for the next process. Nothing is sent twice, except in the
-milliseconds between Discord's answer and the database commit if the process dies exactly then.
+delivered stays in the outbox for the next process. One process delivers at a time (a lock beside
+the database: the daemon and a command run by hand never post the same row), and nothing is sent
+twice, except in the milliseconds between Discord's answer and the database commit if the
+process dies exactly then.
 
 Untrusted text (cron names, error messages) never pings anyone (``allowed_mentions`` parses
 nothing), never breaks the message (Markdown escaped, every length within Discord's limits), and
@@ -17,6 +19,7 @@ error text is redacted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -140,6 +143,10 @@ class DiscordNotifier:
                 (notification.kind, json.dumps(payload(notification, now)), now, now),
             )
 
+    def pending(self) -> int:
+        query = "SELECT count(*) FROM outbox WHERE state = 'pending'"
+        return int(self.store.db.execute(query).fetchone()[0])
+
     def redact(self, text: str) -> str:
         return text.replace(self.url, "<webhook>") if self.url else text
 
@@ -150,9 +157,16 @@ class DiscordNotifier:
         ``retry_now``: a new process (a command a person just ran) tries the head of the queue
         at once instead of waiting out the backoff of an earlier failure; a wait Discord asked
         for with 429 is always honoured."""
+        with open(self.store.path.with_name("outbox.lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # another process is delivering the queue, in order
+            return self._deliver(time.monotonic() + budget, retry_now)
+
+    def _deliver(self, deadline: float, retry_now: bool) -> int:
         import httpx
 
-        deadline = time.monotonic() + budget
         delivered = 0
         if self._client is None:
             self._client = httpx.Client(timeout=self.timeout)

@@ -60,7 +60,10 @@ def configure(secrets: Iterable[str] = (), json_lines: bool | None = None) -> No
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    # Our own INFO lines; only warnings from libraries (SciPy's optimiser, behind Boschloo's
+    # test, logs its every step at INFO; httpx's INFO lines carry the webhook URL).
+    root.setLevel(logging.WARNING)
+    logging.getLogger("tunerd").setLevel(logging.INFO)
     for noisy in ("httpx", "httpcore", "apscheduler", "watchfiles"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(

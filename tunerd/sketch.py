@@ -61,13 +61,10 @@ class QuantileSketch:
         "_pending",
         "_total",
         "_zeros",
-        "add",
     )
 
     def __init__(self) -> None:
         self._pending = array("f")
-        self.add = self._pending.append
-        """Record one value (callers guarantee ``x >= 0``)."""
         self._count = 0  # folded values only; the same for _total, _min, _max
         self._total = 0.0
         self._min = math.inf
@@ -75,6 +72,10 @@ class QuantileSketch:
         self._bins: npt.NDArray[np.int64] | None = None
         self._offset = 0
         self._zeros = 0
+
+    def add(self, value: float) -> None:
+        """Record one value (callers guarantee ``value >= 0``)."""
+        self._pending.append(value)
 
     def extend(self, values: bytes) -> None:
         """Record many values at once, given as native float32 bytes."""
@@ -192,12 +193,33 @@ class QuantileSketch:
         self._bins[offset - low : offset - low + len(counts)] += counts
 
     def __getstate__(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__ if name != "add"}
+        return {name: getattr(self, name) for name in self.__slots__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
             setattr(self, name, value)
-        self.add = self._pending.append
+
+
+class _Discard(QuantileSketch):
+    """A sketch that keeps nothing, shared by every bucket of statistics that count without
+    durations (the daemon's: nothing it does reads a duration from memory)."""
+
+    __slots__ = ()
+
+    def add(self, value: float) -> None:
+        pass
+
+    def extend(self, values: bytes) -> None:
+        pass
+
+    def merge(self, other: QuantileSketch) -> None:
+        pass
+
+    def __reduce__(self) -> str:
+        return "DISCARD"  # pickled by name: one instance however many buckets refer to it
+
+
+DISCARD: QuantileSketch = _Discard()
 
 
 def _interpolate(q: float, n: int, order_statistic: Any) -> float:

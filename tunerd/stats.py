@@ -23,7 +23,7 @@ import msgspec
 
 from tunerd.reader import Malformed
 from tunerd.records import Entry, ErrorClass, describe_error, is_test, to_datetime
-from tunerd.sketch import QuantileSketch
+from tunerd.sketch import DISCARD, QuantileSketch
 
 MAX_SIGNATURES = 32
 """Distinct error signatures kept per cron and bucket; rarer ones are folded per class."""
@@ -151,12 +151,12 @@ class RunStats(Rates):
         "successes",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, durations: bool = True) -> None:
         self.runs = self.successes = self.retried = self.attempts = 0
-        self.duration = QuantileSketch()
+        self.duration = QuantileSketch() if durations else DISCARD
         """``totalDuration`` of each run, backoff sleeps included."""
-        self.first_attempt = QuantileSketch()
-        self.success_attempt = QuantileSketch()
+        self.first_attempt = QuantileSketch() if durations else DISCARD
+        self.success_attempt = QuantileSketch() if durations else DISCARD
         """Durations of the attempts that succeeded: what a timeout must leave room for."""
         self.errors = ErrorTally()
         """Failed attempts (and failed runs that logged no attempts), by class and signature."""
@@ -349,8 +349,13 @@ class LogStats:
         bucket_seconds: float | None = None,
         max_crons: int = 10_000,
         max_tasks: int = 1_000,
+        durations: bool = True,
     ) -> None:
         self.since = since
+        self.durations = durations
+        """False: count runs, outcomes and errors, keep no durations, and fold small batches in
+        Python. The daemon's way: a tuning cycle reads durations from the log in a child
+        process, and what the daemon holds (NumPy's 12 MB included) stays resident for good."""
         self._since = None if since is None else datetime.fromtimestamp(since, UTC)
         self.bucket_seconds = bucket_seconds
         self.max_crons = max_crons
@@ -430,7 +435,7 @@ class LogStats:
         others = totals.test_entries + totals.task_entries + totals.unattributed_entries
         totals.entries += counted
         totals.cron_entries += counted - (others - others_before)
-        if len(clean) >= FOLD_RUNS:
+        if len(clean) >= (FOLD_RUNS if self.durations else NUMPY_FOLD_MIN):
             self._fold()
 
     def _new_slot(self, name: str, key: str | tuple[str, int], schedule: str | None) -> int | None:
@@ -441,7 +446,9 @@ class LogStats:
                 return None
             cron = self._crons[name] = CronStats(name)
         cron.schedule = schedule or cron.schedule
-        bucket = cron.buckets.setdefault(0 if isinstance(key, str) else key[1], RunStats())
+        bucket = cron.buckets.setdefault(
+            0 if isinstance(key, str) else key[1], RunStats(self.durations)
+        )
         self._slot_of[key] = len(self._slots)
         self._slots.append(bucket)
         return self._slot_of[key]
@@ -464,7 +471,7 @@ class LogStats:
             return
         duration: Any
         first: Any
-        if n >= NUMPY_FOLD_MIN:
+        if n >= NUMPY_FOLD_MIN and self.durations:
             import numpy as np
 
             order_array = np.argsort(np.frombuffer(clean.slot, dtype=np.intc), kind="stable")
@@ -568,6 +575,7 @@ class LogStats:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.durations = True  # checkpoints written before the setting existed
         self.__dict__.update(state)
         self._clean = _CleanRuns()
 
