@@ -106,6 +106,35 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
+    run_ = commands.add_parser(
+        "exec",
+        help="run a command as Level 1 does: params file, arm, timeout, retries, log line",
+        description="A Level-1-compatible runner, a drop-in for the auto-retry wrapper: reads "
+        "the params file, picks the experiment arm, runs CMD with the timeout (its whole process "
+        "group), retries up to maxRetries attempts in all with the backoff, passes CMD's output "
+        "and exit status through and appends one line to the log.",
+        usage="tunerd exec --cron C [--context KEY=VALUE ...] [--config F] -- CMD [ARG ...]",
+    )
+    run_.add_argument("--cron", required=True, metavar="C", help="the cron's name in the log")
+    run_.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more context for the log line, e.g. schedule='*/15 * * * *' (repeatable)",
+    )
+    run_.add_argument(
+        "--no-retry-exit",
+        metavar="CODES",
+        default="",
+        help="exit codes that are final, not retried (comma-separated, e.g. 2,64)",
+    )
+    run_.add_argument("--log", metavar="F", help="the log to append to (default: log_path)")
+    run_.add_argument("--params", metavar="F", help="the params file (default: params_file)")
+    run_.add_argument("--config", metavar="F", help="configuration file (TOML)")
+    run_.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="after --")
+    run_.set_defaults(run=cmd_exec)
+
     command("run", cmd_run, "the daemon: follow the log, tune weekly, verify, notify", False)
     command("cycle", cmd_cycle, "run a tuning cycle now: analyse, decide, apply, queue, notify")
     command("status", cmd_status, "parameters in force, experiments, pending approvals")
@@ -694,6 +723,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = engine.store
     report = monthly_report(month, store.changes(), store.experiments(), store.reviews())
     return _emit(args, report, report_text(report, safe_text))
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from tunerd.config import ConfigError, Settings, load
+    from tunerd.runner import execute, warn
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise CommandError("no command to run: tunerd exec --cron C -- CMD [ARG ...]", USAGE_ERROR)
+    context: dict[str, str] = {}
+    for item in args.context:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--context {item!r}: expected KEY=VALUE", USAGE_ERROR)
+        context[key] = value
+    try:
+        final = frozenset(int(c) for c in args.no_retry_exit.split(",") if c.strip())
+    except ValueError:
+        raise CommandError("--no-retry-exit: comma-separated exit codes", USAGE_ERROR) from None
+    try:
+        settings = load(args.config)
+    except ConfigError as exc:
+        # The job runs whatever tunerd's own state: with the built-in defaults.
+        warn(f"{exc}; using the built-in defaults")
+        settings = Settings.model_validate({})
+    log_path = Path(args.log).expanduser() if args.log else settings.log_path
+    params = Path(args.params).expanduser() if args.params else settings.params_file
+    return execute(args.cron, command, log_path, params, context, final)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -224,4 +224,3 @@ def _pct(x: float) -> str:
 
 def _ms(x: float) -> str:
     return f"{x:,.0f} ms"
-

@@ -1,0 +1,388 @@
+"""``tunerd exec``: a Level 1 runner, a drop-in for the user's auto-retry wrapper (the shell).
+
+It reads the params file before the run, as Level 1 must (defaults, the cron's overrides, and the
+arm of a running experiment), runs the command with the timeout, retries with the backoff up to
+``maxRetries`` attempts in all, and appends one line to the log with the parameters it used.
+
+- **Timeout**: the command runs in its own process group; when time is up the whole group gets
+  SIGTERM, then SIGKILL two seconds later, so a shell script's children die with it. The attempt
+  fails as the wrapper's ``exec`` timeout does: ``ETIMEDOUT``.
+- **Output**: passed through as it comes (cron mails it, a terminal shows it), and captured up to
+  10 MB per stream, the wrapper's ``maxBuffer``, for the log line's ``result``; beyond the cap it
+  is still passed through, not captured, and the run is not failed for it.
+- **Exit status**: the last attempt's (124 after a timeout, 128+N after signal N, 127 when the
+  command cannot be started); tunerd's own problems (no params file, an unwritable log) never
+  change it and never stop the command from running: they are said on stderr.
+- **Retries**: a non-zero exit, a timeout or a death by signal is retried (a command's failures
+  are transient unless it says otherwise: ``--no-retry-exit`` names exit codes that are final); a
+  command that cannot be started is not. SIGTERM, SIGINT or SIGHUP sent to the runner go to the
+  command's group and end the run: no further attempt, and the line says why.
+- **The log line** is written in one ``write`` to a file opened with ``O_APPEND``, under an
+  exclusive ``flock`` on the log, so fifty runs ending at once leave fifty whole lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import random
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from tunerd.level1 import (
+    Arm,
+    Assignment,
+    assign,
+    attempts_allowed,
+    backoff_ms,
+    error_object,
+    log_line,
+    next_arm,
+    resolve,
+)
+from tunerd.params import Params, ParamsFile, ParamsFileError, parse_params_file
+
+OUTPUT_CAP: Final = 10 * 1024 * 1024
+"""Bytes of each stream kept for the log line (Node's ``maxBuffer`` in the user's scripts)."""
+KILL_GRACE: Final = 2.0
+"""Seconds between SIGTERM and SIGKILL to a command's group that outlived its timeout."""
+STDERR_IN_MESSAGE: Final = 2000
+"""Characters of the command's stderr (its end) in a failed attempt's error message."""
+ARMS_FILE: Final = ".tunerd-arms.json"
+"""Beside the log (Level 1 can write there): each experiment's block of arms still to hand out.
+Named by nothing from the log: cron names never become file paths."""
+_READ: Final = 1 << 16
+
+
+def warn(message: str) -> None:
+    print(f"tunerd exec: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(slots=True)
+class Captured:
+    """What one stream of an attempt said: passed through, and kept up to the cap."""
+
+    fd: int
+    """Where it is passed through (1 or 2); -1 once that broke (a closed pipe)."""
+    kept: bytearray = field(default_factory=bytearray)
+    truncated: bool = False
+
+    def take(self, data: bytes) -> None:
+        room = OUTPUT_CAP - len(self.kept)
+        if len(data) > room:
+            self.truncated = True
+        self.kept += data[: max(room, 0)]
+        if self.fd >= 0:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+            except OSError:
+                self.fd = -1  # our reader went away: keep running the command, keep the log
+
+    def text(self) -> str:
+        return self.kept.decode("utf-8", "replace")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one attempt ended."""
+
+    status: int
+    """The runner's exit status if this attempt is the last one."""
+    duration_ms: float
+    error: dict[str, Any] | None
+    retryable: bool
+    stdout: Captured
+    stderr: Captured
+
+
+class Interrupted:
+    """Signals to the runner, forwarded to the command's process group."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.group: int | None = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+        if self.group is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.group, signum)
+
+
+def run_attempt(command: list[str], timeout_ms: int, interrupted: Interrupted) -> Outcome:
+    started = time.monotonic()
+    stdout, stderr = Captured(1), Captured(2)
+    try:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        code = {2: "ENOENT", 13: "EACCES"}.get(exc.errno or 0, "Error")
+        message = f"spawn {command[0]} {code}: {exc.strerror}"
+        return Outcome(
+            127 if code == "ENOENT" else 126,
+            (time.monotonic() - started) * 1000,
+            error_object(code, message),
+            False,
+            stdout,
+            stderr,
+        )
+    interrupted.group = proc.pid
+    deadline = started + timeout_ms / 1000
+    timed_out = _pump(proc, {proc.stdout: stdout, proc.stderr: stderr}, deadline)
+    if timed_out:
+        _kill_group(proc)
+    else:
+        returncode = _wait(proc, deadline)
+        if returncode is None:  # closed its output but kept running
+            timed_out = True
+            _kill_group(proc)
+    interrupted.group = None
+    duration = (time.monotonic() - started) * 1000
+    shown = " ".join(command)
+    if timed_out:
+        message = f"Command timed out after {timeout_ms} ms: {shown}"
+        return Outcome(124, duration, error_object("ETIMEDOUT", message), True, stdout, stderr)
+    returncode = proc.returncode
+    if returncode == 0:
+        return Outcome(0, duration, None, False, stdout, stderr)
+    tail = stderr.text()[-STDERR_IN_MESSAGE:]
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        error = error_object(name, f"Command failed: {shown}\nkilled by {name}\n{tail}", None, True)
+        return Outcome(128 - returncode, duration, error, True, stdout, stderr)
+    error = error_object(returncode, f"Command failed: {shown}\n{tail}", http_status(tail), True)
+    return Outcome(returncode, duration, error, True, stdout, stderr)
+
+
+_STATUS = re.compile(
+    r"\b(?:HTTP(?:/[\d.]+)?|status(?: code)?[:=]?|returned error:)\s*([45]\d\d)\b", re.IGNORECASE
+)
+
+
+def http_status(stderr: str) -> int | None:
+    """The HTTP error status a command reported last (``HTTP 429``, ``HTTP/1.1 503``, curl's
+    ``returned error: 429``, ``status 502``), so that rate limits are counted as the wrapper counts
+    them: by ``statusCode``."""
+    found = _STATUS.findall(stderr)
+    return int(found[-1]) if found else None
+
+
+def _pump(proc: subprocess.Popen[bytes], streams: dict[Any, Captured], deadline: float) -> bool:
+    """Pass the command's output through until both pipes close; True if time ran out first."""
+    with selectors.DefaultSelector() as selector:
+        for pipe, captured in streams.items():
+            os.set_blocking(pipe.fileno(), False)
+            selector.register(pipe, selectors.EVENT_READ, captured)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for key in list(selector.get_map().values()):
+                    key.fileobj.close()  # type: ignore[union-attr]
+                return True
+            for key, _ in selector.select(remaining):
+                try:
+                    data = os.read(key.fd, _READ)
+                except BlockingIOError:
+                    continue
+                if data:
+                    key.data.take(data)
+                else:
+                    selector.unregister(key.fileobj)
+                    key.fileobj.close()  # type: ignore[union-attr]
+    return False
+
+
+def _wait(proc: subprocess.Popen[bytes], deadline: float) -> int | None:
+    try:
+        return proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    for signum, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signum)
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def read_params(path: Path) -> ParamsFile | None:
+    """The params file, or None (the wrapper's defaults) when it is missing or unreadable: a
+    broken file must not stop the job."""
+    try:
+        return parse_params_file(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ParamsFileError) as exc:
+        warn(f"params file {path} unusable ({exc}); running with the defaults")
+        return None
+
+
+def choose_arm(log_path: Path, doc: ParamsFile, experiment: str, split: float) -> Arm:
+    """The next arm from the experiment's permuted block, kept beside the log under a lock (a
+    random draw when that file cannot be used: unbalanced, still unbiased)."""
+    rng = random.SystemRandom()
+    path = log_path.parent / ARMS_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as the wrapper makes the log's
+        with open(path, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            try:
+                state = json.loads(f.read() or b"{}")
+                if not isinstance(state, dict):
+                    state = {}
+            except ValueError:
+                state = {}
+            state = {k: v for k, v in state.items() if k in _experiment_ids(doc)}
+            arm = next_arm(state, experiment, split, rng)
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(state).encode())
+            return arm
+    except OSError as exc:
+        warn(f"cannot keep the arm balance in {path} ({exc.strerror}): drawing at random")
+        return "treatment" if rng.random() < split else "control"
+
+
+def _experiment_ids(doc: ParamsFile) -> set[str]:
+    return {str(block.id) for block in doc.experiments.values()}
+
+
+def append_line(log_path: Path, line: dict[str, Any]) -> bool:
+    data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)  # releases the lock
+    except OSError as exc:
+        warn(f"could not append the run to {log_path}: {exc.strerror or exc}")
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class Run:
+    attempts: list[dict[str, Any]]
+    total_ms: float
+    last: Outcome
+    reason: str | None
+    """Why it ended before ``maxRetries`` attempts with a failure, if it did."""
+
+
+def execute(
+    cron: str,
+    command: list[str],
+    log_path: Path,
+    params_path: Path,
+    context: dict[str, Any],
+    final_exits: frozenset[int] = frozenset(),
+) -> int:
+    """Run ``command`` as Level 1 would; returns the exit status to leave with."""
+    interrupted = Interrupted()
+    interrupted.install()
+    doc = read_params(params_path)
+    params, block = resolve(doc, cron)
+    assignment: Assignment | None = None
+    if block is not None and doc is not None:
+        arm = choose_arm(log_path, doc, str(block.id), block.split)
+        params, assignment = assign(params, block, arm)
+    run = _run(command, params, interrupted, final_exits)
+    result = None
+    if run.last.error is None:
+        out, err = run.last.stdout, run.last.stderr
+        result = {
+            "output": out.text(),
+            "stderr": err.text(),
+            "duration": round(run.last.duration_ms),
+        }
+        if out.truncated or err.truncated:
+            result["truncated"] = True
+    line = log_line(
+        cron,
+        context,
+        run.attempts,
+        run.total_ms,
+        time.time(),
+        params,
+        assignment,
+        result,
+        run.reason,
+    )
+    append_line(log_path, line)
+    if interrupted.signum is not None:
+        return 128 + interrupted.signum
+    return run.last.status
+
+
+def _run(
+    command: list[str], params: Params, interrupted: Interrupted, final_exits: frozenset[int]
+) -> Run:
+    """Up to ``maxRetries`` attempts, with the backoff between them."""
+    started = time.monotonic()
+    attempts: list[dict[str, Any]] = []
+    allowed = attempts_allowed(params)
+    for number in range(1, allowed + 1):
+        outcome = run_attempt(command, params.timeout, interrupted)
+        record: dict[str, Any] = {
+            "attempt": number,
+            "success": outcome.error is None,
+            "duration": round(outcome.duration_ms),
+        }
+        reason = None
+        if outcome.error is not None:
+            if interrupted.signum is not None:
+                name = signal.Signals(interrupted.signum).name
+                outcome.error = error_object(name, f"interrupted by {name}: {' '.join(command)}")
+                reason = f"interrupted by {name}"
+            elif not outcome.retryable or outcome.status in final_exits:
+                reason = "Non-retryable error"
+            record["error"] = outcome.error
+        attempts.append(record)
+        if outcome.error is None or reason is not None or number == allowed:
+            last_reason = reason if number < allowed or interrupted.signum else None
+            return Run(attempts, (time.monotonic() - started) * 1000, outcome, last_reason)
+        _sleep(backoff_ms(params, number) / 1000, interrupted)
+        if interrupted.signum is not None:
+            name = signal.Signals(interrupted.signum).name
+            return Run(
+                attempts, (time.monotonic() - started) * 1000, outcome, f"interrupted by {name}"
+            )
+    raise AssertionError("unreachable: the loop returns at its last attempt")
+
+
+def _sleep(seconds: float, interrupted: Interrupted) -> None:
+    """The backoff, cut short by a signal."""
+    deadline = time.monotonic() + seconds
+    while interrupted.signum is None and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
