@@ -105,10 +105,15 @@ def test_harm_check_stops_only_clear_harm() -> None:
 def test_power_before_starting() -> None:
     from tunerd.verdict import plan
 
-    busy = plan(0.12, runs_per_hour=12, verify_after=86400, split=0.5, settings=SETTINGS)
+    busy = plan(0.5, runs_per_hour=12, verify_after=86400, split=0.5, settings=SETTINGS)
     assert busy.period == 86400 and busy.runs_per_arm == 144 and busy.note == ""
-    assert busy.detectable is not None and 0.05 < busy.detectable < 0.12
+    assert busy.detectable is not None and 0.1 < busy.detectable < 0.25
     rare = plan(0.12, runs_per_hour=1 / 24, verify_after=86400, split=0.5, settings=SETTINGS)
     assert rare.period == 14 * 86400 and "may never be verified" in rare.note
-    hourly = plan(0.12, runs_per_hour=1, verify_after=86400, split=0.5, settings=SETTINGS)
+    hourly = plan(0.0, runs_per_hour=1, verify_after=86400, split=0.5, settings=SETTINGS)
     assert hourly.period == 80 * 3600 and "instead of 24 h" in hourly.note
+    # 12 % of failures at 12 runs an hour: a halving needs about 560 runs per arm, 4 days.
+    flaky = plan(0.12, runs_per_hour=12, verify_after=86400, split=0.5, settings=SETTINGS)
+    assert 540 <= flaky.runs_per_arm <= 580 and 90 * 3600 <= flaky.period <= 97 * 3600
+    assert "halved with 80 % power" in flaky.note
+    assert flaky.detectable is not None and flaky.detectable <= 0.06 + 1e-9

@@ -54,7 +54,18 @@ def _ratio(part: int, whole: int) -> float | None:
 def monthly_report(
     month: Month, changes: list[Change], experiments: list[Experiment], reviews: list[Review]
 ) -> dict[str, Any]:
-    start, end = month.bounds
+    return {"month": str(month), **period_report(*month.bounds, changes, experiments, reviews)}
+
+
+def period_report(
+    start: float,
+    end: float,
+    changes: list[Change],
+    experiments: list[Experiment],
+    reviews: list[Review],
+) -> dict[str, Any]:
+    """What happened from ``start`` to ``end``: the monthly report's body, and the simulator's
+    summary of a whole simulated run."""
 
     def within(at: float | None) -> bool:
         return at is not None and start <= at < end
@@ -67,7 +78,7 @@ def monthly_report(
         for c in automatic
         if c.old_value is None
         or c.new_value is None
-        or classify_change(c.param, c.old_value, c.new_value)[0] != "auto"
+        or classify_change(c.param, c.old_value, c.new_value, _rate_limited(c))[0] != "auto"
     ]
     by_action: dict[str, int] = {}
     for c in applied:
@@ -100,7 +111,6 @@ def monthly_report(
         if v["before"] and v["after"]
     ]
     return {
-        "month": str(month),
         "experiments_started": len(starts),
         "automatic": len(automatic),
         "approved_by_a_person": len(starts) - len(automatic),
@@ -127,6 +137,15 @@ def monthly_report(
             else None,
         },
     }
+
+
+def _rate_limited(change: Change) -> bool:
+    """Whether the change answered HTTP 429 (its wider safe range applies): its evidence says."""
+    try:
+        evidence = json.loads(change.evidence or "{}")
+        return bool(evidence.get("errors", {}).get("rate_limit"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def _rates(arm: dict[str, Any] | None) -> dict[str, Any] | None:

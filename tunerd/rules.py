@@ -25,7 +25,10 @@ class Thresholds:
     retry_rate: float = 0.10
     final_failure_rate: float = 0.01
     slow_fraction: float = 0.8
-    """slow_response: mean run duration above this fraction of the timeout."""
+    """slow_response: mean run duration above this fraction of the timeout..."""
+    timeout_share: float = 0.02
+    """...or more than this share of attempts timed out: the tail hits the timeout while the
+    mean stays well below it (a lognormal API with a few slow calls)."""
     timeout_factor: float = 1.5
     """Rule 2: the new timeout leaves this much room over the mean run."""
     tail_padding: float = 1.2
@@ -87,6 +90,7 @@ def detect_patterns(s: CronSummary, t: Thresholds = DEFAULT_THRESHOLDS) -> list[
             )
         )
     limit = s.params.timeout * t.slow_fraction
+    timed_out = s.timeout / s.attempts if s.attempts else 0.0
     if s.duration_mean is not None and s.duration_mean > limit:
         found.append(
             Pattern(
@@ -97,6 +101,16 @@ def detect_patterns(s: CronSummary, t: Thresholds = DEFAULT_THRESHOLDS) -> list[
                 f"{_pct(s.duration_mean / s.params.timeout)} of the"
                 f" {_ms(s.params.timeout)} timeout "
                 f"(threshold {_pct(t.slow_fraction)})",
+            )
+        )
+    elif s.duration_mean is not None and timed_out > t.timeout_share:
+        found.append(
+            Pattern(
+                "slow_response",
+                s.cron,
+                s.duration_mean,
+                f"{_pct(timed_out)} of {s.attempts} attempts timed out at"
+                f" {_ms(s.params.timeout)} (threshold {_pct(t.timeout_share)})",
             )
         )
     if s.rate_limit:

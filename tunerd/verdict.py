@@ -4,7 +4,13 @@
 to improve: the final-failure rate for ``maxRetries``, the share of runs with a timed-out attempt
 for ``timeout``, the share of runs with a retry answered by HTTP 429 again for ``backoffBase``.
 The *guardrails* hold for every change: the final-failure rate must not get worse, and runs must
-not get more than 5 % slower (the geometric mean of run durations, compared on log-durations).
+not get more than 5 % slower. "Slower" is measured on the time a run spends in its attempts (the
+geometric mean, compared on log-durations), not on its total with the backoff waits: a longer
+backoff or one more attempt lengthens the waits of the runs that retry by design, and holding
+that against the change would roll back every retry change that works (the simulator showed it:
+a backoff that cut repeated 429s by half was rolled back as "35 % slower"). A change that makes
+the work itself slower (a longer timeout that lets hung calls hang, retries that load the API)
+still breaks the guardrail. Lines without attempt durations fall back to ``totalDuration``.
 
 **Tests.** Proportions: Boschloo's exact test (uniformly more powerful than Fisher's) while the
 table is small, Fisher's exact test when it is large (Boschloo's cost grows with n1 x n2).
@@ -78,7 +84,19 @@ class Arm:
     timed_out: int = 0
     rate_limited_retry: int = 0
     log_durations: list[float] = field(default_factory=list)
+    """Log of each run's time in attempts (what the duration guardrail compares)."""
     duration_total: float = 0.0
+    """Sum of the runs' ``totalDuration`` (what ``duration_ms_mean`` reports)."""
+
+    def merge(self, other: Arm) -> None:
+        """Add the runs of ``other`` (another stretch of the same arm)."""
+        self.runs += other.runs
+        self.failures += other.failures
+        self.retried += other.retried
+        self.timed_out += other.timed_out
+        self.rate_limited_retry += other.rate_limited_retry
+        self.log_durations += other.log_durations
+        self.duration_total += other.duration_total
 
     def add(self, entry: Entry) -> None:
         self.runs += 1
@@ -98,7 +116,11 @@ class Arm:
         duration = entry.duration
         if duration is not None:
             self.duration_total += duration
-            self.log_durations.append(math.log(max(duration, 1.0)))
+        work = sum(a.duration for a in entry.attempts if a.duration is not None)
+        if not work and duration is not None:
+            work = duration
+        if work or duration is not None:
+            self.log_durations.append(math.log(max(work, 1.0)))
 
     def count(self, metric: str) -> int:
         return {
@@ -175,13 +197,20 @@ class Verdict:
 def proportion_test(
     metric: str, control: Arm, treatment: Arm, alternative: str, threshold: float, role: str
 ) -> TestResult:
-    """Is the treatment's rate lower (``"less"``) or higher (``"greater"``) than the control's?"""
+    """Is the treatment's rate lower (``"less"``) or higher (``"greater"``) than the control's?
+
+    When the rates point the other way (or not at all), the one-sided p-value is above one half
+    whichever exact test computes it, and no threshold is met: Fisher's, a hundred times cheaper
+    than Boschloo's, gives it (the hourly harm check mostly sees such tables)."""
     from scipy import stats
 
     c, t = control.count(metric), treatment.count(metric)
     table = [[t, treatment.runs - t], [c, control.runs - c]]
+    diff = treatment.rate(metric) - control.rate(metric)
+    towards = diff > 0 if alternative == "greater" else diff < 0
     if (
-        treatment.runs * control.runs <= BOSCHLOO_MAX_CELLS
+        towards
+        and treatment.runs * control.runs <= BOSCHLOO_MAX_CELLS
         and 0 < c + t < control.runs + treatment.runs
     ):
         name, p = (
@@ -190,7 +219,6 @@ def proportion_test(
         )
     else:
         name, p = "Fisher exact", float(stats.fisher_exact(table, alternative=alternative).pvalue)
-    diff = treatment.rate(metric) - control.rate(metric)
     ci = _newcombe(t, treatment.runs, c, control.runs)
     return TestResult(metric, name, p, diff, ci, threshold, role, p < threshold)
 
@@ -321,7 +349,8 @@ def judge(
 def _guard_words(test: TestResult, settings: VerdictSettings) -> str:
     if test.metric == "duration":
         return (
-            f"runs {((test.effect or 1) - 1):.0%} slower (more than {settings.duration_margin:.0%},"
+            f"runs {((test.effect or 1) - 1):.0%} slower in their attempts"
+            f" (more than {settings.duration_margin:.0%},"
             f" p = {test.p_value:.4f})"
         )
     return f"final failures up by {(test.effect or 0):.1%} (p = {test.p_value:.4f})"
@@ -402,6 +431,11 @@ class Plan:
     note: str
 
 
+EXPECTED_DROP: Final = 0.5
+"""The effect an experiment is planned to see: the primary rate halved (the seed's expectation
+for final failures, "-50 %"). Smaller effects may still be seen; this sets how long to look."""
+
+
 def plan(
     baseline: float,
     runs_per_hour: float,
@@ -411,27 +445,43 @@ def plan(
     max_period: float = 14 * 86400,
 ) -> Plan:
     """How long to verify, and what the experiment can detect (the canary tools' lesson: power
-    before starting). A cron that runs too rarely for ``min_runs`` per arm in ``verify_after``
-    gets a longer period, up to ``max_period``, and the note says so."""
+    before starting). The period is ``verify_after``, or longer, up to ``max_period``, when the
+    cron runs too rarely for ``min_runs`` per arm or for a halving of its primary rate
+    (``baseline``) to be seen with 80 % power at the first look; the note says so. The hourly
+    harm check guards the longer period."""
     rate = runs_per_hour / 3600 * min(split, 1 - split) if split < 1 else runs_per_hour / 3600
-    needed = 2 * settings.min_runs  # some margin over the minimum, so look 1 can decide
-    period = verify_after
-    note = ""
     if rate <= 0:
         return Plan(verify_after, 0, None, "the cron's run rate is unknown")
+    z = _power_z(settings)
+    needed = 2 * settings.min_runs  # some margin over the minimum, so look 1 can decide
+    why = f"{needed} runs per arm"
+    if 0 < baseline < 1:
+        effect = EXPECTED_DROP * baseline
+        for_effect = math.ceil(z * z * 2 * baseline * (1 - baseline) / effect**2)
+        if for_effect > needed:
+            needed = for_effect
+            why = f"about {needed} runs per arm to see its {baseline:.1%} halved with 80 % power"
+    period = verify_after
+    note = ""
     if rate * period < needed:
         period = min(max_period, needed / rate)
         note = (
-            f"this cron runs {runs_per_hour:.2g} times an hour: verification planned over"
-            f" {period / 3600:.0f} h instead of {verify_after / 3600:.0f} h"
+            f"this cron runs {runs_per_hour:.2g} times an hour and needs {why}: verification"
+            f" planned over {period / 3600:.0f} h instead of {verify_after / 3600:.0f} h"
         )
         if rate * period < settings.min_runs:
             note += f" (still under {settings.min_runs} runs per arm: it may never be verified)"
+        elif rate * period < needed:
+            note += " (even so, a halving may go unseen: the verdict may be inconclusive)"
     n = int(rate * period)
     detectable = None
     if n >= 2 and 0 < baseline < 1:
-        from statistics import NormalDist
-
-        z = NormalDist().inv_cdf(1 - settings.alpha_at(1)) + NormalDist().inv_cdf(0.8)
         detectable = min(baseline, z * math.sqrt(2 * baseline * (1 - baseline) / n))
     return Plan(period, n, detectable, note)
+
+
+def _power_z(settings: VerdictSettings) -> float:
+    """z for a one-sided test at the first look's alpha, plus z for 80 % power."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - settings.alpha_at(1)) + NormalDist().inv_cdf(0.8)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,8 +45,11 @@ def gather_arms(
     experiments: list[Experiment],
     now: float,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    skip_to: int = 0,
+    stop_at: int | None = None,
 ) -> dict[int, tuple[Arm, Arm]]:
-    """Each experiment's (control, treatment) runs, in one pass over the log."""
+    """Each experiment's (control, treatment) runs, in one pass over the log: the whole of it,
+    or the lines from byte ``skip_to`` up to byte ``stop_at`` (both line starts)."""
     arms = {e.id: (Arm(), Arm()) for e in experiments}
     by_cron: dict[str, list[Experiment]] = {}
     for e in experiments:
@@ -72,7 +76,10 @@ def gather_arms(
     reader = LogReader(max_line_bytes=max_line_bytes)
     try:
         with log_path.open("rb") as f:
-            while block := f.read(BLOCK):
+            f.seek(skip_to)
+            left = math.inf if stop_at is None else stop_at - skip_to
+            while left > 0 and (block := f.read(int(min(BLOCK, left)))):
+                left -= len(block)
                 take(reader.feed(block).entries)
     except OSError as exc:
         raise LogFileError(f"cannot read the log {log_path}: {exc.strerror or exc}") from exc
@@ -91,7 +98,20 @@ def settle(
     running = engine.store.experiments("running")
     if not running:
         return []
-    arms = gather_arms(log_path, running, now, max_line_bytes)
+    return settle_arms(
+        engine, running, gather_arms(log_path, running, now, max_line_bytes), now, settings
+    )
+
+
+def settle_arms(
+    engine: Engine,
+    running: list[Experiment],
+    arms: dict[int, tuple[Arm, Arm]],
+    now: float,
+    settings: VerdictSettings,
+) -> list[Settled]:
+    """``settle`` with each running experiment's arms already gathered (the simulator gathers
+    them hour by hour instead of reading the log again)."""
     out = []
     for experiment in running:
         control, treatment = arms[experiment.id]

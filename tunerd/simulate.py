@@ -1,0 +1,466 @@
+"""``tunerd simulate``: the whole loop against simulated crons on a virtual clock.
+
+Nothing here decides anything: the weekly cycle is ``run_cycle``, verifications and hourly harm
+checks are ``settle``, changes go through the engine into a real params file (or, with
+``ab = false``, real wrapper scripts: sequential experiments) and a real SQLite store, all in a
+scratch directory. Only the crons and the clock are simulated: each run reads its parameters from
+the target as Level 1 would (``level1``: the same code as ``tunerd exec``), is played out by
+``scenario.simulate_run`` and appended to a real log. So a verdict in the simulator is the
+verdict the daemon would give on the same log, and weeks take seconds.
+
+Timers fire as the daemon's do: the weekly cycle on ``schedule`` (in UTC unless the scenario
+sets ``timezone``), each experiment's verification at its time, a harm check every hour.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Final
+
+from tunerd.level1 import Arm, assign, log_line, next_arm, resolve
+from tunerd.notify import Notification
+from tunerd.params import TUNABLE, Params, ParamsFileError, parse_params_file
+from tunerd.scenario import CronSpec, Scenario, ScenarioError, simulate_run
+from tunerd.timeparse import parse_duration
+
+WEEK: Final = 7 * 86400.0
+HOUR: Final = 3600.0
+_GOLDEN: Final = (math.sqrt(5) - 1) / 2
+FIXED_SETTINGS: Final = frozenset(
+    {"log_path", "state_dir", "params_file", "scripts", "discord", "max_line_bytes"}
+)
+"""Keys a scenario may not set: the simulation owns its files and never notifies anyone."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One line of the timeline."""
+
+    at: float
+    kind: str
+    """cycle | noticed | experiment_started | review_requested | refused | extend | commit |
+    rollback | harm_stop | advisory"""
+    cron: str | None
+    text: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"at": iso(self.at), "kind": self.kind, "cron": self.cron, "text": self.text}
+
+
+class Timeline:
+    """The notifier of a simulation: what would have gone to Discord, at its virtual time."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.events: list[Event] = []
+
+    def send(self, notification: Notification) -> None:
+        text = " — ".join([notification.title, *notification.lines[:1]])
+        self.events.append(Event(self.clock(), notification.kind, notification.cron, text))
+
+    def note(self, kind: str, cron: str | None, text: str) -> None:
+        self.events.append(Event(self.clock(), kind, cron, text))
+
+    def flush(self, budget: float = 10.0, retry_now: bool = False) -> int:
+        return 0
+
+
+@dataclass(slots=True)
+class Tally:
+    """Runs ended in one week (of one cron, or of all)."""
+
+    runs: int = 0
+    failures: int = 0
+    retried: int = 0
+    duration_ms: float = 0.0
+
+    def add(self, line: dict[str, Any]) -> None:
+        self.runs += 1
+        self.failures += line["type"] != "success"
+        self.retried += len(line["attempts"]) > 1
+        self.duration_ms += line["totalDuration"]
+
+    def as_json(self) -> dict[str, Any]:
+        n = self.runs
+        return {
+            "runs": n,
+            "final_failure_rate": round(self.failures / n, 6) if n else None,
+            "retry_rate": round(self.retried / n, 6) if n else None,
+            "mean_duration_ms": round(self.duration_ms / n, 1) if n else None,
+        }
+
+
+@dataclass(slots=True)
+class SimulatedCron:
+    spec: CronSpec
+    index: int
+    script: Path | None
+    runs: int = 0
+    weeks: list[Tally] = field(default_factory=list)
+
+
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _epoch(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ScenarioError(f"start: {text!r} is not an ISO 8601 time") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+SCRIPT: Final = """// {name}: a wrapper script of the simulation (sequential experiments)
+const CONFIG = {{
+  MAX_RETRIES: {maxRetries},
+  BACKOFF: 'exponential',
+  BASE_DELAY: {backoffBase},
+}};
+exec(command, {{ timeout: {timeout}, maxBuffer: 10 * 1024 * 1024 }});
+"""
+
+
+class Simulation:
+    """One scenario played out in ``workdir`` (a directory of its own, kept or thrown away)."""
+
+    def __init__(self, scenario: Scenario, workdir: Path) -> None:
+        from tunerd.config import Settings
+        from tunerd.cycle import build_engine
+        from tunerd.store import Store
+
+        self.scenario = scenario
+        self.start = _epoch(scenario.start)
+        self.end = self.start + scenario.weeks * WEEK
+        self.now = self.start
+        self.timeline = Timeline(lambda: self.now)
+        self.crons = [
+            SimulatedCron(
+                spec,
+                i,
+                None if scenario.ab else workdir / f"cron-{i}.js",  # never named by the cron
+                weeks=[Tally() for _ in range(scenario.weeks)],
+            )
+            for i, spec in enumerate(scenario.cron)
+        ]
+        self.weeks = [Tally() for _ in range(scenario.weeks)]
+        bad = FIXED_SETTINGS & scenario.settings.keys()
+        if bad:
+            raise ScenarioError(f"settings: {', '.join(sorted(bad))} cannot be set by a scenario")
+        unknown = scenario.settings.keys() - Settings.model_fields.keys()
+        if unknown:
+            raise ScenarioError(f"settings: unknown key(s) {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {"timezone": "UTC", **scenario.settings}
+        values.update(
+            log_path=workdir / "auto-retry.jsonl",
+            state_dir=workdir / "state",
+            params_file=workdir / "params.json",
+            scripts=[{"cron": c.spec.name, "path": c.script} for c in self.crons if c.script],
+        )
+        from pydantic import ValidationError
+
+        try:
+            self.settings = Settings.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ScenarioError(f"settings: {problems}") from None
+        self._write_targets(workdir)
+        self.engine = build_engine(self.settings, self.timeline, Store(self.settings.state_dir))
+        self.arms: dict[str, list[str]] = {}
+        self.arm_rngs: dict[str, random.Random] = {}
+        self._params: dict[int, tuple[Params, Any]] = {}
+        self.marks: list[tuple[float, int]] = [(self.start, 0)]
+        """(time, log size then): every line after that offset ended after that time."""
+        self._stretches: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+    def _write_targets(self, workdir: Path) -> None:
+        for c in self.crons:
+            if c.script is not None:
+                values = msgspec_dict(c.spec.params)
+                c.script.write_text(SCRIPT.format(name=f"cron {c.index}", **values))
+        if self.scenario.ab:
+            document = {
+                "defaults": {},
+                "crons": {c.spec.name: msgspec_dict(c.spec.params) for c in self.crons},
+                "experiments": {},
+            }
+            self.settings.params_file.write_text(json.dumps(document, ensure_ascii=False))
+        (workdir / "tunerd.toml").write_text(
+            f"log_path = {json.dumps(str(self.settings.log_path))}\n"
+            f"state_dir = {json.dumps(str(self.settings.state_dir))}\n"
+            f"params_file = {json.dumps(str(self.settings.params_file))}\n"
+        )
+
+    # --- Level 1 ------------------------------------------------------------------------------
+
+    def _level1_params(self, c: SimulatedCron) -> tuple[Params, Any]:
+        """What Level 1 reads before a run (cached until tunerd next acts)."""
+        cached = self._params.get(c.index)
+        if cached is None:
+            from tunerd.targets import ScriptTarget, read_target
+
+            if c.script is not None:
+                target = ScriptTarget(c.script, c.spec.name)
+                cached = (target.params_for(read_target(c.script), c.spec.name), None)
+            else:
+                try:
+                    doc = parse_params_file(self.settings.params_file.read_bytes())
+                except (OSError, ParamsFileError):
+                    doc = None
+                cached = resolve(doc, c.spec.name)
+            self._params[c.index] = cached
+        return cached
+
+    def _run(self, c: SimulatedCron, at: float) -> tuple[float, dict[str, Any]]:
+        params, block = self._level1_params(c)
+        assignment = None
+        if block is not None:
+            experiment = str(block.id)
+            rng = self.arm_rngs.get(experiment)
+            if rng is None:  # one stream per experiment: its arms do not depend on the others
+                rng = self.arm_rngs[experiment] = random.Random(
+                    f"{self.scenario.seed}:arms:{experiment}"
+                )
+            arm: Arm = next_arm(self.arms, experiment, block.split, rng)
+            params, assignment = assign(params, block, arm)
+        luck = random.Random(f"{self.scenario.seed}:{c.index}:{c.runs}")
+        c.runs += 1
+        run = simulate_run(c.spec, params, luck)
+        ended = at + run.total_ms / 1000
+        result = {"output": "ok\n", "stderr": ""} if run.attempts[-1]["success"] else None
+        line = log_line(
+            c.spec.name, {}, run.attempts, run.total_ms, ended, params, assignment, result
+        )
+        return ended, line
+
+    def _next_run(self, c: SimulatedCron, after: float) -> float:
+        spec = c.spec
+        if spec.every is not None:
+            period = parse_duration(spec.every).total_seconds()
+            if after < self.start:  # the first run: crons spread over their period
+                return self.start + 60 * int(period * ((c.index + 1) * _GOLDEN % 1) // 60)
+            return after + period
+        from tunerd.schedule import cron_trigger
+
+        trigger = cron_trigger(spec.schedule or "", UTC)
+        fire = trigger.get_next_fire_time(None, datetime.fromtimestamp(after + 1e-3, UTC))
+        return fire.timestamp() if fire else math.inf
+
+    # --- the clock ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        from zoneinfo import ZoneInfo
+
+        from tunerd.cycle import run_cycle
+        from tunerd.schedule import cron_trigger
+
+        weekly = cron_trigger(self.settings.schedule, ZoneInfo(self.settings.timezone or "UTC"))
+
+        def next_cycle(after: float) -> float:
+            fire = weekly.get_next_fire_time(None, datetime.fromtimestamp(after + 1e-3, UTC))
+            return fire.timestamp() if fire else math.inf
+
+        runs = [(self._next_run(c, -math.inf), c.index) for c in self.crons]
+        heapq.heapify(runs)
+        ended: list[tuple[float, int, str]] = []  # lines of runs still going, by end time
+        sequence = 0
+        cycle_at, hour_at = next_cycle(self.start), self.start + HOUR
+        with self.settings.log_path.open("a", encoding="utf-8") as log:
+            while True:
+                verify_at = self._next_verification()
+                at = min(cycle_at, hour_at, verify_at, self.end)
+                while runs and runs[0][0] < at:
+                    start, index = heapq.heappop(runs)
+                    c = self.crons[index]
+                    end, line = self._run(c, start)
+                    heapq.heappush(ended, (end, sequence, json.dumps(line, ensure_ascii=False)))
+                    sequence += 1
+                    heapq.heappush(runs, (self._next_run(c, start), index))
+                self._write_ended(log, ended, at)
+                self.now = at
+                if at >= self.end:
+                    break
+                if at == cycle_at:
+                    mark = len(self.timeline.events)
+                    self._note_cycle(run_cycle(self.settings, self.engine, at), mark)
+                    cycle_at = next_cycle(at)
+                else:
+                    self._settle(at)
+                if at == hour_at:
+                    hour_at += HOUR
+                self._params.clear()  # tunerd may have written a target: Level 1 reads anew
+        return self.result()
+
+    def _next_verification(self) -> float:
+        due = [e.verify_at for e in self.engine.store.experiments("running")]
+        later = [at for at in due if at > self.now]
+        return min(later, default=math.inf)
+
+    def _write_ended(self, log: IO[str], ended: list[tuple[float, int, str]], until: float) -> None:
+        while ended and ended[0][0] <= until:
+            end, _, text = heapq.heappop(ended)
+            if end >= self.end:
+                continue
+            week = int((end - self.start) // WEEK)
+            line = json.loads(text)
+            self.weeks[week].add(line)
+            cron = next(c for c in self.crons if c.spec.name == line["context"]["cron"])
+            cron.weeks[week].add(line)
+            log.write(text + "\n")
+        log.flush()
+        self.marks.append((until, log.tell()))
+
+    def _settle(self, at: float) -> None:
+        """The verification and hourly harm check, as ``settle`` does them in the daemon."""
+        from tunerd.verification import gather_arms, settle_arms, window_of
+
+        engine = self.engine
+        running = engine.store.experiments("running")
+        if not running:
+            return
+        arms = {e.id: self._ab_arms(e) for e in running if e.mode == "ab"}
+        sequential = [e for e in running if e.mode != "ab"]
+        if sequential:
+            # Its control period reaches back as time goes on: read from before it began.
+            earliest = min(window_of(e, at)[0] for e in sequential)
+            index = bisect.bisect_left(self.marks, (earliest, -1)) - 1
+            arms |= gather_arms(
+                self.settings.log_path,
+                sequential,
+                at,
+                self.settings.max_line_bytes,
+                skip_to=self.marks[max(index, 0)][1],
+            )
+        with engine.exclusive():
+            settle_arms(engine, running, arms, at, self.settings.verdict_settings())
+
+    def _ab_arms(self, experiment: Any) -> tuple[Any, Any]:
+        """An A/B experiment's arms: every line since it started, gathered stretch by stretch
+        between the clock's marks (a stretch once gathered never changes: its lines all ended
+        before now). The same arms ``gather_arms`` finds reading the whole log, without reading
+        days of it again every hour."""
+        from tunerd.verdict import Arm
+        from tunerd.verification import gather_arms
+
+        first = max(bisect.bisect_left(self.marks, (experiment.started_at, -1)) - 1, 0)
+        control, treatment = Arm(), Arm()
+        for i in range(first, len(self.marks) - 1):
+            key = (experiment.id, i)
+            stretch = self._stretches.get(key)
+            if stretch is None:
+                (_, begin), (until, end) = self.marks[i], self.marks[i + 1]
+                stretch = gather_arms(
+                    self.settings.log_path,
+                    [experiment],
+                    until,
+                    self.settings.max_line_bytes,
+                    skip_to=begin,
+                    stop_at=end,
+                )[experiment.id]
+                self._stretches[key] = stretch
+            control.merge(stretch[0])
+            treatment.merge(stretch[1])
+        return control, treatment
+
+    def _note_cycle(self, report: Any, mark: int) -> None:
+        """What the cycle looked at, before what it did (its notifications, from ``mark`` on)."""
+        noticed = [
+            Event(self.now, "noticed", p.cron, f"{p.type.replace('_', ' ')}: {p.detail}")
+            for p in report.analysis.patterns
+        ]
+        summary = Event(
+            self.now,
+            "cycle",
+            None,
+            f"weekly cycle: {report.analysis.totals.cron_entries:,} runs analysed,"
+            f" {len(report.analysis.patterns)} patterns, {len(report.outcomes)} actions",
+        )
+        self.timeline.events[mark:mark] = [summary, *noticed]
+
+    # --- the result ---------------------------------------------------------------------------
+
+    def result(self) -> dict[str, Any]:
+        from tunerd.monthly import period_report
+
+        store = self.engine.store
+        experiments = store.experiments()
+        changes = [
+            {
+                "cron": e.cron,
+                "param": e.param,
+                "from": e.control,
+                "to": e.treatment,
+                "verdict": _VERDICTS.get(e.state, e.state),
+                "at": iso(e.started_at),
+                "decided_at": iso(e.ended_at) if e.ended_at is not None else None,
+                "mode": e.mode,
+                "reason": json.loads(e.verdict).get("reason", e.reason) if e.verdict else e.reason,
+            }
+            for e in experiments
+        ]
+        summary = period_report(self.start, self.end, store.changes(), experiments, store.reviews())
+        final = {}
+        for c in self.crons:
+            params = self.engine.current_params(c.spec.name)
+            final[c.spec.name] = {name: params.get(name) for name in TUNABLE}
+        return {
+            "scenario": self.scenario.name,
+            "seed": self.scenario.seed,
+            "ab": self.scenario.ab,
+            "start": iso(self.start),
+            "end": iso(self.end),
+            "changes": changes,
+            "reviews": [
+                {
+                    "id": r.id,
+                    "cron": r.cron,
+                    "param": r.param,
+                    "current": r.current,
+                    "proposed": r.proposed,
+                    "reason": r.reason,
+                    "state": r.state,
+                }
+                for r in store.reviews()
+            ],
+            "final_params": final,
+            "weeks": [{"week": i + 1, **w.as_json()} for i, w in enumerate(self.weeks)],
+            "crons": {
+                c.spec.name: {
+                    "first_week": c.weeks[0].as_json(),
+                    "last_week": c.weeks[-1].as_json(),
+                }
+                for c in self.crons
+            },
+            "metrics": summary["metrics"],
+            "timeline": [e.as_json() for e in self.timeline.events],
+        }
+
+    def close(self) -> None:
+        self.engine.store.close()
+
+
+_VERDICTS: Final = {"committed": "commit", "rolled_back": "rollback", "aborted": "rollback"}
+
+
+def msgspec_dict(params: Any) -> dict[str, int]:
+    import msgspec
+
+    return {k: int(v) for k, v in msgspec.structs.asdict(params).items()}
+
+
+def simulate(scenario: Scenario, workdir: Path) -> dict[str, Any]:
+    simulation = Simulation(scenario, workdir)
+    try:
+        return simulation.run()
+    finally:
+        simulation.close()
