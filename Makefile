@@ -12,17 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The demo: analyse the example log, then run one tuning cycle on a scratch copy of the params
-# file and state (.demo/, made anew each time) and show what tunerd did.
-DEMO := .demo
+# The demo: the whole loop on a fresh machine. tunerd's real cycle, experiments and verdicts
+# against the simulated crons of a bundled scenario, six weeks on a virtual clock.
 demo: $(STAMP)
-	$(BIN)/tunerd analyze deploy/example/auto-retry.jsonl --params deploy/example/params.json
-	rm -rf $(DEMO) && mkdir -p $(DEMO) && cp deploy/example/params.json $(DEMO)/params.json
-	printf 'log_path = "%s"\nstate_dir = "%s"\nparams_file = "%s"\nwindow = "3650d"\n' \
-		"$(CURDIR)/deploy/example/auto-retry.jsonl" "$(CURDIR)/$(DEMO)/state" \
-		"$(CURDIR)/$(DEMO)/params.json" > $(DEMO)/tunerd.toml
-	$(BIN)/tunerd cycle --config $(DEMO)/tunerd.toml
-	$(BIN)/tunerd status --config $(DEMO)/tunerd.toml
+	$(BIN)/tunerd simulate deploy/scenarios/demo.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check tunerd tests bench
@@ -35,4 +28,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/analyze_bench.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) build *.egg-info .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -135,6 +135,35 @@ def build_parser() -> argparse.ArgumentParser:
     run_.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="after --")
     run_.set_defaults(run=cmd_exec)
 
+    sim = commands.add_parser(
+        "simulate",
+        help="the whole loop against simulated crons, weeks in seconds",
+        description="Run tunerd's real policy, experiments and verdicts on a virtual clock "
+        "against the simulated crons of SCENARIO (a TOML file, SPEC section 7), or against "
+        "crons fitted to a real log with --from-log: what would tunerd do over the next weeks?",
+    )
+    sim.add_argument("scenario", nargs="?", metavar="SCENARIO", help="the scenario (TOML)")
+    sim.add_argument("--from-log", metavar="LOG", help="fit the scenario to a real log instead")
+    sim.add_argument("--weeks", type=int, metavar="N", help="simulated weeks (default: scenario)")
+    sim.add_argument("--seed", type=int, metavar="N", help="random seed (default: scenario)")
+    sim.add_argument(
+        "--params",
+        metavar="F",
+        help="with --from-log: the params file for the crons' current parameters",
+    )
+    sim.add_argument(
+        "--save-scenario", metavar="F", help="with --from-log: write the fitted scenario (TOML)"
+    )
+    sim.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="keep the simulation's log, params file and state here (a new directory)",
+    )
+    sim.add_argument("--verbose", action="store_true", help="every advisory, every week")
+    sim.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    sim.add_argument("--config", metavar="F", help="configuration file (TOML)")
+    sim.set_defaults(run=cmd_simulate)
+
     command("run", cmd_run, "the daemon: follow the log, tune weekly, verify, notify", False)
     command("cycle", cmd_cycle, "run a tuning cycle now: analyse, decide, apply, queue, notify")
     command("status", cmd_status, "parameters in force, experiments, pending approvals")
@@ -751,6 +780,85 @@ def cmd_exec(args: argparse.Namespace) -> int:
     log_path = Path(args.log).expanduser() if args.log else settings.log_path
     params = Path(args.params).expanduser() if args.params else settings.params_file
     return execute(args.cron, command, log_path, params, context, final)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from tunerd.scenario import ScenarioError, dump_scenario, parse_scenario
+    from tunerd.simulate import simulate, timeline_text
+
+    if (args.scenario is None) == (args.from_log is None):
+        raise CommandError("give a SCENARIO file or --from-log LOG (one of them)", USAGE_ERROR)
+    try:
+        if args.from_log is not None:
+            scenario = _fitted_scenario(args)
+        else:
+            path = Path(args.scenario)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CommandError(f"cannot read scenario {path}: {exc}", USAGE_ERROR) from None
+            scenario = parse_scenario(text, path.stem)
+        changes: dict[str, Any] = {}
+        if args.weeks is not None:
+            if not 1 <= args.weeks <= 104:
+                raise CommandError("--weeks: from 1 to 104", USAGE_ERROR)
+            changes["weeks"] = args.weeks
+        if args.seed is not None:
+            changes["seed"] = args.seed
+        scenario = msgspec.structs.replace(scenario, **changes)
+        if args.save_scenario:
+            Path(args.save_scenario).write_text(dump_scenario(scenario), encoding="utf-8")
+        if args.workdir:
+            workdir = Path(args.workdir)
+            try:
+                workdir.mkdir(parents=True)
+            except FileExistsError:
+                raise CommandError(
+                    f"--workdir {workdir} exists: give a new one", USAGE_ERROR
+                ) from None
+            result = simulate(scenario, workdir)
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="tunerd-simulate-") as scratch:
+                result = simulate(scenario, Path(scratch))
+    except ScenarioError as exc:
+        raise CommandError(f"scenario: {exc}", USAGE_ERROR) from None
+    return _emit(args, result, timeline_text(result, args.verbose))
+
+
+def _fitted_scenario(args: argparse.Namespace) -> Any:
+    """``--from-log``: the log read whole, each cron fitted, with its parameters in force."""
+    from tunerd.configfile import is_configured
+    from tunerd.fit import fit_scenario
+    from tunerd.logfile import LogFileError, ReadOptions, read_log
+    from tunerd.params import Params
+
+    log = Path(args.from_log)
+    params_file = None
+    if args.params is not None:
+        params_file = _read_params_file(Path(args.params), named=True)
+    elif args.config or is_configured(args.config):
+        params_file = _read_params_file(_settings(args.config).params_file, named=False)
+
+    def params_for(cron: str, logged: dict[str, Any] | None) -> Params:
+        if params_file is not None:
+            return params_file.params_for(cron)
+        return Params().with_overrides(logged)
+
+    try:
+        stats = read_log(log, ReadOptions(read_at=time.time()))
+    except LogFileError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        scenario, skipped = fit_scenario(stats, params_for, args.weeks or 4, f"from {log.name}")
+    except ValueError as exc:
+        raise CommandError(f"{log}: {exc}") from None
+    for note in skipped:
+        print(f"tunerd: not simulated: {note}", file=sys.stderr)
+    return scenario
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ import heapq
 import json
 import math
 import random
+import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -174,6 +176,7 @@ class Simulation:
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
             )
             raise ScenarioError(f"settings: {problems}") from None
+        workdir.mkdir(parents=True, exist_ok=True)
         self._write_targets(workdir)
         self.engine = build_engine(self.settings, self.timeline, Store(self.settings.state_dir))
         self.arms: dict[str, list[str]] = {}
@@ -187,18 +190,19 @@ class Simulation:
         for c in self.crons:
             if c.script is not None:
                 values = msgspec_dict(c.spec.params)
-                c.script.write_text(SCRIPT.format(name=f"cron {c.index}", **values))
+                c.script.write_text(SCRIPT.format(name=f"cron {c.index}", **values), "utf-8")
         if self.scenario.ab:
             document = {
                 "defaults": {},
                 "crons": {c.spec.name: msgspec_dict(c.spec.params) for c in self.crons},
                 "experiments": {},
             }
-            self.settings.params_file.write_text(json.dumps(document, ensure_ascii=False))
+            self.settings.params_file.write_text(json.dumps(document, ensure_ascii=False), "utf-8")
         (workdir / "tunerd.toml").write_text(
             f"log_path = {json.dumps(str(self.settings.log_path))}\n"
             f"state_dir = {json.dumps(str(self.settings.state_dir))}\n"
-            f"params_file = {json.dumps(str(self.settings.params_file))}\n"
+            f"params_file = {json.dumps(str(self.settings.params_file))}\n",
+            "utf-8",
         )
 
     # --- Level 1 ------------------------------------------------------------------------------
@@ -253,6 +257,7 @@ class Simulation:
         from tunerd.schedule import cron_trigger
 
         trigger = cron_trigger(spec.schedule or "", UTC)
+        after = max(after, self.start - 1)
         fire = trigger.get_next_fire_time(None, datetime.fromtimestamp(after + 1e-3, UTC))
         return fire.timestamp() if fire else math.inf
 
@@ -378,12 +383,15 @@ class Simulation:
             Event(self.now, "noticed", p.cron, f"{p.type.replace('_', ' ')}: {p.detail}")
             for p in report.analysis.patterns
         ]
+        results = Counter(o.result for o in report.outcomes)
+        held = f", {results['held']} held (an experiment runs)" if results["held"] else ""
         summary = Event(
             self.now,
             "cycle",
             None,
             f"weekly cycle: {report.analysis.totals.cron_entries:,} runs analysed,"
-            f" {len(report.analysis.patterns)} patterns, {len(report.outcomes)} actions",
+            f" {len(report.analysis.patterns)} patterns, {results['started']} changes tried"
+            f"{held}",
         )
         self.timeline.events[mark:mark] = [summary, *noticed]
 
@@ -464,3 +472,100 @@ def simulate(scenario: Scenario, workdir: Path) -> dict[str, Any]:
         return simulation.run()
     finally:
         simulation.close()
+
+
+TEXT_COLUMNS: Final = 160
+"""A timeline event's text is cut here unless ``--verbose`` (reasons carry every number)."""
+_DIGITS: Final = re.compile(r"\d[\d,.]*")
+_LABELS: Final = {
+    "cycle": "cycle",
+    "noticed": "noticed",
+    "experiment_started": "tried",
+    "review_requested": "needs a human",
+    "refused": "refused",
+    "extend": "extended",
+    "commit": "committed",
+    "rollback": "rolled back",
+    "harm_stop": "harm stop",
+    "advisory": "advisory",
+}
+
+
+def timeline_text(result: dict[str, Any], verbose: bool = False) -> str:
+    """The simulation for a person: what tunerd noticed, tried and decided, week by week, and
+    the rates before and after. Advisories repeat every week: shown once unless ``verbose``."""
+    from tunerd.report import fit, safe_text, width
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2%}"
+
+    mode = "A/B experiments" if result["ab"] else "sequential experiments"
+    lines = [
+        f"tunerd simulate {safe_text(result['scenario'])}: {len(result['weeks'])} weeks from"
+        f" {result['start'][:10]} (seed {result['seed']}, {mode}),"
+        f" {len(result['final_params'])} crons",
+        "",
+    ]
+    said: set[str] = set()
+    noticed_before: set[str] = set()
+    noticed_now: set[str] = set()
+    last_time = ""
+    for event in result["timeline"]:
+        text = safe_text(event["text"])
+        if event["kind"] == "cycle":
+            noticed_before, noticed_now = noticed_now, set()
+        if not verbose:
+            # The same advisory every week, the same pattern every cycle: said when it is new.
+            key = f"{event['kind']}|{event['cron']}|{_DIGITS.sub('#', text.split(':')[0])}"
+            if event["kind"] == "noticed":
+                noticed_now.add(key)
+                if key in noticed_before:
+                    continue
+            elif event["kind"] == "advisory":
+                if key in said:
+                    continue
+                said.add(key)
+            if len(text) > TEXT_COLUMNS:
+                text = text[: TEXT_COLUMNS - 1] + "…"
+        when = event["at"][:16].replace("T", " ")
+        shown = when if when != last_time else ""
+        last_time = when
+        who = f"{safe_text(event['cron'])}: " if event["cron"] else ""
+        label = _LABELS.get(event["kind"], event["kind"])
+        lines.append(f"{shown:<16}  {label:<13} {who}{text}")
+    lines += ["", "Week by week, all crons:", " week     runs  final failures  retries  mean run"]
+    for w in result["weeks"]:
+        mean = "n/a" if w["mean_duration_ms"] is None else f"{w['mean_duration_ms']:,.0f} ms"
+        lines.append(
+            f" {w['week']:>4} {w['runs']:>8,}  {pct(w['final_failure_rate']):>14}"
+            f"  {pct(w['retry_rate']):>7}  {mean:>8}"
+        )
+    lines += ["", "Per cron, first week → last week (final failures; retries) and parameters:"]
+    column = max(width(safe_text(name)) for name in result["final_params"]) + 4
+    for name, weeks in result["crons"].items():
+        first, last = weeks["first_week"], weeks["last_week"]
+        kept: dict[str, list[int]] = {}
+        for c in result["changes"]:
+            if c["cron"] == name and c["verdict"] == "commit":
+                kept.setdefault(c["param"], [c["from"], c["to"]])[1] = c["to"]
+        moved = [f"{param} {old} → {new}" for param, (old, new) in kept.items()]
+        lines.append(
+            f"  {fit(safe_text(name), column)}"
+            f"{pct(first['final_failure_rate'])} → {pct(last['final_failure_rate'])};"
+            f" {pct(first['retry_rate'])} → {pct(last['retry_rate'])};"
+            f" {', '.join(moved) if moved else 'unchanged'}"
+        )
+    verdicts = Counter(c["verdict"] for c in result["changes"])
+    m = result["metrics"]
+    weeks = result["weeks"]
+    lines += [
+        "",
+        f"Changes tried: {len(result['changes'])} ({verdicts['commit']} committed,"
+        f" {verdicts['rollback']} rolled back, {verdicts['running']} still running at the end);"
+        f" reviews for a person: {len(result['reviews'])}",
+        f"Rollback ratio: {pct(m['rollback_ratio'])} (the seed's goal: under 10%);"
+        f" safety: {m['safety_record']}",
+        f"Final failures, first week → last week: {pct(weeks[0]['final_failure_rate'])}"
+        f" → {pct(weeks[-1]['final_failure_rate'])}",
+    ]
+    return "\n".join(lines)

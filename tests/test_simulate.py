@@ -1,0 +1,183 @@
+"""`tunerd simulate`: the real cycle, experiments and verdicts on a virtual clock, with fixed
+seeds. The bundled demo must tune what can be tuned, roll back what cannot help, leave the
+healthy cron alone, and never change anything automatically outside the safe range."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tunerd.params import SPECS
+from tunerd.scenario import ScenarioError, dump_scenario, parse_scenario, simulate_run
+from tunerd.simulate import simulate
+
+from .conftest import ROOT
+
+DEMO = ROOT / "deploy" / "scenarios" / "demo.toml"
+
+
+def run(text: str, tmp: Path, name: str = "test") -> dict[str, Any]:
+    return simulate(parse_scenario(text, name), tmp)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run(DEMO.read_text(), tmp_path_factory.mktemp("demo"), "demo")
+
+
+def inside_safe_range(change: dict[str, Any]) -> bool:
+    spec = SPECS[change["param"]]
+    low, high = (
+        spec.safe_when_rate_limited or spec.safe if change["param"] == "backoffBase" else spec.safe
+    )
+    return change["to"] > change["from"] and low <= change["to"] <= high
+
+
+def test_the_demo_tunes_what_it_can_and_stays_safe(demo: dict[str, Any]) -> None:
+    changes = demo["changes"]
+    assert changes and all(inside_safe_range(c) for c in changes)
+    assert demo["metrics"]["automatic_changes_outside_safe_range"] == 0
+    committed = {(c["cron"], c["param"]) for c in changes if c["verdict"] == "commit"}
+    assert ("TQQQ 5분 모니터링", "maxRetries") in committed  # the flaky one
+    assert ("GitHub 감시", "timeout") in committed  # the slow one
+    assert any(cron == "market briefing" for cron, _ in committed)  # the rate-limited one
+    rolled_back = [c for c in changes if c["verdict"] == "rollback"]
+    assert any(c["cron"] == "news quota" for c in rolled_back)  # slowing down cannot help it
+    assert demo["final_params"]["healthy backup check"] == {
+        "maxRetries": 3,
+        "timeout": 15000,
+        "backoffBase": 1000,
+    }
+    assert not [c for c in changes if c["cron"] == "healthy backup check"]
+    weeks = demo["weeks"]
+    assert len(weeks) == 6 and all(w["runs"] > 4000 for w in weeks)
+    assert weeks[-1]["final_failure_rate"] < 0.5 * weeks[0]["final_failure_rate"]
+    ratio = demo["metrics"]["rollback_ratio"]
+    decided = [c for c in changes if c["verdict"] in ("commit", "rollback")]
+    assert ratio == pytest.approx(len(rolled_back) / len(decided), abs=1e-4)
+
+
+def test_the_timeline_says_what_was_noticed_tried_and_decided(demo: dict[str, Any]) -> None:
+    kinds = [e["kind"] for e in demo["timeline"]]
+    for kind in ("cycle", "noticed", "experiment_started", "commit", "rollback"):
+        assert kind in kinds
+    first_cycle = kinds.index("cycle")
+    assert demo["timeline"][first_cycle]["at"] == "2026-01-11T23:00:00Z"  # Sunday 23:00
+
+
+def test_same_seed_same_result_and_another_seed_differs(tmp_path: Path) -> None:
+    text = DEMO.read_text().replace("weeks = 6", "weeks = 2")
+    one = run(text, tmp_path / "a")
+    two = run(text, tmp_path / "b")
+    assert one == two
+    other = run(text.replace("seed = 1", "seed = 2"), tmp_path / "c")
+    assert other["weeks"] != one["weeks"]
+
+
+SEQUENTIAL = """
+weeks = 3
+seed = 4
+ab = false
+[[cron]]
+name = "flaky"
+every = "5m"
+latency_ms = { median = 1000, sigma = 0.2 }
+fail_p = 0.45
+"""
+
+
+def test_sequential_experiments_through_wrapper_scripts(tmp_path: Path) -> None:
+    result = run(SEQUENTIAL, tmp_path)
+    changes = result["changes"]
+    assert changes and all(c["mode"] == "sequential" for c in changes)
+    assert all(inside_safe_range(c) for c in changes)
+    assert any(c["verdict"] == "commit" for c in changes)
+    script = (tmp_path / "cron-0.js").read_text()  # named by position, never by the cron
+    assert f"MAX_RETRIES: {result['final_params']['flaky']['maxRetries']}," in script
+    assert result["weeks"][-1]["final_failure_rate"] < result["weeks"][0]["final_failure_rate"]
+
+
+def test_a_run_follows_the_order_of_the_spec() -> None:
+    import random
+
+    from tunerd.params import Params
+
+    spec = parse_scenario(
+        '[[cron]]\nname = "x"\nevery = "1h"\nlatency_ms = { median = 100, sigma = 0.01 }\n'
+        "rate_limit = { p = 1.0, recovery_ms = 1e12 }\n"
+    ).cron[0]
+    limited = simulate_run(spec, Params(maxRetries=3, backoffBase=1000), random.Random(1))
+    assert [a["error"]["statusCode"] for a in limited.attempts] == [429, 429, 429]
+    assert limited.total_ms == pytest.approx(3 * 100 + 1000 + 2000)  # waits 1 s, then 2 s
+    slow = parse_scenario(
+        '[[cron]]\nname = "x"\nevery = "1h"\nlatency_ms = { median = 20000, sigma = 0.01 }\n'
+    ).cron[0]
+    timed_out = simulate_run(slow, Params(maxRetries=2, timeout=15000), random.Random(1))
+    assert [a["error"]["type"] for a in timed_out.attempts] == ["ETIMEDOUT", "ETIMEDOUT"]
+    assert [a["duration"] for a in timed_out.attempts] == [15000, 15000]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("weeks = 2", "cron"),
+        ('[[cron]]\nname = "x"\nlatency_ms = { median = 1 }\n', "either every or schedule"),
+        ('[[cron]]\nname = "x"\nevery = "1h"\nlatency_ms = { median = 1 }\nfail_p = 2\n', "fail_p"),
+        (
+            '[[cron]]\nname = "x"\nevery = "1h"\nlatency_ms = { median = 1 }\nsurprise = 1\n',
+            "surprise",
+        ),
+        ("weeks = [", "TOML"),
+    ],
+)
+def test_a_bad_scenario_says_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario(text)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tunerd", "simulate", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_the_command_prints_json_and_a_timeline(tmp_path: Path) -> None:
+    scenario = tmp_path / "short.toml"
+    scenario.write_text(SEQUENTIAL.replace("weeks = 3", "weeks = 2"))
+    done = cli(str(scenario), "--json")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert {"changes", "final_params", "weeks"} <= document.keys()
+    assert [w["week"] for w in document["weeks"]] == [1, 2]
+    for change in document["changes"]:
+        assert {"cron", "param", "from", "to", "verdict", "at"} <= change.keys()
+    assert set(document["final_params"]["flaky"]) == {"maxRetries", "timeout", "backoffBase"}
+    text = cli(str(scenario), "--weeks", "1")
+    assert text.returncode == 0 and "Week by week" in text.stdout
+    bad = cli(str(tmp_path / "missing.toml"))
+    assert bad.returncode == 2 and "cannot read scenario" in bad.stderr
+
+
+def test_what_if_replay_of_a_real_log(tmp_path: Path) -> None:
+    saved = tmp_path / "fitted.toml"
+    log = ROOT / "deploy" / "example" / "auto-retry.jsonl"
+    done = cli("--from-log", str(log), "--weeks", "2", "--save-scenario", str(saved), "--json")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    scenario = parse_scenario(saved.read_text())
+    fitted = {c.name: c for c in scenario.cron}
+    assert fitted["Market flaky watcher"].fail_p > 0.1  # its transient failures, measured
+    assert fitted["GitHub 감시"].schedule == "50 16 * * 1-5"  # the crontab it logged
+    assert fitted["GitHub rate-limited poll"].rate_limit is not None
+    assert set(document["final_params"]) == set(fitted)
+    assert parse_scenario(dump_scenario(scenario)) == scenario  # the saved file round-trips
+    assert all(inside_safe_range(c) for c in document["changes"])
