@@ -418,18 +418,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             for name, runs in sorted(crons.items())
         ],
         "experiments": [_experiment_json(e) for e in experiments],
-        "pending": [
-            {
-                "id": r.id,
-                "cron": r.cron,
-                "param": r.param,
-                "current": r.current,
-                "proposed": r.proposed,
-                "reason": r.reason,
-                "why_manual": r.why_manual,
-            }
-            for r in pending
-        ],
+        "pending": [r.as_json() for r in pending],
     }
     lines = [
         f"Log: {safe_text(str(tail['path']))} ({tail['entries']:,} entries, "
@@ -496,19 +485,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             }
             for e in store.experiments()
         ],
-        "reviews": [
-            {
-                "id": r.id,
-                "cron": r.cron,
-                "param": r.param,
-                "current": r.current,
-                "proposed": r.proposed,
-                "state": r.state,
-                "at": _iso(r.created_at),
-                "decided_by": r.decided_by,
-            }
-            for r in store.reviews()
-        ],
+        "reviews": [r.as_json() for r in store.reviews()],
     }
     lines = [f"{len(changes)} changes:"] if changes else ["No changes yet."]
     for c in changes:

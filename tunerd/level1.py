@@ -13,10 +13,10 @@ from __future__ import annotations
 import random
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from tunerd.params import TUNABLE, ExperimentBlock, Params, ParamsFile
+from tunerd.timeparse import iso
 
 Arm = Literal["control", "treatment"]
 
@@ -148,7 +148,7 @@ def log_line(
     ``"Non-retryable error"``)."""
     succeeded = bool(attempts) and attempts[-1]["success"]
     line: dict[str, Any] = {
-        "timestamp": iso_ms(ended_at),
+        "timestamp": iso(ended_at, "milliseconds"),
         "type": "success" if succeeded else "failure",
         "context": {"cron": cron, **{k: v for k, v in context.items() if k != "cron"}},
         "attempts": attempts,
@@ -164,9 +164,3 @@ def log_line(
     if assignment is not None:
         line["experiment"] = assignment.as_json()
     return line
-
-
-def iso_ms(epoch: float) -> str:
-    """``new Date().toISOString()``: milliseconds and ``Z``."""
-    moment = datetime.fromtimestamp(epoch, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

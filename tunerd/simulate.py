@@ -31,7 +31,7 @@ from tunerd.level1 import Arm, assign, log_line, next_arm, resolve
 from tunerd.notify import Notification
 from tunerd.params import TUNABLE, Params, ParamsFileError, parse_params_file
 from tunerd.scenario import CronSpec, Scenario, ScenarioError, simulate_run
-from tunerd.timeparse import parse_duration
+from tunerd.timeparse import iso, parse_duration
 
 WEEK: Final = 7 * 86400.0
 HOUR: Final = 3600.0
@@ -107,10 +107,6 @@ class SimulatedCron:
     script: Path | None
     runs: int = 0
     weeks: list[Tally] = field(default_factory=list)
-
-
-def iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _epoch(text: str) -> float:
@@ -428,18 +424,7 @@ class Simulation:
             "start": iso(self.start),
             "end": iso(self.end),
             "changes": changes,
-            "reviews": [
-                {
-                    "id": r.id,
-                    "cron": r.cron,
-                    "param": r.param,
-                    "current": r.current,
-                    "proposed": r.proposed,
-                    "reason": r.reason,
-                    "state": r.state,
-                }
-                for r in store.reviews()
-            ],
+            "reviews": [r.as_json() for r in store.reviews()],
             "final_params": final,
             "weeks": [{"week": i + 1, **w.as_json()} for i, w in enumerate(self.weeks)],
             "crons": {

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunerd.timeparse import iso
+
 SCHEMA: list[str] = [
     # version 1
     """
@@ -165,6 +167,22 @@ class Review:
     created_at: float
     decided_at: float | None
     decided_by: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        """What ``status``, ``history`` and ``simulate`` show of a review."""
+        return {
+            "id": self.id,
+            "cron": self.cron,
+            "param": self.param,
+            "current": self.current,
+            "proposed": self.proposed,
+            "reason": self.reason,
+            "why_manual": self.why_manual,
+            "state": self.state,
+            "at": iso(self.created_at),
+            "decided_at": iso(self.decided_at) if self.decided_at is not None else None,
+            "decided_by": self.decided_by,
+        }
 
 
 @dataclass(frozen=True, slots=True)
