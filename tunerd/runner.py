@@ -317,6 +317,8 @@ def execute(
     if block is not None and doc is not None:
         arm = choose_arm(log_path, doc, str(block.id), block.split)
         params, assignment = assign(params, block, arm)
+    if interrupted.signum is not None:  # stopped before the command started: nothing ran
+        return 128 + interrupted.signum
     run = _run(command, params, interrupted, final_exits)
     result = None
     if run.last.error is None:

@@ -273,7 +273,7 @@ class Simulation:
 
         runs = [(self._next_run(c, -math.inf), c.index) for c in self.crons]
         heapq.heapify(runs)
-        ended: list[tuple[float, int, str]] = []  # lines of runs still going, by end time
+        ended: list[tuple[float, int, int, dict[str, Any]]] = []  # runs still going, by end
         sequence = 0
         cycle_at, hour_at = next_cycle(self.start), self.start + HOUR
         with self.settings.log_path.open("a", encoding="utf-8") as log:
@@ -284,7 +284,7 @@ class Simulation:
                     start, index = heapq.heappop(runs)
                     c = self.crons[index]
                     end, line = self._run(c, start)
-                    heapq.heappush(ended, (end, sequence, json.dumps(line, ensure_ascii=False)))
+                    heapq.heappush(ended, (end, sequence, index, line))
                     sequence += 1
                     heapq.heappush(runs, (self._next_run(c, start), index))
                 self._write_ended(log, ended, at)
@@ -307,17 +307,17 @@ class Simulation:
         later = [at for at in due if at > self.now]
         return min(later, default=math.inf)
 
-    def _write_ended(self, log: IO[str], ended: list[tuple[float, int, str]], until: float) -> None:
+    def _write_ended(
+        self, log: IO[str], ended: list[tuple[float, int, int, dict[str, Any]]], until: float
+    ) -> None:
         while ended and ended[0][0] <= until:
-            end, _, text = heapq.heappop(ended)
+            end, _, index, line = heapq.heappop(ended)
             if end >= self.end:
                 continue
             week = int((end - self.start) // WEEK)
-            line = json.loads(text)
             self.weeks[week].add(line)
-            cron = next(c for c in self.crons if c.spec.name == line["context"]["cron"])
-            cron.weeks[week].add(line)
-            log.write(text + "\n")
+            self.crons[index].weeks[week].add(line)
+            log.write(json.dumps(line, ensure_ascii=False) + "\n")
         log.flush()
         self.marks.append((until, log.tell()))
 
