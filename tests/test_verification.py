@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ERR_OTHER, run_line
+from .conftest import ERR_429, ERR_OTHER, run_line
 from .test_engine_cli import as_json, setup, tunerd  # noqa: F401  (fixture)
 
 
@@ -86,6 +86,44 @@ def test_verify_contract_and_decisions(tmp_path: Path) -> None:
 
     few = verify(tmp_path, log, "other", "timeout", 15000, 20000, "--json")
     assert json.loads(few.stdout)["decision"] == "extend"
+
+
+def test_slower_work_breaks_the_guardrail_longer_waits_do_not(tmp_path: Path) -> None:
+    """Runs whose successful attempts are 35 % slower are rolled back; a longer backoff that makes
+    runs wait longer but cuts repeated 429s is committed."""
+    at = datetime(2026, 2, 5, tzinfo=UTC)
+
+    def line(arm: str, i: int, durations: tuple[int, ...], total: int) -> str:
+        return run_line(
+            "api",
+            durations,
+            error=ERR_429,
+            ts=iso(at + timedelta(seconds=i)),
+            total=total,
+            experiment={"id": "1", "arm": arm},
+        )
+
+    slow = [line("control", i, (1000 + i % 7 * 30,), 1000) for i in range(150)]
+    slow += [line("treatment", i, (1350 + i % 7 * 40,), 1400) for i in range(150)]
+    log = tmp_path / "slow.jsonl"
+    log.write_text("\n".join(slow) + "\n")
+    doc = json.loads(verify(tmp_path, log, "api", "timeout", 15000, 20000, "--json").stdout)
+    assert doc["decision"] == "rollback" and "slower" in doc["reason"]
+
+    waits = []
+    for i in range(150):
+        again = i % 5 < 2  # 40 % of control runs meet a 429 again after waiting 1 s
+        attempts = (100, 100, 1000 + i % 7 * 30) if again else (100, 1000 + i % 7 * 30)
+        waits.append(line("control", i, attempts, 4200 if again else 2100))
+    for i in range(150):
+        again = i % 10 == 0  # 10 % after waiting 2 s
+        attempts = (100, 100, 1000 + i % 7 * 30) if again else (100, 1000 + i % 7 * 30)
+        waits.append(line("treatment", i, attempts, 7200 if again else 3100))
+    log = tmp_path / "waits.jsonl"
+    log.write_text("\n".join(waits) + "\n")
+    doc = json.loads(verify(tmp_path, log, "api", "backoffBase", 1000, 2000, "--json").stdout)
+    assert doc["decision"] == "commit", doc["reason"]
+    assert doc["arms"]["treatment"]["duration_ms_mean"] > doc["arms"]["control"]["duration_ms_mean"]
 
 
 def test_verify_sequential_by_switch_time(tmp_path: Path) -> None:
