@@ -762,7 +762,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import msgspec
 
-    from tunerd.scenario import ScenarioError, dump_scenario, parse_scenario
+    from tunerd.scenario import ScenarioError, dump_scenario, parse_scenario, unknown_keys
     from tunerd.simulate import simulate, timeline_text
 
     if (args.scenario is None) == (args.from_log is None):
@@ -777,6 +777,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             except (OSError, UnicodeDecodeError) as exc:
                 raise CommandError(f"cannot read scenario {path}: {exc}", USAGE_ERROR) from None
             scenario = parse_scenario(text, path.stem)
+            for key in unknown_keys(text):
+                print(f"tunerd: scenario {path}: unknown key {key!r} ignored", file=sys.stderr)
         changes: dict[str, Any] = {}
         if args.weeks is not None:
             if not 1 <= args.weeks <= 104:

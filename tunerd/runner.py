@@ -113,6 +113,10 @@ class Interrupted:
         self.signum: int | None = None
         self.group: int | None = None
 
+    def exit_status(self) -> int | None:
+        """128 + N once signal N arrived (a method: handlers change it behind the code's back)."""
+        return None if self.signum is None else 128 + self.signum
+
     def install(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._handle)
@@ -317,8 +321,8 @@ def execute(
     if block is not None and doc is not None:
         arm = choose_arm(log_path, doc, str(block.id), block.split)
         params, assignment = assign(params, block, arm)
-    if interrupted.signum is not None:  # stopped before the command started: nothing ran
-        return 128 + interrupted.signum
+    if (status := interrupted.exit_status()) is not None:
+        return status  # stopped before the command started: nothing ran, nothing to log
     run = _run(command, params, interrupted, final_exits)
     result = None
     if run.last.error is None:
@@ -342,9 +346,8 @@ def execute(
         run.reason,
     )
     append_line(log_path, line)
-    if interrupted.signum is not None:
-        return 128 + interrupted.signum
-    return run.last.status
+    status = interrupted.exit_status()
+    return run.last.status if status is None else status
 
 
 def _run(

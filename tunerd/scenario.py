@@ -18,7 +18,7 @@ import math
 import random
 import tomllib
 from dataclasses import dataclass
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -33,26 +33,24 @@ Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 
-class Latency(msgspec.Struct, forbid_unknown_fields=True):
+class Latency(msgspec.Struct):
     median: Positive
     sigma: Annotated[float, msgspec.Meta(ge=0, le=5)] = 0.25
 
 
-class RateLimit(msgspec.Struct, forbid_unknown_fields=True):
+class RateLimit(msgspec.Struct):
     p: Probability
     recovery_ms: Positive = 5000.0
 
 
-class StartParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class StartParams(msgspec.Struct, frozen=True):
     maxRetries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 3
     timeout: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 15000
     backoffBase: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 1000
-
-    def params(self) -> Params:
-        return Params().with_overrides(msgspec.structs.asdict(self))
+    backoff: Literal["exponential", "linear", "fixed"] = "exponential"
 
 
-class CronSpec(msgspec.Struct, forbid_unknown_fields=True, rename={"latency": "latency_ms"}):
+class CronSpec(msgspec.Struct, rename={"latency": "latency_ms"}):
     name: Annotated[str, msgspec.Meta(min_length=1)]
     latency: Latency
     every: str | None = None
@@ -64,7 +62,7 @@ class CronSpec(msgspec.Struct, forbid_unknown_fields=True, rename={"latency": "l
     params: StartParams = StartParams()
 
 
-class Scenario(msgspec.Struct, forbid_unknown_fields=True):
+class Scenario(msgspec.Struct):
     cron: list[CronSpec]
     weeks: Annotated[int, msgspec.Meta(ge=1, le=104)] = 4
     seed: int = 1
@@ -107,6 +105,31 @@ def parse_scenario(text: str, name: str = "") -> Scenario:
     return msgspec.structs.replace(scenario, name=scenario.name or name)
 
 
+def unknown_keys(text: str) -> list[str]:
+    """Keys of a scenario that nothing reads: ignored, so that a newer scenario still runs, but
+    named (a typo such as ``weaks`` would otherwise pass unseen)."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return []
+    known = {
+        "": set(Scenario.__struct_fields__),
+        "cron": set(CronSpec.__struct_encode_fields__),
+        "latency_ms": set(Latency.__struct_fields__),
+        "rate_limit": set(RateLimit.__struct_fields__),
+        "params": set(StartParams.__struct_fields__),
+    }
+    out = [key for key in document if key not in known[""]]
+    for i, cron in enumerate(document.get("cron") or []):
+        if not isinstance(cron, dict):
+            continue
+        out += [f"cron[{i}].{key}" for key in cron if key not in known["cron"]]
+        for table in ("latency_ms", "rate_limit", "params"):
+            if isinstance(cron.get(table), dict):
+                out += [f"cron[{i}].{table}.{k}" for k in cron[table] if k not in known[table]]
+    return out
+
+
 def dump_scenario(scenario: Scenario) -> str:
     """The scenario as TOML (what ``--from-log`` fitted, to keep and edit)."""
     lines = [
@@ -130,9 +153,10 @@ def dump_scenario(scenario: Scenario) -> str:
             rl = c.rate_limit
             lines.append(f"rate_limit = {{ p = {rl.p:g}, recovery_ms = {rl.recovery_ms:g} }}")
         p = c.params
+        backoff = "" if p.backoff == "exponential" else f', backoff = "{p.backoff}"'
         lines.append(
             f"params = {{ maxRetries = {p.maxRetries}, timeout = {p.timeout},"
-            f" backoffBase = {p.backoffBase} }}"
+            f" backoffBase = {p.backoffBase}{backoff} }}"
         )
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
+import msgspec
+
 from tunerd.level1 import Arm, assign, log_line, next_arm, resolve
 from tunerd.notify import Notification
 from tunerd.params import TUNABLE, Params, ParamsFileError, parse_params_file
@@ -120,7 +122,7 @@ def _epoch(text: str) -> float:
 SCRIPT: Final = """// {name}: a wrapper script of the simulation (sequential experiments)
 const CONFIG = {{
   MAX_RETRIES: {maxRetries},
-  BACKOFF: 'exponential',
+  BACKOFF: '{backoff}',
   BASE_DELAY: {backoffBase},
 }};
 exec(command, {{ timeout: {timeout}, maxBuffer: 10 * 1024 * 1024 }});
@@ -185,12 +187,12 @@ class Simulation:
     def _write_targets(self, workdir: Path) -> None:
         for c in self.crons:
             if c.script is not None:
-                values = msgspec_dict(c.spec.params)
+                values = msgspec.structs.asdict(c.spec.params)
                 c.script.write_text(SCRIPT.format(name=f"cron {c.index}", **values), "utf-8")
         if self.scenario.ab:
             document = {
                 "defaults": {},
-                "crons": {c.spec.name: msgspec_dict(c.spec.params) for c in self.crons},
+                "crons": {c.spec.name: msgspec.structs.asdict(c.spec.params) for c in self.crons},
                 "experiments": {},
             }
             self.settings.params_file.write_text(json.dumps(document, ensure_ascii=False), "utf-8")
@@ -443,12 +445,6 @@ class Simulation:
 
 
 _VERDICTS: Final = {"committed": "commit", "rolled_back": "rollback", "aborted": "rollback"}
-
-
-def msgspec_dict(params: Any) -> dict[str, int]:
-    import msgspec
-
-    return {k: int(v) for k, v in msgspec.structs.asdict(params).items()}
 
 
 def simulate(scenario: Scenario, workdir: Path) -> dict[str, Any]:
