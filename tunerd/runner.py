@@ -175,6 +175,8 @@ def run_attempt(command: list[str], timeout_ms: int, interrupted: Interrupted) -
         error = error_object(name, f"Command failed: {shown}\nkilled by {name}\n{tail}", None, True)
         return Outcome(128 - returncode, duration, error, True, stdout, stderr)
     error = error_object(returncode, f"Command failed: {shown}\n{tail}", http_status(tail), True)
+    if error["suggestedFix"] == "Unknown error":  # what the wrapper says; a runner knows more
+        error["suggestedFix"] = f"The command exited with status {returncode}: see its stderr"
     return Outcome(returncode, duration, error, True, stdout, stderr)
 
 
