@@ -91,15 +91,24 @@ fail_p = 0.45
 """
 
 
-def test_sequential_experiments_through_wrapper_scripts(tmp_path: Path) -> None:
-    result = run(SEQUENTIAL, tmp_path)
+@pytest.mark.parametrize("name", ["sequential", "spec-example"])
+def test_the_other_bundled_scenarios_are_safe_and_improve(name: str, tmp_path: Path) -> None:
+    scenario = ROOT / "deploy" / "scenarios" / f"{name}.toml"
+    result = run(scenario.read_text(), tmp_path, name)
     changes = result["changes"]
-    assert changes and all(c["mode"] == "sequential" for c in changes)
-    assert all(inside_safe_range(c) for c in changes)
+    assert changes and all(inside_safe_range(c) for c in changes)
+    assert result["metrics"]["automatic_changes_outside_safe_range"] == 0
     assert any(c["verdict"] == "commit" for c in changes)
-    script = (tmp_path / "cron-0.js").read_text()  # named by position, never by the cron
-    assert f"MAX_RETRIES: {result['final_params']['flaky']['maxRetries']}," in script
-    assert result["weeks"][-1]["final_failure_rate"] < result["weeks"][0]["final_failure_rate"]
+    weeks = result["weeks"]
+    assert weeks[-1]["final_failure_rate"] < 0.5 * weeks[0]["final_failure_rate"]
+    assert isinstance(result["metrics"]["rollback_ratio"], float)
+    if not parse_scenario(scenario.read_text()).ab:
+        assert all(c["mode"] == "sequential" for c in changes)
+        script = (tmp_path / "cron-0.js").read_text()  # named by position, never by the cron
+        maximum = result["final_params"]["TQQQ 5분 모니터링"]["maxRetries"]
+        running = [c for c in changes if c["verdict"] == "running" and c["param"] == "maxRetries"]
+        shown = running[0]["to"] if running else maximum  # sequential: the treatment is in force
+        assert f"MAX_RETRIES: {shown}," in script
 
 
 def test_a_run_follows_the_order_of_the_spec() -> None:
