@@ -189,3 +189,59 @@ def test_what_if_replay_of_a_real_log(tmp_path: Path) -> None:
     assert set(document["final_params"]) == set(fitted)
     assert parse_scenario(dump_scenario(scenario)) == scenario  # the saved file round-trips
     assert all(inside_safe_range(c) for c in document["changes"])
+
+
+def test_no_automatic_change_leaves_the_safe_range_whatever_the_crons(tmp_path: Path) -> None:
+    """Random crons, starting anywhere in the adjustable ranges (some beyond the safe range):
+    whatever the simulation does automatically stays an increase inside the safe range."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    cron = st.fixed_dictionaries(
+        {
+            "every": st.sampled_from(["5m", "10m", "30m"]),
+            "median": st.integers(100, 40_000),
+            "sigma": st.floats(0.05, 1.0),
+            "fail_p": st.floats(0.0, 0.7),
+            "limit": st.one_of(
+                st.none(), st.tuples(st.floats(0.05, 0.9), st.integers(500, 60_000))
+            ),
+            "maxRetries": st.integers(1, 10),
+            "timeout": st.integers(5_000, 60_000),
+            "backoffBase": st.integers(500, 5_000),
+        }
+    )
+    counter = iter(range(10_000))
+    seen: list[int] = []
+
+    @settings(
+        max_examples=6,
+        deadline=None,
+        derandomize=True,  # the same crons every run: a fixed seed, as the other tests
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(st.lists(cron, min_size=1, max_size=2), st.integers(0, 1000))
+    def check(crons: list[dict[str, Any]], seed: int) -> None:
+        text = f"weeks = 2\nseed = {seed}\n"
+        for i, c in enumerate(crons):
+            limit = c["limit"]
+            text += (
+                f'[[cron]]\nname = "c{i}"\nevery = "{c["every"]}"\n'
+                f"latency_ms = {{ median = {c['median']}, sigma = {c['sigma']} }}\n"
+                f"fail_p = {c['fail_p']}\n"
+                + (
+                    f"rate_limit = {{ p = {limit[0]}, recovery_ms = {limit[1]} }}\n"
+                    if limit
+                    else ""
+                )
+                + f"params = {{ maxRetries = {c['maxRetries']}, timeout = {c['timeout']},"
+                f" backoffBase = {c['backoffBase']} }}\n"
+            )
+        result = run(text, tmp_path / str(next(counter)))
+        seen.append(len(result["changes"]))
+        assert all(inside_safe_range(c) for c in result["changes"]), result["changes"]
+        assert result["metrics"]["automatic_changes_outside_safe_range"] == 0
+
+    check()
+    assert sum(seen) > 0  # some examples did change something
