@@ -108,6 +108,8 @@ class SimulatedCron:
     index: int
     script: Path | None
     runs: int = 0
+    trigger: Any = None
+    """The crontab of a ``schedule`` cron (APScheduler's), made at its first run."""
     weeks: list[Tally] = field(default_factory=list)
 
 
@@ -196,12 +198,24 @@ class Simulation:
                 "experiments": {},
             }
             self.settings.params_file.write_text(json.dumps(document, ensure_ascii=False), "utf-8")
-        (workdir / "tunerd.toml").write_text(
-            f"log_path = {json.dumps(str(self.settings.log_path))}\n"
-            f"state_dir = {json.dumps(str(self.settings.state_dir))}\n"
-            f"params_file = {json.dumps(str(self.settings.params_file))}\n",
-            "utf-8",
-        )
+        # The configuration the simulation ran with, for `tunerd status/history --config` on
+        # a kept --workdir (a JSON scalar is a TOML value).
+        keys = {
+            "log_path": str(self.settings.log_path),
+            "state_dir": str(self.settings.state_dir),
+            "params_file": str(self.settings.params_file),
+            "timezone": self.settings.timezone,
+            **{k: v for k, v in self.scenario.settings.items() if not isinstance(v, dict | list)},
+        }
+        lines = [f"{key} = {json.dumps(value, ensure_ascii=False)}" for key, value in keys.items()]
+        for c in self.crons:
+            if c.script is not None:
+                lines += [
+                    "[[scripts]]",
+                    f"cron = {json.dumps(c.spec.name, ensure_ascii=False)}",
+                    f"path = {json.dumps(str(c.script))}",
+                ]
+        (workdir / "tunerd.toml").write_text("\n".join(lines) + "\n", "utf-8")
 
     # --- Level 1 ------------------------------------------------------------------------------
 
@@ -252,11 +266,12 @@ class Simulation:
             if after < self.start:  # the first run: crons spread over their period
                 return self.start + 60 * int(period * ((c.index + 1) * _GOLDEN % 1) // 60)
             return after + period
-        from tunerd.schedule import cron_trigger
+        if c.trigger is None:
+            from tunerd.schedule import cron_trigger
 
-        trigger = cron_trigger(spec.schedule or "", UTC)
+            c.trigger = cron_trigger(spec.schedule or "", UTC)
         after = max(after, self.start - 1)
-        fire = trigger.get_next_fire_time(None, datetime.fromtimestamp(after + 1e-3, UTC))
+        fire = c.trigger.get_next_fire_time(None, datetime.fromtimestamp(after + 1e-3, UTC))
         return fire.timestamp() if fire else math.inf
 
     # --- the clock ----------------------------------------------------------------------------
