@@ -270,3 +270,26 @@ def test_a_missing_log_is_a_clear_error_even_with_experiments_running(
     assert "cannot read the log" in done.stderr and "Traceback" not in done.stderr
     status = as_json(setup, "status")  # status still shows what is under way
     assert len(status["experiments"]) == 4 and "error" in status["tail"]
+
+
+def test_a_cycle_reads_what_logrotate_moved_out_of_the_window(setup: dict[str, Path]) -> None:
+    """Rotated by rename (`.1`, plain) during the window: counted; compressed, or older than
+    the window: not read."""
+    import gzip
+    import os
+    import time
+
+    log = setup["root"] / "auto-retry.jsonl"
+    before = len(log.read_text().splitlines())
+    log.rename(log.with_name("auto-retry.jsonl.1"))
+    log.write_text(run_line("flaky", (500,)) + "\n")
+    stale = log.with_name("auto-retry.jsonl.2")
+    stale.write_text(run_line("flaky", (500,)) + "\n")
+    old = time.time() - 4000 * 86400  # before the 3650-day window
+    os.utime(stale, (old, old))
+    with gzip.open(log.with_name("auto-retry.jsonl.3.gz"), "wt") as f:
+        f.write(run_line("flaky", (500,)) + "\n")
+    report = as_json(setup, "cycle")
+    assert report["runs_analysed"] == before + 1
+    status = as_json(setup, "status")
+    assert sum(c["runs"] for c in status["crons"]) == before + 1

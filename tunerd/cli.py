@@ -359,7 +359,7 @@ def cmd_cycle(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tunerd.logfile import LogFileError, ReadOptions, read_log
+    from tunerd.logfile import LogFileError, ReadOptions, read_window
     from tunerd.report import safe_text
     from tunerd.server import daemon_pid
 
@@ -377,7 +377,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         since = now - settings.window.total_seconds()
         try:
-            stats = read_log(
+            stats = read_window(
                 settings.log_path,
                 ReadOptions(since=since, read_at=now, max_line_bytes=settings.max_line_bytes),
             )

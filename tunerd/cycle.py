@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunerd.analysis import Analysis, analyze
 from tunerd.engine import Engine, EngineError, Targets
-from tunerd.logfile import ReadOptions, read_log
+from tunerd.logfile import ReadOptions, read_window
 from tunerd.notify import Notification, Notifier
 from tunerd.policy import Action, PolicySettings, SafetyError, StateView, decide
 from tunerd.store import Store
@@ -116,7 +116,7 @@ def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
             engine, settings.log_path, settings.verdict_settings(), now, settings.max_line_bytes
         )
         since = now - settings.window.total_seconds()
-        stats = read_log(
+        stats = read_window(
             settings.log_path,
             ReadOptions(
                 since=since,

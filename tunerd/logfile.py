@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import re
+import stat
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,45 @@ def read_log(path: Path, options: ReadOptions) -> LogStats:
         for future in futures:
             merged.merge(future.result())
     return merged
+
+
+_ROTATED = re.compile(r"^(?:\.\d+|-\d{8}(?:\d{2})?)$")
+"""What logrotate appends to a rotated file's name: ``.1``, ``.2``..., or a date (``dateext``)."""
+
+
+def rotated(path: Path, since: float | None) -> list[Path]:
+    """The plain files logrotate made of ``path`` that were still written to at ``since`` or
+    later (the window a cycle analyses, an experiment's runs), oldest first. Compressed ones
+    (``.gz``) are not read: with ``delaycompress`` the latest rotation stays plain."""
+    prefix = path.name
+    found = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    for candidate in entries:
+        name = candidate.name
+        if not name.startswith(prefix) or not _ROTATED.match(name[len(prefix) :]):
+            continue
+        try:
+            info = candidate.stat()
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and (since is None or info.st_mtime >= since):
+            found.append((info.st_mtime, candidate))
+    return [candidate for _, candidate in sorted(found)]
+
+
+def read_window(path: Path, options: ReadOptions) -> LogStats:
+    """``read_log`` of the log and of what rotation moved out of it since ``options.since``: the
+    daemon's cycle sees the whole window even when logrotate cut it in two."""
+    stats = read_log(path, options)
+    for older in rotated(path, options.since):
+        try:
+            stats.merge(read_log(older, options))
+        except LogFileError:
+            continue  # rotated away again, or unreadable: the window is what remains
+    return stats
 
 
 def _read_range(path: Path, start: int, end: int | None, options: ReadOptions) -> LogStats:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tunerd.engine import Engine, EngineError
-from tunerd.logfile import LogFileError
+from tunerd.logfile import LogFileError, rotated
 from tunerd.notify import Notification
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
 from tunerd.records import Entry
@@ -98,9 +98,17 @@ def settle(
     running = engine.store.experiments("running")
     if not running:
         return []
-    return settle_arms(
-        engine, running, gather_arms(log_path, running, now, max_line_bytes), now, settings
-    )
+    arms = gather_arms(log_path, running, now, max_line_bytes)
+    earliest = min(window_of(e, now)[0] for e in running)
+    for older in rotated(log_path, earliest):  # what logrotate moved out during the experiments
+        try:
+            more = gather_arms(older, running, now, max_line_bytes)
+        except LogFileError:
+            continue
+        for key, (control, treatment) in more.items():
+            arms[key][0].merge(control)
+            arms[key][1].merge(treatment)
+    return settle_arms(engine, running, arms, now, settings)
 
 
 def settle_arms(
