@@ -41,6 +41,7 @@ def period(
         duration = median * rnd.lognormvariate(0, 0.3)
         arm.duration_total += duration
         arm.log_durations.append(math.log(duration))
+        arm.log_work.append(math.log(duration))
 
 
 def seed_rule(c: Arm, t: Arm) -> str:

@@ -202,3 +202,22 @@ def test_no_sequence_makes_an_automatic_change_leave_the_safe_range(
                 e.control,
                 e.treatment,
             )
+
+
+def test_a_cooldown_holds_the_same_move_whatever_its_exact_value() -> None:
+    """A timeout proposal differs a little every week: the one rolled back as 15000 -> 23333 is
+    the same change as 15000 -> 23664, and waits out the cooldown; a decrease does not."""
+    from tunerd.policy import _cooling
+    from tunerd.rules import Recommendation
+
+    state = StateView(cooling=frozenset({("slow", "timeout", 23333)}))
+
+    def rec(current: int, proposed: int, cron: str = "slow") -> Recommendation:
+        return Recommendation(
+            cron, "timeout", current, proposed, "why", "auto", "", "slow_response"
+        )
+
+    assert _cooling(state, rec(15000, 23664))
+    assert _cooling(state, rec(15000, 20000))
+    assert not _cooling(state, rec(25000, 30000))  # another starting point: another change
+    assert not _cooling(state, rec(15000, 23664, cron="other"))

@@ -18,6 +18,7 @@ def arm(runs: int, failures: int, median: float = 1500, seed: int = 1, **counts:
     for _ in range(runs):
         d = median * rnd.lognormvariate(0, 0.3)
         a.log_durations.append(math.log(d))
+        a.log_work.append(math.log(d))
         a.duration_total += d
     return a
 
@@ -96,9 +97,9 @@ def test_alpha_is_spent_over_the_looks() -> None:
 
 
 def test_harm_check_stops_only_clear_harm() -> None:
-    assert not harm_check(arm(100, 5), arm(100, 6, seed=2), SETTINGS).stop
-    assert not harm_check(arm(5, 0), arm(5, 5), SETTINGS).stop  # too few runs to say
-    harm = harm_check(arm(100, 2), arm(100, 40, seed=2), SETTINGS)
+    assert not harm_check(arm(100, 5), arm(100, 6, seed=2), SETTINGS, "maxRetries").stop
+    assert not harm_check(arm(5, 0), arm(5, 5), SETTINGS, "maxRetries").stop  # too few runs to say
+    harm = harm_check(arm(100, 2), arm(100, 40, seed=2), SETTINGS, "maxRetries")
     assert harm.stop and "final failures up" in harm.reason
 
 

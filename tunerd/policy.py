@@ -114,6 +114,16 @@ def _action(kind: str, why: str, r: Recommendation, evidence: dict[str, Any]) ->
     )
 
 
+def _cooling(state: StateView, r: Recommendation) -> bool:
+    """The same change was rolled back, rejected or refused recently: the same parameter of the
+    same cron moved the same way from the same value (a timeout proposal differs a little every
+    week; 15000 -> 23664 is the change that was rolled back as 15000 -> 23333)."""
+    return any(
+        cron == r.cron and param == r.param and (value - r.current) * (r.proposed - r.current) > 0
+        for cron, param, value in state.cooling
+    )
+
+
 def decide(analysis: Analysis, state: StateView, settings: PolicySettings) -> list[Action]:
     summaries = {s.cron: s for s in analysis.crons}
     by_cron: dict[str, list[Recommendation]] = {}
@@ -126,13 +136,14 @@ def decide(analysis: Analysis, state: StateView, settings: PolicySettings) -> li
         started = cron in state.running
         for r in sorted(recs, key=lambda r: PRIORITY.get(r.param, 9)):
             key = (cron, r.param, r.proposed)
+            cooling = _cooling(state, r)
             kind, why = "", r.decision_reason
             if r.decision == "forbidden":
-                kind = "refuse" if key not in state.cooling else ""
+                kind = "refuse" if not cooling else ""
             elif summary.runs < settings.min_runs:
                 kind = "hold"
                 why = f"only {summary.runs} runs in the window (at least {settings.min_runs})"
-            elif key in state.cooling:
+            elif cooling:
                 kind, why = "hold", "rolled back or rejected recently: in its cooldown"
             elif r.decision == "manual":
                 kind = "review" if key not in state.pending else ""

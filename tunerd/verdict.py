@@ -4,15 +4,15 @@
 to improve: the final-failure rate for ``maxRetries``, the share of runs with a timed-out attempt
 for ``timeout``, the share of runs with a retry answered by HTTP 429 again for ``backoffBase``.
 The *guardrails* hold for every change: the final-failure rate must not get worse, and runs must
-not get more than 5 % slower. "Slower" is measured on the work when it succeeds: the duration of
-a successful run's successful attempt (the geometric mean, compared on log-durations), not the
-run's total. A retry change lengthens the total by design — a longer backoff waits longer, one
-more attempt turns a quick failure (three fast 429s) into a slower success — and holding that
-against it rolled back every retry change that worked (the simulator showed both: a backoff that
-cut repeated 429s by half judged "35 % slower", one more attempt that rescued a sixth of the runs
-stopped as "44 % slower"). A change that makes the service itself slower (retries that load the
-API, a timeout that lets hung calls in) still breaks the guardrail; failed runs are judged by the
-failure guardrail. Successful runs that logged no attempts count with their ``totalDuration``.
+not get more than 5 % slower. What "slower" measures depends on the change, because each one
+changes durations by design. A retry change (``maxRetries``, ``backoffBase``) lengthens runs on
+purpose — a longer backoff waits longer, one more attempt turns three quick 429s into a slower
+success — so it is judged on the work when it succeeds: the successful attempts of successful
+runs (the service must not get slower). A ``timeout`` change admits slower successes on purpose,
+so it is judged on whole runs (``totalDuration``: a rescued run is one slow success instead of a
+timeout, a wait and a retry; hung calls held longer make runs slower). The simulator showed both
+failure modes of a single measure: on whole runs every working retry change was rolled back
+("35 % slower", "44 % slower"); on successful attempts every working timeout change was.
 
 **Tests.** Proportions: Boschloo's exact test (uniformly more powerful than Fisher's) while the
 table is small, Fisher's exact test when it is large (Boschloo's cost grows with n1 x n2).
@@ -86,9 +86,11 @@ class Arm:
     timed_out: int = 0
     rate_limited_retry: int = 0
     log_durations: list[float] = field(default_factory=list)
-    """Log of each successful run's successful attempt (what the duration guardrail compares)."""
+    """Log of each run's ``totalDuration`` (the duration guardrail of a timeout change)."""
+    log_work: list[float] = field(default_factory=list)
+    """Log of each successful run's successful attempt (the guardrail of a retry change)."""
     duration_total: float = 0.0
-    """Sum of the runs' ``totalDuration`` (what ``duration_ms_mean`` reports)."""
+    """Sum of the runs' ``totalDuration`` (``duration_ms_mean``)."""
 
     def merge(self, other: Arm) -> None:
         """Add the runs of ``other`` (another stretch of the same arm)."""
@@ -98,6 +100,7 @@ class Arm:
         self.timed_out += other.timed_out
         self.rate_limited_retry += other.rate_limited_retry
         self.log_durations += other.log_durations
+        self.log_work += other.log_work
         self.duration_total += other.duration_total
 
     def add(self, entry: Entry) -> None:
@@ -118,10 +121,11 @@ class Arm:
         duration = entry.duration
         if duration is not None:
             self.duration_total += duration
+            self.log_durations.append(math.log(max(duration, 1.0)))
         if entry.succeeded:
             last = entry.attempts[-1].duration if entry.attempts else duration
             if last is not None:
-                self.log_durations.append(math.log(max(last, 1.0)))
+                self.log_work.append(math.log(max(last, 1.0)))
 
     def count(self, metric: str) -> int:
         return {
@@ -224,17 +228,26 @@ def proportion_test(
     return TestResult(metric, name, p, diff, ci, threshold, role, p < threshold)
 
 
+WHOLE_RUNS: Final = "Welch t on log-durations"
+SUCCESSFUL_ATTEMPTS: Final = "Welch t on log-durations of successful attempts"
+
+
 def duration_test(
-    control: Arm, treatment: Arm, margin: float, threshold: float, role: str
+    control: Arm, treatment: Arm, margin: float, threshold: float, role: str, param: str
 ) -> TestResult:
-    """Welch's t on log-durations: are runs more than ``margin`` slower in the treatment?"""
+    """Welch's t on log-durations: are runs (a ``timeout`` change) or their successful attempts
+    (a retry change) more than ``margin`` slower in the treatment?"""
     from scipy import stats
 
-    a, b = treatment.log_durations, control.log_durations
+    whole = param == "timeout"
+    name = WHOLE_RUNS if whole else SUCCESSFUL_ATTEMPTS
+    a, b = (
+        (treatment.log_durations, control.log_durations)
+        if whole
+        else (treatment.log_work, control.log_work)
+    )
     if len(a) < 2 or len(b) < 2:
-        return TestResult(
-            "duration", "Welch t on log-durations", None, None, None, threshold, role, False
-        )
+        return TestResult("duration", name, None, None, None, threshold, role, False)
     shift = math.log1p(margin)
     result = stats.ttest_ind([x - shift for x in a], b, equal_var=False, alternative="greater")
     diff = sum(a) / len(a) - sum(b) / len(b)
@@ -242,7 +255,7 @@ def duration_test(
     p = float(result.pvalue) if math.isfinite(result.pvalue) else 1.0
     return TestResult(
         "duration",
-        "Welch t on log-durations",
+        name,
         p,
         math.exp(diff),
         (math.exp(float(low)), math.exp(float(high))) if math.isfinite(low) else None,
@@ -314,7 +327,7 @@ def judge(
             "final_failure_rate", control, treatment, "greater", settings.guard_alpha, "guardrail"
         ),
         duration_test(
-            control, treatment, settings.duration_margin, settings.guard_alpha, "guardrail"
+            control, treatment, settings.duration_margin, settings.guard_alpha, "guardrail", param
         ),
     ]
     broken = [g for g in guards if g.passed]  # "passed" the test for harm: the guardrail is broken
@@ -350,7 +363,8 @@ def judge(
 def _guard_words(test: TestResult, settings: VerdictSettings) -> str:
     if test.metric == "duration":
         return (
-            f"successful attempts {((test.effect or 1) - 1):.0%} slower"
+            f"{'runs' if test.test == WHOLE_RUNS else 'successful attempts'}"
+            f" {((test.effect or 1) - 1):.0%} slower"
             f" (more than {settings.duration_margin:.0%},"
             f" p = {test.p_value:.4f})"
         )
@@ -364,7 +378,7 @@ class Harm:
     tests: list[TestResult]
 
 
-def harm_check(control: Arm, treatment: Arm, settings: VerdictSettings) -> Harm:
+def harm_check(control: Arm, treatment: Arm, settings: VerdictSettings, param: str) -> Harm:
     """Run hourly during an experiment: ``stop`` when the treatment is already clearly worse."""
     if min(control.runs, treatment.runs) < settings.harm_min_runs:
         return Harm(False, "too few runs to judge harm yet", [])
@@ -372,7 +386,9 @@ def harm_check(control: Arm, treatment: Arm, settings: VerdictSettings) -> Harm:
         proportion_test(
             "final_failure_rate", control, treatment, "greater", settings.harm_alpha, "harm"
         ),
-        duration_test(control, treatment, settings.duration_margin, settings.harm_alpha, "harm"),
+        duration_test(
+            control, treatment, settings.duration_margin, settings.harm_alpha, "harm", param
+        ),
     ]
     harmful = [t for t in tests if t.passed]
     if harmful:

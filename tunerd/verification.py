@@ -143,7 +143,7 @@ def _settle_one(
     if experiment.verify_at <= now:
         verdict = judge(experiment.param, control, treatment, experiment.extensions + 1, settings)
         return _act(engine, experiment, verdict, now)
-    harm = harm_check(control, treatment, settings)
+    harm = harm_check(control, treatment, settings, experiment.param)
     if not harm.stop:
         return Settled(experiment, "running", harm.reason)
     engine.end_experiment(
