@@ -128,7 +128,12 @@ def test_follows_in_real_time_and_stops_cleanly(daemon: Daemon) -> None:
     daemon.start()
     daemon.append("a", 5)
     eventually(lambda: daemon.runs().get("a") == 5)  # never more than 2 s behind
+    with daemon.log.open("a") as f:
+        f.write(run_line("a", (500,) * 3, ok=False, error=ERR_OTHER, ts=now_iso()) + "\n")
+    eventually(lambda: daemon.runs().get("a") == 6)
     status = daemon.cli("status")
+    [cron] = status["crons"]  # the daemon's own counts: one run of six failed, after retries
+    assert cron["final_failure_rate"] == cron["retry_rate"] == round(1 / 6, 6)
     assert status["daemon"]["pid"] == daemon.proc.pid  # type: ignore[union-attr]
     assert status["tail"]["offset"] == daemon.log.stat().st_size
     second = subprocess.run(

@@ -372,7 +372,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if pid is not None and snapshot is not None and snapshot["pid"] == pid:
         # The daemon publishes within a second of every change it reads.
         published = json.loads(snapshot["document"])
-        tail, crons = published["tail"], published["crons"]
+        tail = published["tail"]
+        crons = {  # runs, final failures, retried (an older daemon published runs alone)
+            name: tuple(v) if isinstance(v, list) else (v, None, None)
+            for name, v in published["crons"].items()
+        }
         daemon = {"pid": pid, "published_at": _iso(snapshot["updated_at"])}
     else:
         since = now - settings.window.total_seconds()
@@ -382,7 +386,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ReadOptions(since=since, read_at=now, max_line_bytes=settings.max_line_bytes),
             )
             crons = {
-                name: c.window(since, stats.bucket_seconds).runs for name, c in stats.crons.items()
+                name: c.counts_since(since, stats.bucket_seconds)
+                for name, c in stats.crons.items()
             }
             tail = {
                 "path": str(settings.log_path),
@@ -402,7 +407,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     experiments = store.experiments("starting", "running")
     pending = store.reviews("pending")
     for e in experiments:
-        crons.setdefault(e.cron, 0)
+        crons.setdefault(e.cron, (0, 0, 0))
     outbox = dict.fromkeys(("pending", "dead"), 0) | {
         row["state"]: row["n"]
         for row in store.db.execute(
@@ -414,8 +419,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         "tail": tail,
         "notifications": outbox,
         "crons": [
-            {"cron": name, "runs": runs, "params": engine.current_params(name).as_dict()}
-            for name, runs in sorted(crons.items())
+            {
+                "cron": name,
+                "runs": runs,
+                "final_failure_rate": _share(failures, runs),
+                "retry_rate": _share(retried, runs),
+                "params": engine.current_params(name).as_dict(),
+            }
+            for name, (runs, failures, retried) in sorted(crons.items())
         ],
         "experiments": [_experiment_json(e) for e in experiments],
         "pending": [r.as_json() for r in pending],
@@ -425,10 +436,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{tail['malformed']:,} malformed, offset {tail['offset']:,})"
     ]
     lines.append(f"Crons ({len(crons)}):")
-    for name, runs in sorted(crons.items()):
+    for name, (runs, failures, retried) in sorted(crons.items()):
         p = engine.current_params(name)
+        failed, retries = _share(failures, runs), _share(retried, runs)
+        rates = (
+            f", {failed:.1%} failed, {retries:.1%} retried"
+            if failed is not None and retries is not None
+            else ""
+        )
         lines.append(
-            f"  {safe_text(name)}: {runs} runs; maxRetries {p.maxRetries},"
+            f"  {safe_text(name)}: {runs} runs{rates}; maxRetries {p.maxRetries},"
             f" timeout {p.timeout:,} ms, backoffBase {p.backoffBase:,} ms"
         )
     lines.append(f"Experiments under way ({len(experiments)}):")
@@ -450,6 +467,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             f" — {safe_text(r.why_manual)}  (tunerd approve {r.id} | reject {r.id})"
         )
     return _emit(args, document, "\n".join(lines))
+
+
+def _share(part: int | None, whole: int) -> float | None:
+    return round(part / whole, 6) if part is not None and whole else None
 
 
 def cmd_history(args: argparse.Namespace) -> int:

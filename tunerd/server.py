@@ -230,7 +230,7 @@ class Daemon:
         self._dirty_status = False
         now = self._published_at = time.time()
         since = now - self.settings.window.total_seconds()
-        crons = {name: c.runs_since(since, DAY) for name, c in self.stats.crons.items()}
+        crons = {name: c.counts_since(since, DAY) for name, c in self.stats.crons.items()}
         checkpoint = self.follower.checkpoint()
         document = {
             "tail": {
@@ -239,7 +239,7 @@ class Daemon:
                 "entries": self.stats.totals.entries,  # since the first start: checkpointed
                 "malformed": self.stats.totals.malformed,
             },
-            "crons": {name: runs for name, runs in crons.items() if runs},
+            "crons": {name: counts for name, counts in crons.items() if counts[0]},
         }
         with self.store.transaction() as db:
             db.execute(

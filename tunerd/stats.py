@@ -265,13 +265,18 @@ class CronStats:
     params_at: float = -math.inf
     schedule: str | None = None
 
-    def runs_since(self, since: float | None, bucket_seconds: float | None) -> int:
-        """How many runs ``window`` would hold, without merging anything."""
-        return sum(
-            b.runs
-            for key, b in self.buckets.items()
-            if since is None or bucket_seconds is None or (key + 1) * bucket_seconds > since
-        )
+    def counts_since(
+        self, since: float | None, bucket_seconds: float | None
+    ) -> tuple[int, int, int]:
+        """Runs, final failures and retried runs ``window`` would hold, without merging anything
+        (what the daemon's status shows, at most a hundred times a second)."""
+        runs = failures = retried = 0
+        for key, b in self.buckets.items():
+            if since is None or bucket_seconds is None or (key + 1) * bucket_seconds > since:
+                runs += b.runs
+                failures += b.runs - b.successes
+                retried += b.retried
+        return runs, failures, retried
 
     def window(self, since: float | None, bucket_seconds: float | None) -> RunStats:
         """The merge of the buckets from ``since`` on (bucket granularity)."""
