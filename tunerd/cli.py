@@ -386,8 +386,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ReadOptions(since=since, read_at=now, max_line_bytes=settings.max_line_bytes),
             )
             crons = {
-                name: c.counts_since(since, stats.bucket_seconds)
-                for name, c in stats.crons.items()
+                name: c.counts_since(since, stats.bucket_seconds) for name, c in stats.crons.items()
             }
             tail = {
                 "path": str(settings.log_path),
@@ -650,6 +649,7 @@ def _experiment_json(e: Experiment) -> dict[str, Any]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from tunerd.configfile import is_configured
+    from tunerd.logfile import read_batches
     from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
     from tunerd.records import Entry
     from tunerd.report import safe_text
@@ -691,16 +691,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     malformed = 0
     try:
-        with open(args.log, "rb") as f:
-            while block := f.read(1 << 20):
-                batch = reader.feed(block)
-                take(batch.entries)
-                malformed += len(batch.malformed)
+        for batch in read_batches(Path(args.log), reader):
+            take(batch.entries)
+            malformed += len(batch.malformed)
     except OSError as exc:
         raise CommandError(f"cannot read the log {args.log}: {exc.strerror or exc}") from None
-    batch = reader.finish()
-    take(batch.entries)
-    malformed += len(batch.malformed)
     if malformed:
         print(f"warning: {malformed:,} malformed lines skipped", file=sys.stderr)
     verdict = judge(args.param, control, treatment, args.look, verdict_settings)

@@ -13,11 +13,12 @@ import multiprocessing
 import os
 import re
 import stat
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
+from tunerd.reader import DEFAULT_MAX_LINE_BYTES, Batch, LogReader
 from tunerd.stats import LogStats
 
 BLOCK = 1 << 20
@@ -113,12 +114,12 @@ def read_window(path: Path, options: ReadOptions) -> LogStats:
     return stats
 
 
-def _read_range(path: Path, start: int, end: int | None, options: ReadOptions) -> LogStats:
-    """Read ``[start, end)`` (to EOF when ``end`` is None); ``start`` is at a line's start."""
-    stats = LogStats(
-        since=options.since, bucket_seconds=options.bucket_seconds, max_crons=options.max_crons
-    )
-    reader = LogReader(offset=start, max_line_bytes=options.max_line_bytes)
+def read_batches(
+    path: Path, reader: LogReader, start: int = 0, end: int | None = None
+) -> Iterator[Batch]:
+    """What ``reader`` makes of the file's bytes from ``start`` (a line's start) to ``end`` (EOF
+    when None), block by block, and last what it still held (an unterminated last line): the one
+    loop every whole-file reader shares. ``OSError`` passes to the caller."""
     remaining = None if end is None else end - start
     with path.open("rb") as f:
         f.seek(start)
@@ -128,12 +129,19 @@ def _read_range(path: Path, start: int, end: int | None, options: ReadOptions) -
                 break
             if remaining is not None:
                 remaining -= len(block)
-            batch = reader.feed(block)
-            stats.add_entries(batch.entries, options.read_at)
-            stats.add_malformed(batch.malformed)
-    batch = reader.finish()
-    stats.add_entries(batch.entries, options.read_at)
-    stats.add_malformed(batch.malformed)
+            yield reader.feed(block)
+    yield reader.finish()
+
+
+def _read_range(path: Path, start: int, end: int | None, options: ReadOptions) -> LogStats:
+    """Read ``[start, end)`` (to EOF when ``end`` is None); ``start`` is at a line's start."""
+    stats = LogStats(
+        since=options.since, bucket_seconds=options.bucket_seconds, max_crons=options.max_crons
+    )
+    reader = LogReader(offset=start, max_line_bytes=options.max_line_bytes)
+    for batch in read_batches(path, reader, start, end):
+        stats.add_entries(batch.entries, options.read_at)
+        stats.add_malformed(batch.malformed)
     stats.offset = reader.offset
     return stats
 

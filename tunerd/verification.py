@@ -7,21 +7,18 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tunerd.engine import Engine, EngineError
-from tunerd.logfile import LogFileError, rotated
+from tunerd.logfile import LogFileError, read_batches, rotated
 from tunerd.notify import Notification
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
 from tunerd.records import Entry
 from tunerd.store import Experiment
 from tunerd.targets import TargetError
 from tunerd.verdict import Arm, Verdict, VerdictSettings, arm_of, harm_check, judge
-
-BLOCK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,17 +70,12 @@ def gather_arms(
                 elif arm == "treatment":
                     treatment.add(entry)
 
-    reader = LogReader(max_line_bytes=max_line_bytes)
+    reader = LogReader(offset=skip_to, max_line_bytes=max_line_bytes)
     try:
-        with log_path.open("rb") as f:
-            f.seek(skip_to)
-            left = math.inf if stop_at is None else stop_at - skip_to
-            while left > 0 and (block := f.read(int(min(BLOCK, left)))):
-                left -= len(block)
-                take(reader.feed(block).entries)
+        for batch in read_batches(log_path, reader, skip_to, stop_at):
+            take(batch.entries)
     except OSError as exc:
         raise LogFileError(f"cannot read the log {log_path}: {exc.strerror or exc}") from exc
-    take(reader.finish().entries)
     return arms
 
 
