@@ -169,7 +169,7 @@ def test_a_huge_line_between_good_ones_under_a_small_cap(tmp_path: Path) -> None
     huge = run_line("huge", result={"output": "y" * (5 << 20)}).encode() + b"\n"
     log.write_bytes(lines(1) + huge + lines(1, 1))
     f = Follower(log, max_line_bytes=1 << 20)
-    poll = f.poll()
+    poll = f.poll(max_bytes=8 << 20)  # the whole file in one poll
     assert [e.cron for e in poll.batch.entries] == ["c0", "c1"]
     assert [m.offset for m in poll.batch.malformed] == [len(lines(1))]
     assert f.offset == log.stat().st_size

@@ -40,8 +40,11 @@ HEAD_BYTES = 1024
 MARKER_BYTES = 64
 """Bytes before the offset whose hash must match on resume."""
 BLOCK = 1 << 20
-POLL_BYTES = 8 << 20
-"""Bytes read by one poll at most (a catch-up after downtime goes in bounded steps)."""
+POLL_BYTES = 1 << 20
+"""Bytes read by one poll at most: a catch-up after downtime goes in bounded steps, small enough
+that their transient entries do not fragment the heap the daemon's long-lived statistics share
+(8 MiB steps left ~17 MB more resident), large enough for hundreds of thousands of lines a
+second."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,10 +47,6 @@ HEARTBEAT = 1.0
 """Seconds between checkpoints and status snapshots (while something changes)."""
 PUBLISH_EVERY = 0.01
 """At most this often, the status snapshot follows what was just read."""
-POLL_BYTES = 1 << 20
-"""The follower's step: small enough that a catch-up's transient entries do not fragment the heap
-the long-lived statistics share (8 MiB steps left ~17 MB more resident), large enough for
-hundreds of thousands of lines a second."""
 RESCAN = 5.0
 """Seconds after which the follower polls even without a file event (dropped events cost a delay,
 never data)."""
@@ -257,7 +253,7 @@ class Daemon:
 
     def _poll(self) -> bool:
         """Read what is new (a bounded step); True when there is more to read at once."""
-        poll = self.follower.poll(POLL_BYTES)
+        poll = self.follower.poll()
         for event in poll.events:
             log.info("log %s: %s", self.settings.log_path, event)
         if poll.batch.entries or poll.batch.malformed:
