@@ -291,8 +291,7 @@ def _engine(args: argparse.Namespace) -> tuple[Settings, Engine]:
     import logging
 
     from tunerd.cycle import build_engine
-    from tunerd.discord import DiscordNotifier
-    from tunerd.notify import LogNotifier, Notifier
+    from tunerd.notify import notifier_for
     from tunerd.store import Store, StoreError
 
     logging.basicConfig(level=logging.INFO, format="tunerd: %(message)s", stream=sys.stderr)
@@ -302,7 +301,7 @@ def _engine(args: argparse.Namespace) -> tuple[Settings, Engine]:
     except StoreError as exc:
         raise CommandError(str(exc)) from None
     url = settings.discord.url()
-    notifier: Notifier = DiscordNotifier(store, url) if url else LogNotifier()
+    notifier = notifier_for(store, url)
     engine = build_engine(settings, notifier, store)
     args.notifier = notifier
     with engine.exclusive():  # whatever a crash interrupted is settled before anything is shown

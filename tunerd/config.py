@@ -186,16 +186,20 @@ def load(explicit: str | None = None) -> Settings:
         settings = _FromFile()
     except ValidationError as exc:
         where = f" in {path}" if path else ""
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration{where}: {problems}") from None
+        raise ConfigError(f"invalid configuration{where}: {problems(exc)}") from None
     except (OSError, ValueError) as exc:  # unreadable file, TOML syntax
         raise ConfigError(f"cannot read configuration {path}: {exc}") from None
     if path is not None:
         for key in unknown_keys(path):
             log.warning("configuration %s: unknown key %r ignored (a typo?)", str(path), key)
     return settings
+
+
+def problems(exc: ValidationError) -> str:
+    """Each invalid key and why, in one line a person can act on."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}" for e in exc.errors()
+    )
 
 
 def unknown_keys(path: Path) -> list[str]:

@@ -97,8 +97,7 @@ def settings_payload(settings: Settings) -> bytes:
 def main(argv: list[str]) -> int:
     from tunerd import logs
     from tunerd.cycle import build_engine
-    from tunerd.discord import DiscordNotifier
-    from tunerd.notify import LogNotifier, Notifier
+    from tunerd.notify import notifier_for
     from tunerd.store import Store
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -111,7 +110,7 @@ def main(argv: list[str]) -> int:
     url = settings.discord.url()
     logs.configure(secrets=[url or ""])
     store = Store(settings.state_dir)
-    notifier: Notifier = DiscordNotifier(store, url) if url else LogNotifier()
+    notifier = notifier_for(store, url)
     engine = build_engine(settings, notifier, store)
     try:
         JOBS[argv[0]](engine, settings)

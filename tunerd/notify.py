@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tunerd.report import safe_text
+
+if TYPE_CHECKING:
+    from tunerd.store import Store
 
 log = logging.getLogger("tunerd.notify")
 
@@ -51,3 +54,12 @@ class LogNotifier:
             safe_text(notification.title),
             f" — {detail}" if detail else "",
         )
+
+
+def notifier_for(store: Store, url: str | None) -> Notifier:
+    """Discord through the store's outbox when a webhook is set, else the log."""
+    if not url:
+        return LogNotifier()
+    from tunerd.discord import DiscordNotifier
+
+    return DiscordNotifier(store, url)

@@ -169,13 +169,12 @@ class Simulation:
         )
         from pydantic import ValidationError
 
+        from tunerd.config import problems
+
         try:
             self.settings = Settings.model_validate(values)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-            )
-            raise ScenarioError(f"settings: {problems}") from None
+            raise ScenarioError(f"settings: {problems(exc)}") from None
         workdir.mkdir(parents=True, exist_ok=True)
         self._write_targets(workdir)
         self.engine = build_engine(self.settings, self.timeline, Store(self.settings.state_dir))
