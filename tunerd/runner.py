@@ -264,7 +264,8 @@ def choose_arm(log_path: Path, doc: ParamsFile, experiment: str, split: float) -
                     state = {}
             except ValueError:
                 state = {}
-            state = {k: v for k, v in state.items() if k in _experiment_ids(doc)}
+            running = {str(block.id) for block in doc.experiments.values()}
+            state = {k: v for k, v in state.items() if k in running}  # ended ones: forgotten
             arm = next_arm(state, experiment, split, rng)
             f.seek(0)
             f.truncate()
@@ -273,10 +274,6 @@ def choose_arm(log_path: Path, doc: ParamsFile, experiment: str, split: float) -
     except OSError as exc:
         warn(f"cannot keep the arm balance in {path} ({exc.strerror}): drawing at random")
         return "treatment" if rng.random() < split else "control"
-
-
-def _experiment_ids(doc: ParamsFile) -> set[str]:
-    return {str(block.id) for block in doc.experiments.values()}
 
 
 def append_line(log_path: Path, line: dict[str, Any]) -> bool:
