@@ -435,7 +435,10 @@ class Daemon:
 
     async def _job(self, kind: str) -> None:
         """Run by the scheduler on the event loop: hand the work to the worker thread, and
-        rebuild the timers after anything that may start or end an experiment."""
+        rebuild the timers after anything that may start or end an experiment. The hourly harm
+        check with no experiment running has nothing to do: no child process is started for it."""
+        if kind in ("verify", "harm") and not self.store.experiments("running"):
+            return
         future = self.worker.submit(kind)
         if kind in ("cycle", "verify", "harm"):
             loop = asyncio.get_running_loop()
