@@ -31,7 +31,6 @@ class Assignment:
     """A run's place in an experiment: what ``experiment`` in its log line says."""
 
     experiment: str
-    param: str
     arm: Arm
 
     def as_json(self) -> dict[str, str]:
@@ -70,7 +69,7 @@ def assign(params: Params, block: ExperimentBlock, arm: Arm) -> tuple[Params, As
     value = block.treatment if arm == "treatment" else block.control
     return (
         params.with_overrides({block.param: value}),
-        Assignment(str(block.id), block.param, arm),
+        Assignment(str(block.id), arm),
     )
 
 
