@@ -172,7 +172,10 @@ def test_script_target_is_sequential_and_exact(setup: dict[str, Path]) -> None:
     results = {a["cron"]: (a["result"], a["detail"]) for a in report["actions"]}
     assert results["flaky"][0] == "started"
     assert "MAX_RETRIES: 4," in good.read_text()
-    assert results["api"][0] == "queued" and "matches 2 times" in results["api"][1]
+    # A change the script cannot take is said, not queued for a person who could not apply it.
+    assert "api" not in results
+    (advice,) = [a for a in report["advisories"] if a["type"] == "cannot_apply"]
+    assert advice["subject"] == "api" and "matches 2 times" in advice["message"]
     assert ambiguous.read_text().count("1000") == 2
     modes = {e["cron"]: e["mode"] for e in as_json(setup, "status")["experiments"]}
     assert modes["flaky"] == "sequential"

@@ -13,28 +13,32 @@ from hypothesis import strategies as st
 
 from tunerd.analysis import Analysis, CronSummary
 from tunerd.cycle import _execute, state_view
-from tunerd.engine import Engine, EngineError, Targets
+from tunerd.engine import Engine, EngineError
 from tunerd.notify import LogNotifier
-from tunerd.params import SPECS, TUNABLE, Params, classify_change
+from tunerd.params import SPECS, TUNABLE, InForce, classify_change
 from tunerd.policy import PolicySettings, SafetyError, StateView, decide
 from tunerd.rules import Recommendation
 from tunerd.stats import Totals
 from tunerd.store import Store
-from tunerd.targets import ParamsFileTarget
+from tunerd.targets import ParamsFileTarget, Targets
 
 
 def summary(cron: str, runs: int = 100) -> CronSummary:
     return CronSummary(
         cron=cron,
-        params=Params(),
+        params=InForce(),
         runs=runs,
         successes=runs,
         retried=0,
         attempts=runs,
+        exhausted=0,
+        non_retryable=0,
+        non_retryable_first=0,
         duration=None,
         first_attempt=None,
         success_attempt=None,
         rate_limit=0,
+        rate_limit_retried=0,
         timeout=0,
         other=0,
         rate_limited_retries=0,

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import msgspec
 import pytest
 
-from tunerd.records import Entry, classify_error, describe_error, is_test, to_datetime
+from tunerd.records import (
+    Entry,
+    classify_error,
+    describe_error,
+    failure_cause,
+    is_test,
+    non_retryable_at_first,
+    to_datetime,
+)
 
 from .conftest import ERR_429, ERR_OTHER, ERR_TIMEOUT, run_line
 
@@ -44,18 +53,74 @@ def test_error_classes(error: object, expected: str) -> None:
 
 
 def test_missing_error_is_other_with_a_signature() -> None:
-    kind, signature, fix = describe_error(b"")
-    assert (kind, fix) == ("other", None)
+    kind, signature, fix, retryable = describe_error(b"")
+    assert (kind, fix, retryable) == ("other", None, False)
     assert signature
 
 
 def test_signature_folds_numbers_and_keeps_the_fix() -> None:
-    _, a, fix = describe_error(
+    _, a, fix, _ = describe_error(
         raw({"type": "E", "message": "port 8080 closed", "suggestedFix": "f"})
     )
-    _, b, _ = describe_error(raw({"type": "E", "message": "port 9090 closed"}))
+    _, b, _, _ = describe_error(raw({"type": "E", "message": "port 9090 closed"}))
     assert a == b == "E: port # closed"
     assert fix == "f"
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable"),
+    [
+        # the wrapper's own flag wins
+        ({"type": 1, "message": "Command failed: job", "retryable": False}, False),
+        ({"type": "Error", "message": "HTTP 429", "statusCode": 429, "retryable": True}, True),
+        # without it, the wrapper's rule: a network code, a transient status, "timeout"
+        ({"type": "ECONNRESET", "message": "socket hang up"}, True),
+        ({"type": "Error", "message": "bad gateway", "statusCode": 502}, True),
+        ({"type": "Error", "message": "HTTP 404", "statusCode": 404}, False),
+        ({"type": 1, "message": "Command failed: job\nread timeout"}, True),
+        ({"type": 1, "message": "Command failed: job\nTimeout"}, False),  # case-sensitive
+        ({"type": 1, "message": "Command failed: job"}, False),
+        ("ETIMEDOUT while fetching", False),
+        ("socket timeout", True),
+    ],
+)
+def test_retryable_as_the_wrapper_decides(error: object, retryable: bool) -> None:
+    assert describe_error(raw(error)).retryable is retryable
+
+
+def _entry(line: dict[str, object]) -> Entry:
+    return msgspec.json.decode(json.dumps(line).encode(), type=Entry)
+
+
+NOT_RETRIED = {"type": 1, "message": "Command failed: job", "retryable": False}
+RETRIED = {"type": "ETIMEDOUT", "message": "Command failed: job", "retryable": True}
+
+
+@pytest.mark.parametrize(
+    ("attempts", "reason", "cause", "at_first"),
+    [
+        ([RETRIED, RETRIED, RETRIED], None, "exhausted", False),
+        ([NOT_RETRIED], "Non-retryable error", "non_retryable", True),
+        ([RETRIED, NOT_RETRIED], "Non-retryable error", "non_retryable", False),
+        # at the last attempt the wrapper writes no reason, even for an error it does not retry
+        ([RETRIED, RETRIED, NOT_RETRIED], None, "non_retryable", False),
+        ([NOT_RETRIED], None, "non_retryable", True),  # maxRetries 1
+        ([RETRIED], "interrupted by SIGTERM", "other", False),
+        ([], None, "other", False),
+    ],
+)
+def test_failure_causes(
+    attempts: list[dict[str, object]], reason: str | None, cause: str, at_first: bool
+) -> None:
+    line: dict[str, object] = {
+        "type": "failure",
+        "attempts": [{"attempt": i, "success": False, "error": e} for i, e in enumerate(attempts)],
+    }
+    if reason:
+        line["reason"] = reason
+    entry = _entry(line)
+    assert failure_cause(entry) == cause
+    assert non_retryable_at_first(entry) is at_first
 
 
 def test_test_entries() -> None:

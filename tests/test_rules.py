@@ -5,17 +5,21 @@ from __future__ import annotations
 import pytest
 
 from tunerd.analysis import Analysis, analyze
-from tunerd.params import Params, ParamsFile, classify_change, parse_params_file
+from tunerd.params import InForce, Params, ParamsFile, classify_change, parse_params_file
 from tunerd.reader import LogReader
 from tunerd.stats import LogStats
 
 from .conftest import ERR_429, ERR_OTHER, ERR_TIMEOUT, run_line
 
 
-def analysis_of(lines: list[str], params: Params | None = None) -> Analysis:
+def analysis_of(lines: list[str], params: Params | InForce | None = None) -> Analysis:
     stats = LogStats()
     stats.add_entries(LogReader().feed(("\n".join(lines) + "\n").encode()).entries, 0)
-    return analyze(stats, lambda cron, logged: params or Params().with_overrides(logged))
+    if isinstance(params, Params):
+        params = InForce.of(params, "test")
+    return analyze(
+        stats, lambda cron, logged: params or InForce.of(Params().with_overrides(logged), "logged")
+    )
 
 
 def runs(
@@ -109,8 +113,14 @@ def test_safety_table() -> None:
 def test_level3_advisories() -> None:
     lines = runs("broken", 50, retried=11, error=ERR_OTHER)
     lines += runs("hangs", 94, retried=6, error=ERR_TIMEOUT)
-    kinds = {(v.type, v.subject) for v in analysis_of(lines).advisories}
+    # At the top of the safe range a longer timeout needs a human: the timeouts are advised on.
+    at_top = analysis_of(lines, Params(timeout=30000))
+    kinds = {(v.type, v.subject) for v in at_top.advisories}
     assert kinds == {("recurring_error", "broken"), ("recurring_timeout", "hangs")}
+    # Below it, tunerd tries one step up itself, and says nothing more.
+    (r,) = analysis_of(lines).recommendations
+    assert (r.cron, r.param, r.proposed, r.decision) == ("hangs", "timeout", 22500, "auto")
+    assert {v.type for v in analysis_of(lines).advisories} == {"recurring_error"}
 
 
 def test_task_only_runs_are_named_in_an_advisory() -> None:
@@ -127,4 +137,77 @@ def test_params_file_and_logged_params() -> None:
     assert pf.params_for("c") == Params(maxRetries=3, timeout=20000, backoffBase=2000)  # 0 means 3
     assert pf.params_for("other") == Params(timeout=20000)
     a = analysis_of([run_line("c", params={"maxRetries": 4, "timeout": 25000})])
-    assert a.crons[0].params == Params(maxRetries=4, timeout=25000)
+    assert a.crons[0].params == InForce(maxRetries=4, timeout=25000, source="logged")
+
+
+EXIT_1 = {
+    "type": 1,
+    "message": "Command failed: ./job.sh\n",
+    "retryable": False,
+    "category": "unknown",
+    "suggestedFix": "Unknown error",
+}
+
+
+def test_failures_the_wrapper_does_not_retry_call_for_no_more_attempts() -> None:
+    """84 of 87 final failures were non-zero exits: one more attempt could rescue none of them."""
+    lines = runs("flaky", 700, retried=100, failed=3)
+    lines += [
+        run_line("flaky", (900,), ok=False, error=EXIT_1, reason="Non-retryable error")
+        for _ in range(84)
+    ]
+    a = analysis_of(lines)
+    assert [p.type for p in a.patterns] == ["high_retry_rate"]
+    assert a.recommendations == []
+    (s,) = a.crons
+    assert (s.failures, s.exhausted, s.non_retryable, s.non_retryable_first) == (87, 3, 84, 84)
+    (v,) = [v for v in a.advisories if v.type != "recurring_error"]  # the retried ECONNRESETs
+    assert v.type == "non_retryable" and v.count == 84
+    assert "84 of 87 final failures" in v.message
+    assert "exit 1: Command failed: ./job.sh" in v.message
+
+
+def test_a_timeout_that_cuts_attempts_off_is_raised_one_step() -> None:
+    """Successful attempts all fit under the timeout by construction: their p99 can never call
+    for more room, however many attempts are killed."""
+    killed = {**ERR_TIMEOUT, "message": "Command failed: ./slow.sh\n"}
+    lines = runs("slow", 60, retried=25, failed=5, error=killed, duration=6000)
+    a = analysis_of(lines, Params(timeout=10000))
+    (r,) = [r for r in a.recommendations if r.param == "timeout"]
+    assert (r.current, r.proposed, r.decision) == (10000, 15000, "auto")
+    assert "cannot be seen" in r.reason and "guardrail" in r.reason
+    near_top = analysis_of(lines, Params(timeout=25000))
+    assert [r.proposed for r in near_top.recommendations if r.param == "timeout"] == [30000]
+
+
+def test_only_rate_limits_the_wrapper_retries_call_for_a_longer_backoff() -> None:
+    exit_429 = {**EXIT_1, "message": "Command failed: ./api.sh\nHTTP 429 Too Many Requests\n"}
+    lines = runs("api", 90, retried=0)
+    lines += [
+        run_line("api", (100,), ok=False, error=exit_429, reason="Non-retryable error")
+        for _ in range(10)
+    ]
+    a = analysis_of(lines)
+    assert [p.type for p in a.patterns] == ["rate_limited"]
+    assert a.recommendations == []
+    assert {v.type for v in a.advisories} == {"non_retryable", "rate_limit_not_retried"}
+
+
+def test_a_change_the_script_cannot_take_is_an_advisory_not_a_hold() -> None:
+    script = InForce(
+        source="script x.js",
+        fixed=(("backoffBase", "x.js: add `BACKOFF_BASE: 1000,` ..."),),
+    )
+    a = analysis_of(runs("api", 80, retried=15, failed=5, error=ERR_429), script)
+    assert {r.param for r in a.recommendations} == {"backoffBase", "maxRetries"}
+    (v,) = [v for v in a.advisories if v.type == "cannot_apply"]
+    assert "backoffBase 1,000 → 2,000" in v.message and "BACKOFF_BASE" in v.message
+
+
+def test_an_unknown_value_is_never_proposed_from() -> None:
+    lines = runs("slow", 60, retried=25, failed=5, error=ERR_TIMEOUT, duration=6000)
+    unknown = InForce(timeout=None, source="script x.js")
+    a = analysis_of(lines, unknown)
+    assert [p.type for p in a.patterns] == ["high_retry_rate", "slow_response"]
+    assert "a timeout tunerd cannot see" in a.patterns[1].detail
+    assert [r.param for r in a.recommendations] == ["maxRetries"]

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from tunerd.targets import (
+    InForceReader,
     ParamsFileTarget,
     ScriptTarget,
     TargetError,
+    Targets,
     atomic_write,
     read_target,
     remove_stale_temporaries,
@@ -71,7 +73,8 @@ def test_params_file_keeps_what_it_does_not_know(tmp_path: Path) -> None:
     assert doc["note"] == "mine" and doc["experiments"]["c"]["param"] == "maxRetries"
     committed = json.loads(target.set_value(started, "c", "maxRetries", 4))
     assert committed["crons"]["c"] == {"maxRetries": 4} and committed["experiments"] == {}
-    assert target.params_for(json.dumps(committed).encode(), "c").maxRetries == 4
+    in_force = target.in_force(json.dumps(committed).encode(), "c")
+    assert (in_force.maxRetries, in_force.timeout, in_force.fixed) == (4, 20000, ())
 
 
 def test_an_unreadable_params_file_is_never_overwritten(tmp_path: Path) -> None:
@@ -85,8 +88,8 @@ def test_an_unreadable_params_file_is_never_overwritten(tmp_path: Path) -> None:
 def test_script_target_both_spellings(tmp_path: Path) -> None:
     target = ScriptTarget(tmp_path / "monitor.js", "TQQQ 15분 모니터링")
     content = SCRIPT.encode()
-    assert target.params_for(content, target.cron).maxRetries == 3
-    assert target.params_for(content, target.cron).timeout == 15000
+    in_force = target.in_force(content, target.cron)
+    assert (in_force.maxRetries, in_force.timeout) == (3, 15000)
     edited = target.set_value(content, target.cron, "maxRetries", 4).decode()
     assert (
         "MAX_RETRIES: 4," in edited and edited.replace("MAX_RETRIES: 4", "MAX_RETRIES: 3") == SCRIPT
@@ -105,3 +108,48 @@ def test_script_target_must_match_exactly_once(tmp_path: Path) -> None:
         target.set_value(twice, "c", "timeout", 20000)
     with pytest.raises(TargetError, match="matches 0 times"):
         target.set_value(SCRIPT.encode(), "c", "backoffBase", 2000)
+
+
+def test_a_script_says_what_it_holds_and_what_to_add(tmp_path: Path) -> None:
+    """The user's scripts have MAX_RETRIES and an exec() timeout but no backoff line: the backoff
+    runs at the wrapper's default, cannot be written, and the reason says what to add."""
+    target = ScriptTarget(tmp_path / "monitor.js", "c")
+    in_force = target.in_force(SCRIPT.replace("15000", "10000").encode(), "c")
+    assert (in_force.maxRetries, in_force.timeout, in_force.backoffBase) == (3, 10000, 1000)
+    assert in_force.backoff == "exponential" and in_force.unwritable("timeout") is None
+    why = in_force.unwritable("backoffBase")
+    assert why is not None and "BACKOFF_BASE: 1000," in why and "baseDelay" in why
+    with pytest.raises(TargetError, match="BACKOFF_BASE"):
+        target.set_value(SCRIPT.encode(), "c", "backoffBase", 2000)
+    # No timeout in exec(): unknown, never the default; two matches: unknown and ambiguous.
+    no_timeout = target.in_force(b"const CONFIG = { MAX_RETRIES: 0 };", "c")
+    assert (no_timeout.maxRetries, no_timeout.timeout) == (3, None)  # 0 means 3, as `0 || 3`
+    assert "timeout: 15000" in (no_timeout.unwritable("timeout") or "")
+    twice = target.in_force(b"a({timeout: 1000}); b({timeout: 2000}); c({baseDelay: 2000});", "c")
+    assert twice.timeout is None and "matches 2 times" in (twice.unwritable("timeout") or "")
+    same = target.in_force(b"const A = { BACKOFF_BASE: 2000 }; x({ baseDelay: 2000 });", "c")
+    assert same.backoffBase == 2000 and same.unwritable("backoffBase") is not None
+
+
+def test_one_reader_for_every_command(tmp_path: Path) -> None:
+    """A script when configured; else the params file; else what the log recorded; else the
+    wrapper's defaults. A file that cannot be read leaves the values unknown."""
+    script = tmp_path / "monitor.js"
+    script.write_text(SCRIPT)
+    params = tmp_path / "params.json"
+    targets = Targets(ParamsFileTarget(params), {"s": ScriptTarget(script, "s")})
+    logged = {"maxRetries": 4}
+    assert InForceReader(targets)("s", logged).timeout == 15000
+    assert InForceReader(targets)("p", logged).maxRetries == 4  # no params file yet: the log
+    assert InForceReader(targets)("p").source.startswith("the wrapper's defaults")
+    params.write_text('{"crons": {"p": {"timeout": 20000}}}')
+    assert InForceReader(targets)("p", logged).as_dict()["timeout"] == 20000
+    script.unlink()
+    gone = InForceReader(targets)("s")
+    assert gone.as_dict() == {
+        "maxRetries": None,
+        "timeout": None,
+        "backoffBase": None,
+        "backoff": "exponential",
+    }
+    assert "does not exist" in (gone.unwritable("maxRetries") or "")

@@ -28,7 +28,7 @@ def test_a_clear_improvement_commits_with_its_evidence() -> None:
     assert v.decision == "commit"
     primary = v.tests[0]
     assert (primary.metric, primary.role, primary.test) == (
-        "final_failure_rate",
+        "reachable_failure_rate",
         "primary",
         "Boschloo exact",
     )

@@ -77,7 +77,11 @@ def test_verify_contract_and_decisions(tmp_path: Path) -> None:
         "duration_ms_mean",
     }
     assert doc["arms"]["control"]["final_failure_rate"] == pytest.approx(0.12)
-    assert {t["metric"] for t in doc["tests"]} == {"final_failure_rate", "duration"}
+    assert {t["metric"] for t in doc["tests"]} == {
+        "reachable_failure_rate",
+        "final_failure_rate",
+        "duration",
+    }
     assert all({"metric", "test", "p_value", "effect"} <= set(t) for t in doc["tests"])
     assert "malformed" in done.stderr
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from tunerd.params import Params
+from tunerd.params import InForce
 from tunerd.rules import (
     DEFAULT_THRESHOLDS,
     Advisory,
@@ -48,15 +49,20 @@ class CronSummary(Rates):
     """The statistics of one cron over the window, with the parameters it runs with."""
 
     cron: str
-    params: Params
+    params: InForce
     runs: int
     successes: int
     retried: int
     attempts: int
+    exhausted: int
+    non_retryable: int
+    non_retryable_first: int
     duration: Distribution | None
     first_attempt: Distribution | None
     success_attempt: Distribution | None
     rate_limit: int
+    rate_limit_retried: int
+    """Attempts answered with HTTP 429 that the wrapper retries (a longer backoff can help)."""
     timeout: int
     other: int
     rate_limited_retries: int
@@ -67,7 +73,7 @@ class CronSummary(Rates):
     schedule: str | None = None
 
     @classmethod
-    def of(cls, cron: str, run: RunStats, params: Params, schedule: str | None) -> CronSummary:
+    def of(cls, cron: str, run: RunStats, params: InForce, schedule: str | None) -> CronSummary:
         signatures = sorted(run.errors.signatures.items(), key=lambda kv: (-kv[1].count, kv[0]))
         return cls(
             cron=cron,
@@ -76,10 +82,14 @@ class CronSummary(Rates):
             successes=run.successes,
             retried=run.retried,
             attempts=run.attempts,
+            exhausted=run.exhausted,
+            non_retryable=run.non_retryable,
+            non_retryable_first=run.non_retryable_first,
             duration=Distribution.of(run.duration),
             first_attempt=Distribution.of(run.first_attempt),
             success_attempt=Distribution.of(run.success_attempt),
             rate_limit=run.rate_limit,
+            rate_limit_retried=run.errors.count("rate_limit", retryable=True),
             timeout=run.timeout,
             other=run.other,
             rate_limited_retries=run.rate_limited_retries,
@@ -109,8 +119,9 @@ class Analysis:
     period: tuple[float, float] | None = None
 
 
-ParamsLookup = Callable[[str, dict[str, object] | None], Params]
-"""(cron, the params its latest log line carried) -> the parameters it runs with."""
+ParamsLookup = Callable[[str, dict[str, Any] | None], InForce]
+"""(cron, the params its latest log line carried) -> the parameters it runs with
+(``targets.InForceReader``)."""
 
 
 def analyze(

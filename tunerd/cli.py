@@ -23,8 +23,8 @@ from tunerd.timeparse import iso as _iso
 if TYPE_CHECKING:
     from tunerd.config import Settings
     from tunerd.engine import Engine
-    from tunerd.params import Params, ParamsFile
     from tunerd.store import Experiment, Review
+    from tunerd.targets import InForceReader
 
 USAGE_ERROR = 2
 FAILURE = 1
@@ -207,7 +207,24 @@ def _settings(explicit: str | None) -> Settings:
         raise CommandError(str(exc), USAGE_ERROR) from None
 
 
-def _read_params_file(path: Path, named: bool) -> ParamsFile | None:
+def _in_force(params: str | None, settings: Settings | None) -> InForceReader:
+    """Where ``analyze`` and ``simulate --from-log`` read each cron's parameters: the configured
+    scripts and params file (``--params`` names another), as the cycle does; without a
+    configuration, ``--params`` or what each cron's log lines recorded."""
+    from tunerd.targets import InForceReader, ParamsFileTarget, Targets
+
+    path = Path(params).expanduser() if params is not None else None
+    if path is not None:
+        _check_params_file(path, named=True)
+    elif settings is not None:
+        _check_params_file(settings.params_file, named=False)
+    if settings is not None:
+        return InForceReader(settings.targets(path))
+    return InForceReader(None if path is None else Targets(ParamsFileTarget(path), {}))
+
+
+def _check_params_file(path: Path, named: bool) -> None:
+    """A params file named on the command line must exist; any params file must be valid."""
     from tunerd.params import ParamsFileError, parse_params_file
 
     try:
@@ -215,11 +232,11 @@ def _read_params_file(path: Path, named: bool) -> ParamsFile | None:
     except FileNotFoundError:
         if named:
             raise CommandError(f"params file {path} does not exist", USAGE_ERROR) from None
-        return None
+        return
     except OSError as exc:
         raise CommandError(f"cannot read params file {path}: {exc.strerror}") from None
     try:
-        return parse_params_file(data)
+        parse_params_file(data)
     except ParamsFileError as exc:
         raise CommandError(
             f"params file {path} is not valid: {exc} (expected "
@@ -231,14 +248,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tunerd.analysis import analyze
     from tunerd.configfile import is_configured
     from tunerd.logfile import LogFileError, ReadOptions, read_log
-    from tunerd.params import Params
     from tunerd.reader import DEFAULT_MAX_LINE_BYTES
     from tunerd.report import analysis_json, analysis_text, malformed_text
     from tunerd.timeparse import parse_since
 
     now = datetime.now(UTC)
     settings = None
-    if args.log is None or args.config or (args.params is None and is_configured(args.config)):
+    if args.log is None or args.config or is_configured(args.config):
         settings = _settings(args.config)
     log = settings.log_path if args.log is None and settings else Path(args.log)
     since = None
@@ -250,16 +266,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise CommandError("--jobs must be at least 1", USAGE_ERROR)
 
-    params_file = None
-    if args.params is not None:
-        params_file = _read_params_file(Path(args.params), named=True)
-    elif settings is not None:
-        params_file = _read_params_file(settings.params_file, named=False)
-
-    def params_for(cron: str, logged: dict[str, object] | None) -> Params:
-        if params_file is not None:
-            return params_file.params_for(cron)
-        return Params().with_overrides(logged)
+    in_force = _in_force(args.params, settings)
 
     options = ReadOptions(
         since=since.timestamp() if since else None,
@@ -273,7 +280,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except LogFileError as exc:
         hint = "" if args.log else " (set log_path in the configuration or pass LOG)"
         raise CommandError(f"{exc}{hint}") from None
-    result = analyze(stats, params_for, since=options.since)
+    result = analyze(stats, in_force, since=options.since)
     for line in malformed_text(stats.totals.malformed, stats.malformed_samples):
         print(line, file=sys.stderr)
     if args.json:
@@ -359,8 +366,10 @@ def cmd_cycle(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from tunerd.logfile import LogFileError, ReadOptions, read_window
-    from tunerd.report import safe_text
+    from tunerd.report import params_text, safe_text
     from tunerd.server import daemon_pid
+    from tunerd.targets import InForceReader
+    from tunerd.timeparse import human_duration
 
     settings, engine = _engine(args)
     now = time.time()
@@ -368,12 +377,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     pid = daemon_pid(settings.state_dir)
     snapshot = store.db.execute("SELECT * FROM daemon_status WHERE id = 1").fetchone()
     daemon = None
+    counts: dict[str, list[int | None]]
     if pid is not None and snapshot is not None and snapshot["pid"] == pid:
-        # The daemon publishes within a second of every change it reads.
+        # The daemon publishes within a second of every change it reads: per cron runs, final
+        # failures, retried, exhausted, non-retryable (an older daemon published fewer).
         published = json.loads(snapshot["document"])
         tail = published["tail"]
-        crons = {  # runs, final failures, retried (an older daemon published runs alone)
-            name: tuple(v) if isinstance(v, list) else (v, None, None)
+        counts = {
+            name: [*(v if isinstance(v, list) else [v])][:5]
             for name, v in published["crons"].items()
         }
         daemon = {"pid": pid, "published_at": _iso(snapshot["updated_at"])}
@@ -384,8 +395,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 settings.log_path,
                 ReadOptions(since=since, read_at=now, max_line_bytes=settings.max_line_bytes),
             )
-            crons = {
-                name: c.counts_since(since, stats.bucket_seconds) for name, c in stats.crons.items()
+            counts = {
+                name: [*c.counts_since(since, stats.bucket_seconds)]
+                for name, c in stats.crons.items()
             }
             tail = {
                 "path": str(settings.log_path),
@@ -394,7 +406,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "malformed": stats.totals.malformed,
             }
         except LogFileError as exc:
-            crons = {}
+            counts = {}
             tail = {
                 "path": str(settings.log_path),
                 "offset": 0,
@@ -405,28 +417,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     experiments = store.experiments("starting", "running")
     pending = store.reviews("pending")
     for e in experiments:
-        crons.setdefault(e.cron, (0, 0, 0))
+        counts.setdefault(e.cron, [0, 0, 0, 0, 0])
+    for values in counts.values():
+        values += [None] * (5 - len(values))
+    in_force = InForceReader(engine.targets)
     outbox = dict.fromkeys(("pending", "dead"), 0) | {
         row["state"]: row["n"]
         for row in store.db.execute(
             "SELECT state, COUNT(*) AS n FROM outbox WHERE state != 'delivered' GROUP BY state"
         )
     }
+    undo = {e.id: store.start_of(e.id) for e in experiments}
+    crons: list[dict[str, Any]] = []
+    for name, (runs, failures, retried, exhausted, non_retryable) in sorted(counts.items()):
+        p = in_force(name)
+        crons.append(
+            {
+                "cron": name,
+                "runs": runs or 0,
+                "final_failure_rate": _share(failures, runs or 0),
+                "final_failures": None
+                if exhausted is None or failures is None or non_retryable is None
+                else {
+                    "exhausted": exhausted,
+                    "non_retryable": non_retryable,
+                    "other": failures - exhausted - non_retryable,
+                },
+                "retry_rate": _share(retried, runs or 0),
+                "params": p.as_dict(),
+                "params_source": p.source,
+                "params_unwritable": dict(p.fixed),
+            }
+        )
     document = {
         "daemon": daemon,
         "tail": tail,
         "notifications": outbox,
-        "crons": [
-            {
-                "cron": name,
-                "runs": runs,
-                "final_failure_rate": _share(failures, runs),
-                "retry_rate": _share(retried, runs),
-                "params": engine.current_params(name).as_dict(),
-            }
-            for name, (runs, failures, retried) in sorted(crons.items())
-        ],
-        "experiments": [_experiment_json(e) for e in experiments],
+        "crons": crons,
+        "experiments": [_experiment_json(e) | {"change": undo[e.id]} for e in experiments],
         "pending": [r.as_json() for r in pending],
     }
     lines = [
@@ -434,24 +462,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{tail['malformed']:,} malformed, offset {tail['offset']:,})"
     ]
     lines.append(f"Crons ({len(crons)}):")
-    for name, (runs, failures, retried) in sorted(crons.items()):
-        p = engine.current_params(name)
-        failed, retries = _share(failures, runs), _share(retried, runs)
-        rates = (
-            f", {failed:.1%} failed, {retries:.1%} retried"
-            if failed is not None and retries is not None
-            else ""
+    for row in crons:
+        failed, retries, causes = (
+            row["final_failure_rate"],
+            row["retry_rate"],
+            row["final_failures"],
         )
-        lines.append(
-            f"  {safe_text(name)}: {runs} runs{rates}; maxRetries {p.maxRetries},"
-            f" timeout {p.timeout:,} ms, backoffBase {p.backoffBase:,} ms"
-        )
+        rates = ""
+        if failed is not None and retries is not None:
+            why = (
+                f" ({causes['exhausted']} after every attempt, {causes['non_retryable']} not"
+                f" retryable, {causes['other']} other)"
+                if causes and failed
+                else ""
+            )
+            rates = f", {failed:.1%} failed{why}, {retries:.1%} retried"
+        lines.append(f"  {safe_text(row['cron'])}: {row['runs']} runs{rates}")
+        lines.append(f"    {params_text(in_force(row['cron']))}")
     lines.append(f"Experiments under way ({len(experiments)}):")
     for e in experiments:
-        left = max(0.0, e.verify_at - now) / 3600
         lines.append(
-            f"  #{e.id} {safe_text(e.cron)}: {e.param} {e.control:,} → {e.treatment:,}"
-            f" ({e.mode}), verdict in {left:.1f} h"
+            f"  experiment {e.id}: {safe_text(e.cron)}: {e.param} {e.control:,} → {e.treatment:,}"
+            f" ({e.mode}), verdict in {human_duration(e.verify_at - now)}"
+            + (f"; to undo it: tunerd rollback {undo[e.id]}" if undo[e.id] else "")
         )
     if outbox["pending"] or outbox["dead"]:
         lines.append(
@@ -461,8 +494,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines.append(f"Waiting for approval ({len(pending)}):")
     for r in pending:
         lines.append(
-            f"  #{r.id} {safe_text(r.cron)}: {r.param} {r.current:,} → {r.proposed:,}"
-            f" — {safe_text(r.why_manual)}  (tunerd approve {r.id} | reject {r.id})"
+            f"  review {r.id}: {safe_text(r.cron)}: {r.param} {r.current:,} → {r.proposed:,}"
+            f" — {safe_text(r.why_manual)}  (tunerd approve {r.id} | tunerd reject {r.id})"
         )
     return _emit(args, document, "\n".join(lines))
 
@@ -828,26 +861,17 @@ def _fitted_scenario(args: argparse.Namespace) -> Any:
     from tunerd.configfile import is_configured
     from tunerd.fit import fit_scenario
     from tunerd.logfile import LogFileError, ReadOptions, read_log
-    from tunerd.params import Params
 
     log = Path(args.from_log)
-    params_file = None
-    if args.params is not None:
-        params_file = _read_params_file(Path(args.params), named=True)
-    elif args.config or is_configured(args.config):
-        params_file = _read_params_file(_settings(args.config).params_file, named=False)
-
-    def params_for(cron: str, logged: dict[str, Any] | None) -> Params:
-        if params_file is not None:
-            return params_file.params_for(cron)
-        return Params().with_overrides(logged)
+    configured = args.config or is_configured(args.config)
+    in_force = _in_force(args.params, _settings(args.config) if configured else None)
 
     try:
         stats = read_log(log, ReadOptions(read_at=time.time()))
     except LogFileError as exc:
         raise CommandError(str(exc)) from None
     try:
-        scenario, skipped = fit_scenario(stats, params_for, args.weeks or 4, f"from {log.name}")
+        scenario, skipped = fit_scenario(stats, in_force, args.weeks or 4, f"from {log.name}")
     except ValueError as exc:
         raise CommandError(f"{log}: {exc}") from None
     for note in skipped:

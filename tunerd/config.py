@@ -19,7 +19,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,6 +38,7 @@ from pydantic_settings import (
 from tunerd.configfile import config_path
 from tunerd.params import TUNABLE
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES
+from tunerd.targets import DEFAULT_PATTERNS, ParamsFileTarget, ScriptTarget, Targets
 from tunerd.timeparse import parse_duration
 from tunerd.verdict import VerdictSettings
 
@@ -149,6 +158,37 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_path))
         return (*sources, file_secret_settings)
 
+    @model_validator(mode="after")
+    def _one_cron_per_file(self) -> Settings:
+        """A script holds one set of parameters: two crons on one file (the user's own
+        ``WRAPPER_MAP`` has such a pair) would run two experiments on the same line, and after
+        one rolled back the other would report a value the file no longer holds."""
+        crons: dict[str, int] = {}
+        files: dict[tuple[Any, ...], list[ScriptSettings]] = {}
+        for script in self.scripts:
+            crons[script.cron] = crons.get(script.cron, 0) + 1
+            files.setdefault(_file_key(script.path), []).append(script)
+        for cron, count in crons.items():
+            if count > 1:
+                raise ValueError(f"cron {cron!r} has {count} [[scripts]] entries: give it one")
+        params_key = _file_key(self.params_file)
+        for key, entries in files.items():
+            names = ", ".join(repr(e.cron) for e in entries)
+            if key == params_key:
+                raise ValueError(
+                    f"{entries[0].path} is the params_file and the script of {names}: a script"
+                    " target must be a file of its own"
+                )
+            if len(entries) > 1:
+                raise ValueError(
+                    f"{entries[0].path} is the script of {len(entries)} crons ({names}): one file"
+                    " holds one set of parameters, so tunerd cannot tune them apart (both"
+                    " experiments would write the same line); keep one [[scripts]] entry per file"
+                    " and leave the other crons to the params file, or give each cron its own"
+                    " script (docs/wrapper.md, shared scripts)"
+                )
+        return self
+
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str | None) -> str | None:
@@ -161,6 +201,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} is not a known time zone (e.g. Asia/Seoul)") from None
         return value
 
+    def targets(self, params_file: Path | None = None) -> Targets:
+        """The configured targets: each ``[[scripts]]`` entry, and the params file for the rest."""
+        scripts = {
+            s.cron: ScriptTarget(s.path, s.cron, {**DEFAULT_PATTERNS, **s.patterns})
+            for s in self.scripts
+        }
+        return Targets(ParamsFileTarget(params_file or self.params_file), scripts)
+
     def verdict_settings(self) -> VerdictSettings:
         return VerdictSettings(
             alpha=self.alpha,
@@ -168,6 +216,16 @@ class Settings(BaseSettings):
             min_runs=self.min_runs_per_arm,
             min_improvement=self.min_improvement,
         )
+
+
+def _file_key(path: Path) -> tuple[Any, ...]:
+    """The same file under any spelling: its device and inode when it exists, else its
+    resolved path."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ("path", str(path.resolve()))
+    return ("inode", st.st_dev, st.st_ino)
 
 
 class ConfigError(Exception):

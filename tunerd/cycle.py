@@ -6,16 +6,16 @@ engine, so what the CLI does is what the daemon would do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tunerd.analysis import Analysis, analyze
-from tunerd.engine import Engine, EngineError, Targets
+from tunerd.engine import Engine, EngineError
 from tunerd.logfile import ReadOptions, read_window
 from tunerd.notify import Notification, Notifier
 from tunerd.policy import Action, PolicySettings, SafetyError, StateView, decide
 from tunerd.store import Store
-from tunerd.targets import ParamsFileTarget, ScriptTarget, TargetError
+from tunerd.targets import InForceReader, TargetError
 from tunerd.verdict import plan
 from tunerd.verification import Settled, settle
 
@@ -29,15 +29,9 @@ first whole day under the new value."""
 
 
 def build_engine(settings: Settings, notifier: Notifier, store: Store | None = None) -> Engine:
-    scripts = {
-        s.cron: ScriptTarget(
-            s.path, s.cron, {**ScriptTarget(s.path, s.cron).patterns, **s.patterns}
-        )
-        for s in settings.scripts
-    }
     return Engine(
         store or Store(settings.state_dir),
-        Targets(ParamsFileTarget(settings.params_file), scripts),
+        settings.targets(),
         notifier,
         verify_after=settings.verify_after.total_seconds(),
         split=settings.split,
@@ -49,7 +43,7 @@ def build_engine(settings: Settings, notifier: Notifier, store: Store | None = N
 class Outcome:
     action: Action
     result: str
-    """started | queued | refused | held | dry_run | error"""
+    """started | queued | refused | held | dry_run | not_applied | error"""
     detail: str
     id: int | None = None
 
@@ -126,16 +120,20 @@ def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
                 bucket_seconds=DAY,
             ),
         )
-        analysis = analyze(
-            stats,
-            lambda cron, _logged: engine.current_params(cron),
-            since=since,
-            changed_at=engine.store.last_changes(),
-        )
+        in_force = InForceReader(engine.targets)
+        analysis = analyze(stats, in_force, since=since, changed_at=engine.store.last_changes())
         policy = PolicySettings(min_runs=settings.min_runs, cooldown_seconds=engine.cooldown)
         report = CycleReport(now, analysis, recovered, settled=settled)
+        _supersede_unwritable(engine, in_force, now)
+        failed: set[str] = set()  # crons whose candidate could not be written this cycle
         for action in decide(analysis, state_view(engine.store, now), policy):
-            report.outcomes.append(_execute(action, settings, engine, now))
+            if action.fallback and action.cron in failed:
+                action = replace(action, kind="start", fallback=False)
+                failed.discard(action.cron)
+            outcome = _execute(action, settings, engine, now)
+            if outcome.result == "not_applied":
+                failed.add(action.cron)
+            report.outcomes.append(outcome)
         for advisory in analysis.advisories:
             engine.notifier.send(
                 Notification("advisory", advisory.type.replace("_", " "), None, [advisory.message])
@@ -216,12 +214,30 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
                 verify_after=power.period,
             )
         except TargetError as exc:
-            # e.g. the script's pattern does not match exactly once: a human must look.
-            return _queue(action, engine, now, f"could not be applied automatically: {exc}")
+            # The file changed since it was read (a pattern that no longer matches once, a file
+            # gone): approving would fail the same way, so nobody is asked; the cron's next
+            # candidate is tried, and the next cycle looks again.
+            engine.notifier.send(
+                Notification(
+                    "advisory",
+                    f"Not applied: {action.param} {action.current} → {action.proposed}",
+                    action.cron,
+                    [action.reason, str(exc)],
+                )
+            )
+            return Outcome(action, "not_applied", str(exc))
         except (EngineError, SafetyError) as exc:
             return Outcome(action, "error", str(exc))
         return Outcome(action, "started", f"experiment {experiment.id}", experiment.id)
     return _queue(action, engine, now, action.why)
+
+
+def _supersede_unwritable(engine: Engine, in_force: InForceReader, now: float) -> None:
+    """Pending reviews of a change the cron's target cannot be written for (queued before its
+    script was known to lack the line) are withdrawn: approving them could only fail."""
+    for review in engine.store.reviews("pending"):
+        if in_force(review.cron).unwritable(review.param) is not None:
+            engine.store.decide_review(review.id, "superseded", "tunerd", now)
 
 
 def _queue(action: Action, engine: Engine, now: float, why: str) -> Outcome:
@@ -240,7 +256,8 @@ def _queue(action: Action, engine: Engine, now: float, why: str) -> Outcome:
     engine.notifier.send(
         Notification(
             "review_requested",
-            f"Approval needed #{review}: {action.param} {action.current} → {action.proposed}",
+            f"Approval needed (review {review}): {action.param} {action.current} →"
+            f" {action.proposed}",
             action.cron,
             [
                 action.reason,

@@ -17,20 +17,20 @@ import fcntl
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunerd.faults import crash_point
 from tunerd.notify import Notification, Notifier
-from tunerd.params import Params
+from tunerd.params import InForce
 from tunerd.policy import check_approved, check_automatic
 from tunerd.store import Change, Experiment, Store
 from tunerd.targets import (
+    InForceReader,
     ParamsFileTarget,
-    ScriptTarget,
     Target,
     TargetError,
+    Targets,
     atomic_write,
     read_target,
     remove_stale_temporaries,
@@ -41,23 +41,6 @@ from tunerd.timeparse import iso as _iso
 
 class EngineError(Exception):
     """An operation cannot be done as asked; the message says why. Nothing was changed."""
-
-
-@dataclass(frozen=True, slots=True)
-class Targets:
-    params_file: ParamsFileTarget
-    scripts: dict[str, ScriptTarget]
-    """cron name -> its wrapper script (the cron's parameters live there, not in the params file)"""
-
-    def for_cron(self, cron: str) -> Target:
-        return self.scripts.get(cron) or self.params_file
-
-    def by_name(self, name: str) -> Target:
-        targets: list[Target] = [self.params_file, *self.scripts.values()]
-        for target in targets:
-            if target.name == name:
-                return target
-        raise EngineError(f"{name} is no longer a configured target")
 
 
 class Engine:
@@ -89,12 +72,9 @@ class Engine:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def current_params(self, cron: str) -> Params:
-        target = self.targets.for_cron(cron)
-        try:
-            return target.params_for(read_target(target.path), cron)
-        except TargetError:
-            return Params()
+    def current_params(self, cron: str) -> InForce:
+        """What the cron runs with now, read afresh (see ``InForceReader`` for many crons)."""
+        return InForceReader(self.targets)(cron)
 
     # --- the write protocol ----------------------------------------------------------------
 

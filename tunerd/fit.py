@@ -8,11 +8,16 @@ Per cron, from the statistics of the whole log:
   lasted longer than the timeout, so the successful ones are a sample of the distribution cut at
   the timeout: with a share ``q`` of attempts timed out, the overall quantile ``u`` is their
   quantile ``u / (1 - q)``. The median and the 15.9 % quantile (one sigma below) give mu and sigma;
-- **transient failures**: the share of attempts (neither rate limited nor timed out) that failed;
+- **transient failures**: the share of attempts (neither rate limited nor timed out) that failed
+  with an error the wrapper retries; **failures for good** (``fatal_p``): the share of the rest
+  that failed with one it does not retry (a command's non-zero exit ends the run at once: fitted
+  as a transient failure, it would be retried away and a 6.7 % failure rate would become 0.1 %);
 - **rate limiting**: ``p`` is the share of first attempts answered with HTTP 429; the share of
   retries answered with 429 again after waiting ``backoffBase`` gives how fast it recovers
   (``p_retry = p * exp(-w / recovery)``);
-- **parameters**: the ones in force (the params file, else the last ones the log recorded).
+- **parameters**: the ones in force (a configured script, the params file, else the last ones
+  the log recorded); an unknown timeout is simulated as none when no attempt timed out, else as
+  the default 15 s.
 """
 
 from __future__ import annotations
@@ -20,20 +25,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from tunerd.params import Params
+from tunerd.params import SPECS, InForce
+from tunerd.records import ERROR_CLASSES
 from tunerd.scenario import CronSpec, Latency, RateLimit, Scenario, StartParams
 from tunerd.stats import LogStats, RunStats
 
 ONE_SIGMA_BELOW: Final = 0.158655
 NEVER_RECOVERS: Final = 1e12
+_BACKOFFS: Final[dict[str, Literal["exponential", "linear", "fixed"]]] = {
+    "linear": "linear",
+    "fixed": "fixed",
+}
+NO_TIMEOUT: Final = 3_600_000
+"""A job with no timeout, simulated: an hour (the most a scenario's timeout may be)."""
 """``recovery_ms`` of a limit that waiting a few seconds does not lift (a quota)."""
 
 
 def fit_scenario(
     stats: LogStats,
-    params_for: Callable[[str, dict[str, Any] | None], Params],
+    params_for: Callable[[str, dict[str, Any] | None], InForce],
     weeks: int,
     name: str,
 ) -> tuple[Scenario, list[str]]:
@@ -62,26 +74,39 @@ def fit_scenario(
     return scenario, skipped
 
 
-def _fit_cron(name: str, run: RunStats, schedule: str | None, params: Params) -> CronSpec:
+def _fit_cron(name: str, run: RunStats, schedule: str | None, params: InForce) -> CronSpec:
     every = None
     if not _valid_crontab(schedule):
         gap = (run.last_at - run.first_at) / max(run.runs - 1, 1)
         every = f"{max(1, round(gap / 60))}m"
         schedule = None
-    rate_limited = run.rate_limit
-    plain = max(run.attempts - rate_limited, 1)  # attempts that got an answer other than 429
-    timed_out = min(run.timeout / plain, 0.9)
+    errors = run.errors
+    rate_limited = errors.count("rate_limit", retryable=True)
+    plain = max(run.attempts - rate_limited, 1)  # attempts answered other than by a retried 429
+    timeouts = errors.count("timeout", retryable=True)
+    timed_out = min(timeouts / plain, 0.9)
     latency = _latency(run, timed_out)
-    fail_p = min(run.other / max(plain - run.timeout, 1), 0.95)
+    answered = max(plain - timeouts, 1)
+    transient = errors.count("other", retryable=True)
+    fatal = sum(errors.count(kind, retryable=False) for kind in ERROR_CLASSES)
+    fail_p = min(transient / answered, 0.95)
+    fatal_p = min(fatal / max(answered - transient, 1), 0.95)
+    timeout = params.timeout
+    if timeout is None:
+        timeout = SPECS["timeout"].default if timeouts else NO_TIMEOUT
     return CronSpec(
         name=name,
         latency=latency,
         every=every,
         schedule=schedule,
         fail_p=round(fail_p, 4),
+        fatal_p=round(fatal_p, 4),
         rate_limit=_rate_limit(run, params),
         params=StartParams(
-            maxRetries=params.maxRetries, timeout=params.timeout, backoffBase=params.backoffBase
+            maxRetries=params.maxRetries or SPECS["maxRetries"].default,
+            timeout=timeout,
+            backoffBase=params.backoffBase or SPECS["backoffBase"].default,
+            backoff=_BACKOFFS.get(params.backoff, "exponential"),
         ),
     )
 
@@ -95,14 +120,15 @@ def _latency(run: RunStats, timed_out: float) -> Latency:
     return Latency(median=round(median, 1), sigma=round(min(max(sigma, 0.01), 3.0), 3))
 
 
-def _rate_limit(run: RunStats, params: Params) -> RateLimit | None:
-    if not run.rate_limit:
+def _rate_limit(run: RunStats, params: InForce) -> RateLimit | None:
+    limited = run.errors.count("rate_limit", retryable=True)
+    if not limited:
         return None
-    first = run.rate_limit - run.rate_limited_retries
+    first = max(limited - run.rate_limited_retries, 0)
     p = min(first / run.runs, 1.0)
     retries = max(run.attempts - run.runs, 1)
     again = run.rate_limited_retries / retries
-    wait = max(params.backoffBase, 1)
+    wait = max(params.backoffBase or SPECS["backoffBase"].default, 1)
     if p <= 0:
         return RateLimit(p=round(min(again, 1.0), 4), recovery_ms=NEVER_RECOVERS)
     if again <= 0:

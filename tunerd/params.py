@@ -85,6 +85,46 @@ class Params:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class InForce:
+    """The parameters a cron runs with as far as tunerd can tell, and which of them its target
+    can change: one answer for ``analyze``, ``status``, ``cycle`` and ``simulate --from-log``.
+
+    A value is None when tunerd cannot tell it (a wrapper script with no ``timeout`` in its
+    ``exec()`` options): shown as unknown, never tuned.
+    """
+
+    maxRetries: int | None = SPECS["maxRetries"].default
+    timeout: int | None = SPECS["timeout"].default
+    backoffBase: int | None = SPECS["backoffBase"].default
+    backoff: str = DEFAULT_BACKOFF
+    source: str = "the wrapper's defaults"
+    """Where the values come from, for a person."""
+    fixed: tuple[tuple[str, str], ...] = ()
+    """(parameter, what to add to the target so that tunerd can change it) for each parameter
+    the cron's target cannot be written for."""
+
+    @classmethod
+    def of(cls, params: Params, source: str) -> InForce:
+        return cls(params.maxRetries, params.timeout, params.backoffBase, params.backoff, source)
+
+    def get(self, name: str) -> int | None:
+        value: int | None = getattr(self, name)
+        return value
+
+    def unwritable(self, name: str) -> str | None:
+        """Why ``name`` cannot be written, and what to add so that it can; None if it can."""
+        return dict(self.fixed).get(name)
+
+    def as_dict(self) -> dict[str, int | str | None]:
+        return {
+            "maxRetries": self.maxRetries,
+            "timeout": self.timeout,
+            "backoffBase": self.backoffBase,
+            "backoff": self.backoff,
+        }
+
+
 class ExperimentBlock(msgspec.Struct):
     id: str
     param: str

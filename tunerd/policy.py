@@ -57,6 +57,9 @@ class Action:
     evidence: dict[str, Any] = field(default_factory=dict)
     rate_limited: bool = False
     """The change answers HTTP 429 (backoffBase may then go up to 5000 ms automatically)."""
+    fallback: bool = False
+    """A hold only because an earlier candidate of the same cron starts first: started instead
+    if that one cannot be written after all (``cycle``)."""
 
 
 class SafetyError(Exception):
@@ -84,12 +87,13 @@ def evidence_of(summary: CronSummary) -> dict[str, Any]:
         "runs": summary.runs,
         "runs_per_hour": round(summary.runs / (span / 3600), 4) if span > 0 else None,
         "baseline": {  # the primary metric of each parameter, before the change
-            "maxRetries": round(summary.final_failure_rate, 6),
+            "maxRetries": round(summary.reachable_failure_rate, 6),
             "timeout": round(min(1.0, summary.timeout / runs), 6),
             "backoffBase": round(min(1.0, summary.rate_limited_retries / runs), 6),
         },
         "retry_rate": round(summary.retry_rate, 6),
         "final_failure_rate": round(summary.final_failure_rate, 6),
+        "final_failures": summary.failure_causes(),
         "duration_ms_mean": None if d is None else round(d.mean, 1),
         "duration_ms_p95": None if d is None else round(d.p95, 1),
         "errors": {
@@ -100,7 +104,9 @@ def evidence_of(summary: CronSummary) -> dict[str, Any]:
     }
 
 
-def _action(kind: str, why: str, r: Recommendation, evidence: dict[str, Any]) -> Action:
+def _action(
+    kind: str, why: str, r: Recommendation, evidence: dict[str, Any], fallback: bool = False
+) -> Action:
     return Action(
         kind,
         r.cron,
@@ -111,6 +117,7 @@ def _action(kind: str, why: str, r: Recommendation, evidence: dict[str, Any]) ->
         why,
         evidence,
         rate_limited=r.pattern == "rate_limited",
+        fallback=fallback,
     )
 
 
@@ -125,6 +132,9 @@ def _cooling(state: StateView, r: Recommendation) -> bool:
 
 
 def decide(analysis: Analysis, state: StateView, settings: PolicySettings) -> list[Action]:
+    """Actions for the analysis's recommendations. A change the cron's target cannot be written
+    for is left out (``rules.advise_cron`` says what to add to the script): it never holds the
+    cron's other candidates, nor waits for a person who could not apply it either."""
     summaries = {s.cron: s for s in analysis.crons}
     by_cron: dict[str, list[Recommendation]] = {}
     for r in analysis.recommendations:
@@ -133,11 +143,14 @@ def decide(analysis: Analysis, state: StateView, settings: PolicySettings) -> li
     for cron, recs in by_cron.items():
         summary = summaries[cron]
         evidence = evidence_of(summary)
-        started = cron in state.running
+        running = cron in state.running
+        started = False
         for r in sorted(recs, key=lambda r: PRIORITY.get(r.param, 9)):
+            if summary.params.unwritable(r.param) is not None:
+                continue
             key = (cron, r.param, r.proposed)
             cooling = _cooling(state, r)
-            kind, why = "", r.decision_reason
+            kind, why, fallback = "", r.decision_reason, False
             if r.decision == "forbidden":
                 kind = "refuse" if not cooling else ""
             elif summary.runs < settings.min_runs:
@@ -147,10 +160,11 @@ def decide(analysis: Analysis, state: StateView, settings: PolicySettings) -> li
                 kind, why = "hold", "rolled back or rejected recently: in its cooldown"
             elif r.decision == "manual":
                 kind = "review" if key not in state.pending else ""
-            elif started:
+            elif running or started:
                 kind, why = "hold", "one experiment per cron at a time: another is under way"
+                fallback = not running
             else:
                 kind, started = "start", True
             if kind:
-                actions.append(_action(kind, why, r, evidence))
+                actions.append(_action(kind, why, r, evidence, fallback))
     return actions

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import msgspec
 
@@ -41,6 +41,7 @@ class ErrorInfo(
     category: str | None = None
     suggested_fix: str | None = None
     reason: str | None = None
+    retryable: bool | None = None
 
 
 class Attempt(msgspec.Struct, gc=False):
@@ -91,6 +92,8 @@ class Entry(
     attempts: list[Attempt] = []
     total_duration: NonNegative | None = None
     final_error: msgspec.Raw = msgspec.Raw()
+    reason: str | None = None
+    """``"Non-retryable error"`` when the wrapper gave up before its last attempt."""
     params: dict[str, Any] | None = None
     experiment: ExperimentTag | None = None
 
@@ -117,6 +120,47 @@ class Entry(
         """When the run ended; ``read_at`` when the line carries no time."""
         return to_datetime(self.timestamp, read_at)
 
+    @property
+    def last_error(self) -> msgspec.Raw:
+        """The error that ended a failed run: its last attempt's, else ``finalError``."""
+        if self.attempts and not self.attempts[-1].success:
+            return self.attempts[-1].error
+        return self.final_error
+
+
+FailureCause = Literal["exhausted", "non_retryable", "other"]
+FAILURE_CAUSES: Final[tuple[FailureCause, ...]] = ("exhausted", "non_retryable", "other")
+NON_RETRYABLE: Final = "Non-retryable error"
+
+
+def failure_cause(entry: Entry) -> FailureCause:
+    """Why a failed run failed, as the wrapper decided it (SPEC section 2).
+
+    ``non_retryable``: its last error is one the wrapper does not retry (``reason: "Non-retryable
+    error"``, or an error marked ``retryable: false``, e.g. a command's non-zero exit): more
+    attempts could not have rescued it. ``exhausted``: every attempt it was allowed failed and the
+    last error was retryable: what ``maxRetries`` can change. ``other``: neither (no attempts
+    logged, a run interrupted by a signal, a reason the wrapper does not write).
+    """
+    if entry.reason == NON_RETRYABLE:
+        return "non_retryable"
+    if not entry.attempts or entry.attempts[-1].success:
+        return "other"
+    if not describe_error(entry.attempts[-1].error).retryable:
+        return "non_retryable"
+    return "exhausted" if entry.reason is None else "other"
+
+
+def non_retryable_at_first(entry: Entry) -> bool:
+    """The run failed at its first attempt with an error the wrapper does not retry: no number
+    of attempts changes such a run (what the ``maxRetries`` verdict leaves out)."""
+    attempts = entry.attempts
+    if not attempts or attempts[0].success:
+        return False
+    if len(attempts) == 1 and entry.reason == NON_RETRYABLE:
+        return True
+    return not describe_error(attempts[0].error).retryable
+
 
 def to_datetime(ts: datetime | float | None, default: datetime) -> datetime:
     """ISO 8601 (naive means UTC) or epoch milliseconds, as an aware datetime."""
@@ -140,42 +184,67 @@ _TIMEOUT = re.compile(r"timed? ?out", re.IGNORECASE)
 
 def classify_error(error: msgspec.Raw | bytes) -> ErrorClass:
     """rate_limit / timeout / other (see ``describe_error``)."""
-    return describe_error(error)[0]
+    return describe_error(error).kind
+
+
+class ErrorDescription(NamedTuple):
+    kind: ErrorClass
+    signature: str
+    """A short key under which the same error recurs (numbers folded, length capped)."""
+    fix: str | None
+    """The wrapper's ``suggestedFix``."""
+    retryable: bool
+    """Whether the wrapper retries it: its own ``retryable`` flag, else the wrapper's rule."""
 
 
 _ERROR_DECODER: Final = msgspec.json.Decoder(ErrorInfo | str | None)
 NO_DETAIL: Final = "(no error detail)"
+RETRYABLE_CODES: Final = ("ETIMEDOUT", "ECONNRESET", "ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED")
+RETRYABLE_STATUS: Final = (408, 429, 500, 502, 503, 504)
 
 
-def describe_error(error: msgspec.Raw | bytes) -> tuple[ErrorClass, str, str | None]:
-    """(class, signature, suggested fix) of an attempt's raw ``error``.
+def wrapper_retries(code: object, status: object, message: str | None) -> bool:
+    """The wrapper's ``analyzeError`` rule: a network code, a transient HTTP status, or
+    ``timeout`` in the message (case-sensitive, as ``String.includes``)."""
+    return (
+        code in RETRYABLE_CODES
+        or (isinstance(status, int) and not isinstance(status, bool) and status in RETRYABLE_STATUS)
+        or (message is not None and "timeout" in message)
+    )
+
+
+def describe_error(error: msgspec.Raw | bytes) -> ErrorDescription:
+    """Class, signature, suggested fix and retryability of an attempt's raw ``error``.
 
     The class keys on the status code and ``type`` before the message: the wrapper labels a child
-    killed by its timeout ``category: "network"`` but ``type: "ETIMEDOUT"``. The signature is a
-    short key under which the same error recurs (numbers folded, length capped).
+    killed by its timeout ``category: "network"`` but ``type: "ETIMEDOUT"``.
     """
     return _describe_raw(bytes(error))
 
 
 @functools.lru_cache(maxsize=4096)
-def _describe_raw(raw: bytes) -> tuple[ErrorClass, str, str | None]:
+def _describe_raw(raw: bytes) -> ErrorDescription:
     try:
         error = _ERROR_DECODER.decode(raw) if raw else None
     except msgspec.DecodeError:
         error = raw.decode("utf-8", "replace")  # some other JSON value: go by its text
     if error is None:
-        return "other", NO_DETAIL, None
+        return ErrorDescription("other", NO_DETAIL, None, False)
     if isinstance(error, str):
-        return _describe(error, None, None, None, None, None, None)
-    return _describe(
-        error.message,
-        error.type,
-        error.status_code,
-        error.status,
-        error.code,
-        error.category,
-        error.suggested_fix if error.suggested_fix is not None else error.reason,
+        kind, signature = _describe(error, None, None, None, None, None)
+        return ErrorDescription(kind, signature, None, wrapper_retries(None, None, error))
+    kind, signature = _describe(
+        error.message, error.type, error.status_code, error.status, error.code, error.category
     )
+    retryable = error.retryable
+    if retryable is None:
+        retryable = wrapper_retries(
+            error.code if error.code is not None else error.type,
+            _number(error.status_code),
+            error.message,
+        )
+    fix = error.suggested_fix if error.suggested_fix is not None else error.reason
+    return ErrorDescription(kind, signature, fix, retryable)
 
 
 _DIGITS = re.compile(r"\d+")
@@ -188,8 +257,7 @@ def _describe(
     status: int | str | None,
     code: int | str | None,
     category: str | None,
-    fix: str | None,
-) -> tuple[ErrorClass, str, str | None]:
+) -> tuple[ErrorClass, str]:
     text = message or ""
     klass: ErrorClass
     if 429 in (_number(status_code), _number(status), _number(code)) or _RATE_LIMIT.search(text):
@@ -200,9 +268,15 @@ def _describe(
         klass = "timeout"
     else:
         klass = "other"
-    label = "" if kind is None else f"{kind}: "
-    signature = _DIGITS.sub("#", (label + text).strip())[:120] or "(empty message)"
-    return klass, signature, fix
+    # The type is kept whole (an exit status tells errors apart); numbers in the text are folded.
+    if kind is None:
+        label = ""
+    elif isinstance(kind, int | float) and not isinstance(kind, bool):
+        label = f"exit {kind:g}: "
+    else:
+        label = f"{_DIGITS.sub('#', str(kind))}: "
+    signature = (label + _DIGITS.sub("#", text)).strip()[:120] or "(empty message)"
+    return klass, signature
 
 
 def _number(value: int | str | None) -> int | None:

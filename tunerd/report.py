@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from tunerd.analysis import Analysis, CronSummary, Distribution
+from tunerd.params import InForce
 from tunerd.reader import Malformed
 from tunerd.timeparse import iso
 
@@ -40,15 +41,19 @@ def cron_json(s: CronSummary) -> dict[str, Any]:
         "retried": s.retried,
         "retry_rate": round(s.retry_rate, 6),
         "final_failure_rate": round(s.final_failure_rate, 6),
+        "final_failures": s.failure_causes(),
         "attempts_per_run": round(s.attempts_per_run, 6),
         "duration_ms": _distribution(s.duration),
         "first_attempt_ms": _distribution(s.first_attempt),
         "errors": {"rate_limit": s.rate_limit, "timeout": s.timeout, "other": s.other},
         "rate_limited_retries": s.rate_limited_retries,
         "top_errors": [
-            {"error": name, "class": sig.kind, "count": sig.count} for name, sig in s.signatures[:5]
+            {"error": name, "class": sig.kind, "count": sig.count, "retryable": sig.retryable}
+            for name, sig in s.signatures[:5]
         ],
         "params": s.params.as_dict(),
+        "params_source": s.params.source,
+        "params_unwritable": dict(s.params.fixed),
         "schedule": s.schedule,
         "first_run": _iso(s.first_at),
         "last_run": _iso(s.last_at),
@@ -131,6 +136,20 @@ def fit(text: str, columns: int) -> str:
     return text + " " * (columns - width(text))
 
 
+def params_text(p: InForce) -> str:
+    """``maxRetries 3, timeout 10,000 ms, backoffBase 1,000 ms (script x.js; cannot change:
+    backoffBase)``: unknown values say so."""
+
+    def value(v: int | None, unit: str = "") -> str:
+        return "unknown" if v is None else f"{v:,}{unit}"
+
+    fixed = f"; cannot change: {', '.join(name for name, _ in p.fixed)}" if p.fixed else ""
+    return (
+        f"maxRetries {value(p.maxRetries)}, timeout {value(p.timeout, ' ms')}, backoffBase"
+        f" {value(p.backoffBase, ' ms')} ({safe_text(p.source)}{fixed})"
+    )
+
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
@@ -142,6 +161,8 @@ def _pct(x: float) -> str:
 _COLUMNS = (
     ("runs", 7),
     ("fail", 6),
+    ("exh", 5),
+    ("n-r", 5),
     ("retry", 6),
     ("att/run", 7),
     ("mean ms", 9),
@@ -159,6 +180,8 @@ def _cells(s: CronSummary) -> tuple[str, ...]:
     return (
         f"{s.runs:,}",
         _pct(s.final_failure_rate),
+        str(s.exhausted),
+        str(s.non_retryable),
         _pct(s.retry_rate),
         f"{s.attempts_per_run:.2f}",
         *(_ms(getattr(d, k) if d else None) for k in ("mean", "p95", "p99", "max")),
@@ -200,6 +223,13 @@ def analysis_text(a: Analysis, log: str, since: datetime | None) -> str:
                 fit(safe_text(s.cron), name_width)
                 + "".join(f"  {cell:>{w}}" for cell, (_, w) in zip(cells, _COLUMNS, strict=True))
             )
+        lines.append(
+            "(fail: final failures; exh: of them after every attempt failed, n-r: ended by an"
+            " error the wrapper does not retry)"
+        )
+        lines += ["", "Parameters in force"]
+        for s in a.crons:
+            lines.append(f"  {safe_text(s.cron)}: {params_text(s.params)}")
     lines.append("")
     if a.patterns:
         lines.append("Patterns")

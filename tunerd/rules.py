@@ -63,7 +63,13 @@ class Recommendation:
 
 
 AdvisoryType = Literal[
-    "missing_cron", "recurring_error", "recurring_timeout", "rate_limited_at_max_backoff"
+    "missing_cron",
+    "recurring_error",
+    "recurring_timeout",
+    "rate_limited_at_max_backoff",
+    "non_retryable",
+    "cannot_apply",
+    "rate_limit_not_retried",
 ]
 
 
@@ -89,17 +95,21 @@ def detect_patterns(s: CronSummary, t: Thresholds = DEFAULT_THRESHOLDS) -> list[
                 f" (threshold {_pct(t.retry_rate)})",
             )
         )
-    limit = s.params.timeout * t.slow_fraction
+    timeout = s.params.timeout
     timed_out = s.timeout / s.attempts if s.attempts else 0.0
-    if s.duration_mean is not None and s.duration_mean > limit:
+    at = f"its {_ms(timeout)} timeout" if timeout is not None else "a timeout tunerd cannot see"
+    if (
+        s.duration_mean is not None
+        and timeout is not None
+        and s.duration_mean > timeout * (t.slow_fraction)
+    ):
         found.append(
             Pattern(
                 "slow_response",
                 s.cron,
                 s.duration_mean,
                 f"runs take {_ms(s.duration_mean)} on average, "
-                f"{_pct(s.duration_mean / s.params.timeout)} of the"
-                f" {_ms(s.params.timeout)} timeout "
+                f"{_pct(s.duration_mean / timeout)} of the {_ms(timeout)} timeout "
                 f"(threshold {_pct(t.slow_fraction)})",
             )
         )
@@ -109,8 +119,8 @@ def detect_patterns(s: CronSummary, t: Thresholds = DEFAULT_THRESHOLDS) -> list[
                 "slow_response",
                 s.cron,
                 s.duration_mean,
-                f"{_pct(timed_out)} of {s.attempts} attempts timed out at"
-                f" {_ms(s.params.timeout)} (threshold {_pct(t.timeout_share)})",
+                f"{_pct(timed_out)} of {s.attempts} attempts were killed by {at}"
+                f" (threshold {_pct(t.timeout_share)})",
             )
         )
     if s.rate_limit:
@@ -129,30 +139,28 @@ def detect_patterns(s: CronSummary, t: Thresholds = DEFAULT_THRESHOLDS) -> list[
 def recommend(
     s: CronSummary, patterns: list[Pattern], t: Thresholds = DEFAULT_THRESHOLDS
 ) -> list[Recommendation]:
-    """The seed's rules, one recommendation per rule that fires and would change something."""
+    """The seed's rules, one recommendation per rule that fires and would change something,
+    read with the wrapper's semantics: only failures more attempts could rescue call for more
+    attempts, only rate limits the wrapper retries call for a longer backoff, and a timeout that
+    cuts attempts off is raised even though the log cannot show how long they would have taken.
+    A parameter whose current value is unknown is never proposed."""
     out = []
     for p in patterns:
-        if p.type == "high_retry_rate" and s.final_failure_rate > t.final_failure_rate:
+        if p.type == "high_retry_rate":
             current = s.params.maxRetries
+            if current is None or s.exhausted_rate <= t.final_failure_rate:
+                continue
             reason = (
-                f"{p.detail}, and {_pct(s.final_failure_rate)} still failed"
-                f" after {current} attempts"
+                f"{p.detail}, and {_pct(s.exhausted_rate)} of runs still failed after all"
+                f" {current} attempts with an error the wrapper retries"
                 f" (threshold {_pct(t.final_failure_rate)}): allow one more attempt"
             )
             out.append(_recommendation(s, "maxRetries", current + 1, reason, p.type))
-        elif p.type == "slow_response":
-            current = s.params.timeout
-            from_mean = math.ceil(p.value * t.timeout_factor)
-            proposed, reason = from_mean, f"{p.detail}: timeout = ceil(mean × {t.timeout_factor})"
-            if s.success_p99 is not None and math.ceil(s.success_p99 * t.tail_padding) > proposed:
-                proposed = math.ceil(s.success_p99 * t.tail_padding)
-                reason = (
-                    f"{p.detail}; successful attempts reach {_ms(s.success_p99)} at p99: "
-                    f"timeout = ceil(p99 × {t.tail_padding})"
-                )
-            if proposed > current:
+        elif p.type == "slow_response" and s.params.timeout is not None:
+            proposed, reason = _timeout_proposal(s, p, s.params.timeout, t)
+            if proposed > s.params.timeout:
                 out.append(_recommendation(s, "timeout", proposed, reason, p.type))
-        elif p.type == "rate_limited":
+        elif p.type == "rate_limited" and s.params.backoffBase is not None and s.rate_limit_retried:
             current = s.params.backoffBase
             reason = f"{p.detail}: wait longer between attempts (backoffBase × {t.backoff_factor})"
             out.append(
@@ -161,10 +169,41 @@ def recommend(
     return out
 
 
+def _timeout_proposal(s: CronSummary, p: Pattern, current: int, t: Thresholds) -> tuple[int, str]:
+    """Rule 2 with a robust tail: ``max(ceil(mean × 1.5), ceil(p99 × 1.2))`` of the successful
+    attempts. When attempts are being killed by the timeout, both are blind to them (a killed
+    attempt's duration is only known to exceed the timeout, and every successful one fits under
+    it by construction), so the proposal is one step up, into the safe range."""
+    proposed = math.ceil(p.value * t.timeout_factor)
+    reason = f"{p.detail}: timeout = ceil(mean × {t.timeout_factor})"
+    if s.success_p99 is not None and math.ceil(s.success_p99 * t.tail_padding) > proposed:
+        proposed = math.ceil(s.success_p99 * t.tail_padding)
+        reason = (
+            f"{p.detail}; successful attempts reach {_ms(s.success_p99)} at p99: "
+            f"timeout = ceil(p99 × {t.tail_padding})"
+        )
+    timed_out = s.timeout / s.attempts if s.attempts else 0.0
+    if timed_out <= t.timeout_share:
+        return proposed, reason
+    low, high = SPECS["timeout"].safe
+    step = math.ceil(current * t.timeout_factor / 500) * 500
+    step = max(step, low) if current >= high else min(max(step, low), high)
+    if step <= proposed:
+        return proposed, reason
+    return step, (
+        f"{p.detail}. How long those attempts would have taken cannot be seen (each was stopped"
+        f" at {_ms(current)}), and every successful attempt fits under the timeout by"
+        f" construction, so the log cannot say how much room is needed: try one step up to"
+        f" {_ms(step)} and let the experiment decide (its guardrail, runs no more than 5 %"
+        " slower, stops it if the calls simply hang longer)"
+    )
+
+
 def _recommendation(
     s: CronSummary, param: str, proposed: int, reason: str, pattern: PatternType
 ) -> Recommendation:
     current = s.params.get(param)
+    assert current is not None  # the rules propose nothing from an unknown value
     decision, why = classify_change(
         param, current, proposed, rate_limited=pattern == "rate_limited"
     )
@@ -174,10 +213,38 @@ def _recommendation(
 def advise_cron(
     s: CronSummary, recommendations: list[Recommendation], t: Thresholds = DEFAULT_THRESHOLDS
 ) -> list[Advisory]:
-    """Seed section 8: when tuning parameters is not enough, suggest a code change."""
+    """Seed section 8: when tuning parameters is not enough, suggest a code change; and what a
+    person must add to a script before tunerd can make a change it found."""
     out = []
+    for r in recommendations:
+        why = s.params.unwritable(r.param)
+        if why is not None:
+            out.append(
+                Advisory(
+                    "cannot_apply",
+                    s.cron,
+                    1,
+                    f"{s.cron}: {r.param} {r.current:,} → {r.proposed:,} was found"
+                    f" ({r.pattern.replace('_', ' ')}) but cannot be written: {why}."
+                    " tunerd tries the cron's other changes meanwhile.",
+                )
+            )
+    if s.non_retryable >= 2 and s.non_retryable / s.runs > t.final_failure_rate:
+        top = next(((n, sig) for n, sig in s.signatures if not sig.retryable), None)
+        error = f" (most often {top[0]} ×{top[1].count})" if top else ""
+        out.append(
+            Advisory(
+                "non_retryable",
+                s.cron,
+                s.non_retryable,
+                f"{s.cron}: {s.non_retryable} of {s.failures} final failures"
+                f" ({_pct(s.non_retryable / s.runs)} of runs) were errors the wrapper does not"
+                f" retry{error}. Retry parameters cannot fix them: the job itself fails (for a"
+                " command, a non-zero exit); its code or its dependency needs a look.",
+            )
+        )
     for name, sig in s.signatures:
-        if sig.kind == "other" and sig.count > t.recurring_error:
+        if sig.kind == "other" and sig.retryable and sig.count > t.recurring_error:
             fix = f" The wrapper suggests: {sig.fix}." if sig.fix else ""
             out.append(
                 Advisory(
@@ -189,7 +256,10 @@ def advise_cron(
                     + fix,
                 )
             )
-    auto_timeout = any(r.param == "timeout" and r.decision == "auto" for r in recommendations)
+    auto_timeout = any(
+        r.param == "timeout" and r.decision == "auto" and s.params.unwritable("timeout") is None
+        for r in recommendations
+    )
     if s.timeout > t.recurring_timeout and not auto_timeout:
         out.append(
             Advisory(
@@ -200,14 +270,27 @@ def advise_cron(
                 "automatically: if the API is simply slow, cache its answers or change the code.",
             )
         )
-    if s.rate_limit and s.params.backoffBase >= SPECS["backoffBase"].absolute[1]:
+    if s.rate_limit and not s.rate_limit_retried:
+        out.append(
+            Advisory(
+                "rate_limit_not_retried",
+                s.cron,
+                s.rate_limit,
+                f"{s.cron}: {s.rate_limit} attempts were answered with HTTP 429, and the wrapper"
+                " retried none of them (they reached it as an error it does not retry, such as a"
+                " command's exit status), so a longer backoff cannot help: have the script reject"
+                " with the HTTP status as the error's `statusCode`, or run the job less often.",
+            )
+        )
+    backoff = s.params.backoffBase
+    if s.rate_limit_retried and backoff is not None and backoff >= SPECS["backoffBase"].absolute[1]:
         out.append(
             Advisory(
                 "rate_limited_at_max_backoff",
                 s.cron,
                 s.rate_limit,
                 f"{s.cron}: still rate limited ({s.rate_limit} × HTTP 429) with backoffBase at its "
-                f"{_ms(s.params.backoffBase)} maximum: spread the schedule or cache the answers.",
+                f"{_ms(backoff)} maximum: spread the schedule or cache the answers.",
             )
         )
     return out

@@ -4,8 +4,9 @@ A run is what the user's wrapper does, attempt by attempt, with the parameters L
 attempt is decided in this order — HTTP 429 (with probability ``p`` on the first attempt, and
 ``p * exp(-w / recovery_ms)`` on a retry that waited ``w`` ms; a 429 answer takes 100 ms), else a
 lognormal duration that, beyond ``timeout``, is an ETIMEDOUT failure lasting ``timeout``, else a
-transient failure with probability ``fail_p``, else success. Up to ``maxRetries`` attempts, with
-the wrapper's backoff between them (``level1``).
+transient failure with probability ``fail_p``, else a failure the wrapper does not retry with
+probability ``fatal_p`` (a command's non-zero exit: the run ends there), else success. Up to
+``maxRetries`` attempts, with the wrapper's backoff between them (``level1``).
 
 Each run draws from its own generator, seeded by the scenario's seed, the cron and the run's
 number: the same scenario gives the same runs, and a run's luck does not depend on what the
@@ -24,6 +25,7 @@ import msgspec
 
 from tunerd.level1 import attempts_allowed, backoff_ms, error_object
 from tunerd.params import Params
+from tunerd.records import NON_RETRYABLE
 from tunerd.timeparse import parse_duration
 
 RATE_LIMIT_MS: Final = 100.0
@@ -58,6 +60,9 @@ class CronSpec(msgspec.Struct, rename={"latency": "latency_ms"}):
     schedule: str | None = None
     """...or a crontab line (``50 16 * * 1-5``), in UTC."""
     fail_p: Probability = 0.0
+    fatal_p: Probability = 0.0
+    """An attempt that got past the 429 and the timeout fails for good (exit status 1, not
+    retried) with this probability: the failures no retry parameter can change."""
     rate_limit: RateLimit | None = None
     params: StartParams = StartParams()
 
@@ -149,6 +154,8 @@ def dump_scenario(scenario: Scenario) -> str:
             f"latency_ms = {{ median = {c.latency.median:g}, sigma = {c.latency.sigma:g} }}"
         )
         lines.append(f"fail_p = {c.fail_p:g}")
+        if c.fatal_p:
+            lines.append(f"fatal_p = {c.fatal_p:g}")
         if c.rate_limit is not None:
             rl = c.rate_limit
             lines.append(f"rate_limit = {{ p = {rl.p:g}, recovery_ms = {rl.recovery_ms:g} }}")
@@ -171,6 +178,8 @@ def _toml_string(text: str) -> str:
 class SimulatedRun:
     attempts: list[dict[str, Any]]
     total_ms: float
+    reason: str | None = None
+    """``"Non-retryable error"`` when it ended early on a ``fatal_p`` failure."""
 
 
 def simulate_run(cron: CronSpec, params: Params, rng: random.Random) -> SimulatedRun:
@@ -205,6 +214,10 @@ def simulate_run(cron: CronSpec, params: Params, rng: random.Random) -> Simulate
             error = error_object("ECONNRESET", "socket hang up")
             attempts.append(_failed(number, duration, error))
             continue
+        if cron.fatal_p and rng.random() < cron.fatal_p:  # no draw without it: old seeds hold
+            attempts.append(_failed(number, duration, error_object(1, "Command failed: job\n")))
+            last = number == attempts_allowed(params)
+            return SimulatedRun(attempts, elapsed, None if last else NON_RETRYABLE)
         attempts.append({"attempt": number, "success": True, "duration": round(duration)})
         break
     return SimulatedRun(attempts, elapsed)

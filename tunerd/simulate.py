@@ -254,7 +254,15 @@ class Simulation:
         ended = at + run.total_ms / 1000
         result = {"output": "ok\n", "stderr": ""} if run.attempts[-1]["success"] else None
         line = log_line(
-            c.spec.name, {}, run.attempts, run.total_ms, ended, params, assignment, result
+            c.spec.name,
+            {},
+            run.attempts,
+            run.total_ms,
+            ended,
+            params,
+            assignment,
+            result,
+            run.reason,
         )
         return ended, line
 

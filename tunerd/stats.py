@@ -22,7 +22,15 @@ from typing import Any
 import msgspec
 
 from tunerd.reader import Malformed
-from tunerd.records import Entry, ErrorClass, describe_error, is_test, to_datetime
+from tunerd.records import (
+    Entry,
+    ErrorClass,
+    describe_error,
+    failure_cause,
+    is_test,
+    non_retryable_at_first,
+    to_datetime,
+)
 from tunerd.sketch import DISCARD, QuantileSketch
 
 MAX_SIGNATURES = 32
@@ -33,14 +41,26 @@ MALFORMED_SAMPLES = 20
 
 
 class Signature:
-    """One recurring error: how often, how often on a retry, its class and the wrapper's fix."""
+    """One recurring error: how often, how often on a retry, its class, whether the wrapper
+    retries it, and the wrapper's fix."""
 
-    __slots__ = ("count", "fix", "kind", "retries")
+    __slots__ = ("count", "fix", "kind", "retries", "retryable")
 
-    def __init__(self, kind: ErrorClass, fix: str | None) -> None:
+    def __init__(self, kind: ErrorClass, fix: str | None, retryable: bool = True) -> None:
         self.count = self.retries = 0
         self.kind: ErrorClass = kind
         self.fix = fix
+        self.retryable = retryable
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple):  # pickled before __getstate__: (None, slots)
+            state = state[1]
+        self.retryable = True  # checkpoints from before retryability was kept
+        for name, value in state.items():
+            setattr(self, name, value)
 
 
 class ErrorTally:
@@ -70,36 +90,41 @@ class ErrorTally:
         self._compact()
         return self._signatures
 
-    def count(self, kind: ErrorClass) -> int:
-        return sum(s.count for s in self.signatures.values() if s.kind == kind)
+    def count(self, kind: ErrorClass, retryable: bool | None = None) -> int:
+        """Failed attempts of a class (only those the wrapper retries, or does not, if asked)."""
+        return sum(
+            s.count
+            for s in self.signatures.values()
+            if s.kind == kind and (retryable is None or s.retryable == retryable)
+        )
 
     def retries(self, kind: ErrorClass) -> int:
         return sum(s.retries for s in self.signatures.values() if s.kind == kind)
 
     def merge(self, other: ErrorTally) -> None:
         for name, theirs in other.signatures.items():
-            mine = self._slot(name, theirs.kind, theirs.fix)
+            mine = self._slot(name, theirs.kind, theirs.fix, theirs.retryable)
             mine.count += theirs.count
             mine.retries += theirs.retries
 
     def _compact(self) -> None:
         for counts, retry in ((self._first, False), (self._retry, True)):
             for raw, n in counts.items():
-                kind, name, fix = describe_error(raw)
-                slot = self._slot(name, kind, fix)
+                kind, name, fix, retryable = describe_error(raw)
+                slot = self._slot(name, kind, fix, retryable)
                 slot.count += n
                 if retry:
                     slot.retries += n
             counts.clear()
 
-    def _slot(self, name: str, kind: ErrorClass, fix: str | None) -> Signature:
+    def _slot(self, name: str, kind: ErrorClass, fix: str | None, retryable: bool) -> Signature:
         slot = self._signatures.get(name)
         if slot is None:
             if len(self._signatures) >= MAX_SIGNATURES:
-                name, fix = f"(other {kind} errors)", None
+                name, fix = f"(other {kind} errors{'' if retryable else ', not retried'})", None
                 slot = self._signatures.get(name)
             if slot is None:
-                slot = self._signatures[name] = Signature(kind, fix)
+                slot = self._signatures[name] = Signature(kind, fix, retryable)
         return slot
 
     def __getstate__(self) -> dict[str, Signature]:
@@ -117,10 +142,39 @@ class Rates:
     successes: int
     retried: int
     attempts: int
+    exhausted: int
+    """Final failures after every attempt allowed failed with a retryable error."""
+    non_retryable: int
+    """Final failures ended by an error the wrapper does not retry."""
+    non_retryable_first: int
+    """...of which at the first attempt: runs no ``maxRetries`` can change."""
 
     @property
     def failures(self) -> int:
         return self.runs - self.successes
+
+    @property
+    def other_failures(self) -> int:
+        """Final failures neither exhausted nor non-retryable (interrupted, no attempts)."""
+        return self.failures - self.exhausted - self.non_retryable
+
+    @property
+    def exhausted_rate(self) -> float:
+        """Final failures more attempts could have rescued, per run (the ``maxRetries`` rule)."""
+        return self.exhausted / self.runs if self.runs else 0.0
+
+    @property
+    def reachable_failure_rate(self) -> float:
+        """Final failures not ended at the first attempt by an error the wrapper does not retry:
+        those a change of ``maxRetries`` can reach (its verdict's primary metric)."""
+        return (self.failures - self.non_retryable_first) / self.runs if self.runs else 0.0
+
+    def failure_causes(self) -> dict[str, int]:
+        return {
+            "exhausted": self.exhausted,
+            "non_retryable": self.non_retryable,
+            "other": self.other_failures,
+        }
 
     @property
     def retry_rate(self) -> float:
@@ -142,9 +196,12 @@ class RunStats(Rates):
         "attempts",
         "duration",
         "errors",
+        "exhausted",
         "first_at",
         "first_attempt",
         "last_at",
+        "non_retryable",
+        "non_retryable_first",
         "retried",
         "runs",
         "success_attempt",
@@ -153,6 +210,7 @@ class RunStats(Rates):
 
     def __init__(self, durations: bool = True) -> None:
         self.runs = self.successes = self.retried = self.attempts = 0
+        self.exhausted = self.non_retryable = self.non_retryable_first = 0
         self.duration = QuantileSketch() if durations else DISCARD
         """``totalDuration`` of each run, backoff sleeps included."""
         self.first_attempt = QuantileSketch() if durations else DISCARD
@@ -181,6 +239,13 @@ class RunStats(Rates):
         succeeded = kind == "success" if kind is not None else n > 0 and attempts[-1].success
         if succeeded:
             self.successes += 1
+        else:
+            cause = failure_cause(entry)
+            if cause == "exhausted":
+                self.exhausted += 1
+            elif cause == "non_retryable":
+                self.non_retryable += 1
+                self.non_retryable_first += non_retryable_at_first(entry)
         self.attempts += n or 1
         duration = entry.total_duration
         if duration is None:
@@ -222,6 +287,9 @@ class RunStats(Rates):
         self.successes += other.successes
         self.retried += other.retried
         self.attempts += other.attempts
+        self.exhausted += other.exhausted
+        self.non_retryable += other.non_retryable
+        self.non_retryable_first += other.non_retryable_first
         self.duration.merge(other.duration)
         self.first_attempt.merge(other.first_attempt)
         self.success_attempt.merge(other.success_attempt)
@@ -250,6 +318,7 @@ class RunStats(Rates):
         return {name: getattr(self, name) for name in self.__slots__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.exhausted = self.non_retryable = self.non_retryable_first = 0  # older checkpoints
         for name, value in state.items():
             setattr(self, name, value)
 
@@ -265,18 +334,19 @@ class CronStats:
     params_at: float = -math.inf
     schedule: str | None = None
 
-    def counts_since(
-        self, since: float | None, bucket_seconds: float | None
-    ) -> tuple[int, int, int]:
-        """Runs, final failures and retried runs ``window`` would hold, without merging anything
-        (what the daemon's status shows, at most a hundred times a second)."""
-        runs = failures = retried = 0
+    def counts_since(self, since: float | None, bucket_seconds: float | None) -> list[int]:
+        """Runs, final failures, retried runs, exhausted and non-retryable final failures that
+        ``window`` would hold, without merging anything (what the daemon's status shows, at most
+        a hundred times a second)."""
+        counts = [0, 0, 0, 0, 0]
         for key, b in self.buckets.items():
             if since is None or bucket_seconds is None or (key + 1) * bucket_seconds > since:
-                runs += b.runs
-                failures += b.runs - b.successes
-                retried += b.retried
-        return runs, failures, retried
+                counts[0] += b.runs
+                counts[1] += b.runs - b.successes
+                counts[2] += b.retried
+                counts[3] += b.exhausted
+                counts[4] += b.non_retryable
+        return counts
 
     def window(self, since: float | None, bucket_seconds: float | None) -> RunStats:
         """The merge of the buckets from ``since`` on (bucket granularity)."""

@@ -314,6 +314,15 @@ class Store:
         row = self.db.execute("SELECT * FROM changes WHERE id = ?", (change_id,)).fetchone()
         return Change(**dict(row)) if row else None
 
+    def start_of(self, experiment_id: int) -> int | None:
+        """The change that started an experiment: the id ``tunerd rollback`` takes to undo it."""
+        row = self.db.execute(
+            "SELECT id FROM changes WHERE experiment = ? AND action = 'experiment_start'"
+            " AND state = 'applied' ORDER BY id DESC LIMIT 1",
+            (experiment_id,),
+        ).fetchone()
+        return int(row["id"]) if row else None
+
     def rollback_point(self, point_id: int) -> RollbackPoint | None:
         row = self.db.execute("SELECT * FROM rollback_points WHERE id = ?", (point_id,)).fetchone()
         return RollbackPoint(**dict(row)) if row else None

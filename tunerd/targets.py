@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from tunerd.faults import crash_point
-from tunerd.params import TUNABLE, Params, ParamsFileError, parse_params_file
+from tunerd.params import (
+    DEFAULT_BACKOFF,
+    TUNABLE,
+    InForce,
+    Params,
+    ParamsFileError,
+    parse_params_file,
+)
 
 TEMP_PREFIX: Final = ".tunerd-"
 
@@ -137,9 +144,21 @@ class ParamsFileTarget:
             doc.setdefault(key, {})
         return doc
 
-    def params_for(self, content: bytes | None, cron: str) -> Params:
-        doc = self.load(content)
-        return Params().with_overrides(doc["defaults"]).with_overrides(doc["crons"].get(cron))
+    def in_force(self, content: bytes | None, cron: str) -> InForce:
+        """Every parameter can be written here (A/B: Level 1 reads the file before each run)."""
+        return self.in_force_of(None if content is None else self.load(content), cron)
+
+    def in_force_of(self, doc: dict[str, Any] | None, cron: str) -> InForce:
+        """``in_force`` of a document already loaded (many crons, one parse)."""
+        if doc is None:
+            return InForce(source=f"the wrapper's defaults ({self.path} does not exist yet)")
+        overrides = doc["crons"].get(cron)
+        params = (
+            Params()
+            .with_overrides(doc["defaults"])
+            .with_overrides(overrides if isinstance(overrides, dict) else None)
+        )
+        return InForce.of(params, f"params file {self.path}")
 
     def start_experiment(self, content: bytes | None, cron: str, block: dict[str, Any]) -> bytes:
         doc = self.load(content)
@@ -178,6 +197,23 @@ DEFAULT_PATTERNS: Final[dict[str, str]] = {
     "timeout": r"\b(?:timeout|TIMEOUT)\s*[:=]\s*(\d+)",
     "backoffBase": r"\b(?:backoffBase|baseDelay|BACKOFF_BASE|BASE_DELAY)\s*[:=]\s*(\d+)",
 }
+BACKOFF_KIND: Final = re.compile(
+    r"\b(?:BACKOFF|backoff)\s*[:=]\s*['\"](exponential|linear|fixed)['\"]"
+)
+"""The backoff kind a script passes (``BACKOFF: 'exponential',``): shown, never tuned."""
+WRAPPER_DEFAULTS: Final[dict[str, int | None]] = {
+    "maxRetries": 3,  # `options.maxRetries || 3`
+    "backoffBase": 1000,  # `options.baseDelay || 1000`
+    "timeout": None,  # no timeout in exec() options: none, or one tunerd cannot see
+}
+"""What the wrapper runs with when a script does not say: the library's own defaults."""
+TO_ADD: Final[dict[str, str]] = {
+    "maxRetries": "add `MAX_RETRIES: 3,` to the script's CONFIG and pass it to the wrapper as"
+    " `maxRetries: CONFIG.MAX_RETRIES`",
+    "timeout": "give the script's exec() call a `timeout: 15000,` option",
+    "backoffBase": "add `BACKOFF_BASE: 1000,` to the script's CONFIG and pass it to the wrapper"
+    " as `baseDelay: CONFIG.BACKOFF_BASE`",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,15 +229,25 @@ class ScriptTarget:
     def name(self) -> str:
         return str(self.path)
 
+    def _matches(self, text: str, param: str) -> list[re.Match[str]]:
+        return list(re.compile(self.patterns.get(param, DEFAULT_PATTERNS[param])).finditer(text))
+
     def _match(self, text: str, param: str) -> re.Match[str]:
-        pattern = re.compile(self.patterns.get(param, DEFAULT_PATTERNS[param]))
-        found = list(pattern.finditer(text))
+        found = self._matches(text, param)
         if len(found) != 1:
             raise TargetError(
                 f"{self.path}: the {param} pattern matches {len(found)} times, not exactly once;"
-                " nothing was written"
+                f" nothing was written ({self._advice(param, len(found))})"
             )
         return found[0]
+
+    def _advice(self, param: str, matches: int) -> str:
+        if not matches:
+            return TO_ADD[param]
+        return (
+            f"its {param} pattern matches {matches} times: give [[scripts]] `patterns.{param}` a"
+            " pattern that matches exactly once"
+        )
 
     def _text(self, content: bytes | None) -> str:
         if content is None:
@@ -211,13 +257,42 @@ class ScriptTarget:
         except UnicodeDecodeError as exc:
             raise TargetError(f"{self.path} is not UTF-8 text") from exc
 
-    def params_for(self, content: bytes | None, cron: str) -> Params:
+    def in_force(self, content: bytes | None, cron: str) -> InForce:
+        """The script's numbers; where a parameter's pattern does not match, the wrapper's own
+        default (the timeout: unknown), and what to add to the script so that tunerd can tune
+        it. A pattern that matches more than once cannot be written, and its value is unknown
+        unless every match holds the same number."""
         text = self._text(content)
-        values: dict[str, object] = {}
+        values: dict[str, int | None] = {}
+        fixed = []
         for param in TUNABLE:
-            with contextlib.suppress(TargetError):
-                values[param] = int(self._match(text, param).group(1))
-        return Params().with_overrides(values)
+            found = self._matches(text, param)
+            if len(found) == 1:
+                values[param] = int(found[0].group(1))
+                continue
+            numbers = {int(m.group(1)) for m in found}
+            if not found:
+                values[param] = WRAPPER_DEFAULTS[param]
+            else:  # known if every match says the same, never writable
+                values[param] = numbers.pop() if len(numbers) == 1 else None
+            fixed.append((param, f"{self.path}: {self._advice(param, len(found))}"))
+        if values["maxRetries"] == 0:
+            values["maxRetries"] = WRAPPER_DEFAULTS["maxRetries"]  # `0 || 3`
+        kind = BACKOFF_KIND.search(text)
+        return InForce(
+            values["maxRetries"],
+            values["timeout"],
+            values["backoffBase"],
+            kind.group(1) if kind else DEFAULT_BACKOFF,
+            f"script {self.path}",
+            tuple(fixed),
+        )
+
+    def params_for(self, content: bytes | None, cron: str) -> Params:
+        """What a run of the script uses (the simulator's Level 1): unknown values as the
+        defaults of ``tunerd exec``."""
+        force = self.in_force(content, cron)
+        return Params().with_overrides({k: v for k, v in force.as_dict().items() if v is not None})
 
     def set_value(self, content: bytes | None, cron: str, param: str, value: int) -> bytes:
         text = self._text(content)
@@ -233,3 +308,80 @@ class ScriptTarget:
 
 
 Target = ParamsFileTarget | ScriptTarget
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    params_file: ParamsFileTarget
+    scripts: dict[str, ScriptTarget]
+    """cron name -> its wrapper script (the cron's parameters live there, not in the params file)"""
+
+    def for_cron(self, cron: str) -> Target:
+        return self.scripts.get(cron) or self.params_file
+
+    def by_name(self, name: str) -> Target:
+        targets: list[Target] = [self.params_file, *self.scripts.values()]
+        for target in targets:
+            if target.name == name:
+                return target
+        raise TargetError(f"{name} is no longer a configured target")
+
+
+class InForceReader:
+    """The parameters in force of any number of crons, each file read and parsed once.
+
+    One rule for every command: a cron's wrapper script when one is configured; else the params
+    file when it exists; else the parameters the cron's latest log line recorded; else the
+    wrapper's defaults. A file that cannot be read makes its values unknown (and unwritable,
+    with the reason), never an error: a cycle goes on with the other crons.
+    """
+
+    def __init__(self, targets: Targets | None) -> None:
+        self.targets = targets
+        self._contents: dict[Path, bytes | TargetError | None] = {}
+        self._doc: dict[str, Any] | TargetError | None = None
+        self._doc_read = False
+
+    def __call__(self, cron: str, logged: dict[str, Any] | None = None) -> InForce:
+        targets = self.targets
+        if targets is not None and (script := targets.scripts.get(cron)) is not None:
+            content = self._content(script.path)
+            try:
+                if isinstance(content, TargetError):
+                    raise content
+                return script.in_force(content, cron)
+            except TargetError as exc:
+                return _unreadable(f"script {script.path}", str(exc))
+        if targets is not None:
+            doc = self._params_doc(targets.params_file)
+            if isinstance(doc, TargetError):
+                return _unreadable(f"params file {targets.params_file.path}", str(doc))
+            if doc is not None:
+                return targets.params_file.in_force_of(doc, cron)
+        if logged:
+            return InForce.of(Params().with_overrides(logged), "logged by its latest run")
+        return InForce()
+
+    def _content(self, path: Path) -> bytes | TargetError | None:
+        if path not in self._contents:
+            try:
+                self._contents[path] = read_target(path)
+            except TargetError as exc:
+                self._contents[path] = exc
+        return self._contents[path]
+
+    def _params_doc(self, target: ParamsFileTarget) -> dict[str, Any] | TargetError | None:
+        if not self._doc_read:
+            self._doc_read = True
+            content = self._content(target.path)
+            try:
+                if isinstance(content, TargetError):
+                    raise content
+                self._doc = None if content is None else target.load(content)
+            except TargetError as exc:
+                self._doc = exc
+        return self._doc
+
+
+def _unreadable(source: str, why: str) -> InForce:
+    return InForce(None, None, None, DEFAULT_BACKOFF, source, tuple((p, why) for p in TUNABLE))

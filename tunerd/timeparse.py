@@ -36,3 +36,18 @@ def parse_since(text: str, now: datetime) -> datetime:
 def iso(epoch: float, timespec: str = "seconds") -> str:
     """Epoch seconds as ISO 8601 in UTC with a ``Z``, the way tunerd writes every time."""
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def human_duration(seconds: float) -> str:
+    """A period for a person: ``45 s``, ``18 min``, ``5 h 20 min``, ``3 d 4 h``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"

@@ -39,11 +39,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from tunerd.records import Entry, describe_error
+from tunerd.records import Entry, describe_error, failure_cause, non_retryable_at_first
+from tunerd.timeparse import human_duration
 
 Decision = Literal["commit", "rollback", "extend"]
 PRIMARY: Final = {
-    "maxRetries": ("final_failure_rate", "final failures"),
+    "maxRetries": ("reachable_failure_rate", "final failures more attempts could reach"),
     "timeout": ("timeout_rate", "runs with a timed-out attempt"),
     "backoffBase": ("rate_limited_retry_rate", "runs whose retry hit HTTP 429 again"),
 }
@@ -82,6 +83,13 @@ class Arm:
 
     runs: int = 0
     failures: int = 0
+    exhausted: int = 0
+    non_retryable: int = 0
+    non_retryable_first: int = 0
+    """Failures at the first attempt by an error the wrapper does not retry: the same in both
+    arms of a ``maxRetries`` change, so left out of its primary metric. (Counting only the
+    *exhausted* failures would favour the treatment: a run that exhausts three attempts in the
+    control and meets a non-retryable error at its fourth in the treatment would drop out.)"""
     retried: int = 0
     timed_out: int = 0
     rate_limited_retry: int = 0
@@ -96,6 +104,9 @@ class Arm:
         """Add the runs of ``other`` (another stretch of the same arm)."""
         self.runs += other.runs
         self.failures += other.failures
+        self.exhausted += other.exhausted
+        self.non_retryable += other.non_retryable
+        self.non_retryable_first += other.non_retryable_first
         self.retried += other.retried
         self.timed_out += other.timed_out
         self.rate_limited_retry += other.rate_limited_retry
@@ -105,17 +116,22 @@ class Arm:
 
     def add(self, entry: Entry) -> None:
         self.runs += 1
-        self.failures += not entry.succeeded
+        if not entry.succeeded:
+            self.failures += 1
+            cause = failure_cause(entry)
+            self.exhausted += cause == "exhausted"
+            self.non_retryable += cause == "non_retryable"
+            self.non_retryable_first += non_retryable_at_first(entry)
         self.retried += len(entry.attempts) > 1
         timed_out = rate_limited_retry = False
         for i, attempt in enumerate(entry.attempts):
             if attempt.success:
                 continue
-            kind = describe_error(attempt.error)[0]
+            kind = describe_error(attempt.error).kind
             timed_out |= kind == "timeout"
             rate_limited_retry |= kind == "rate_limit" and i > 0
         if not entry.attempts and not entry.succeeded:
-            timed_out = describe_error(entry.final_error)[0] == "timeout"
+            timed_out = describe_error(entry.final_error).kind == "timeout"
         self.timed_out += timed_out
         self.rate_limited_retry += rate_limited_retry
         duration = entry.duration
@@ -130,6 +146,7 @@ class Arm:
     def count(self, metric: str) -> int:
         return {
             "final_failure_rate": self.failures,
+            "reachable_failure_rate": self.failures - self.non_retryable_first,
             "timeout_rate": self.timed_out,
             "rate_limited_retry_rate": self.rate_limited_retry,
         }[metric]
@@ -142,6 +159,12 @@ class Arm:
         return {
             "runs": self.runs,
             "final_failure_rate": round(self.rate("final_failure_rate"), 6),
+            "final_failures": {
+                "exhausted": self.exhausted,
+                "non_retryable": self.non_retryable,
+                "other": self.failures - self.exhausted - self.non_retryable,
+            },
+            "reachable_failure_rate": round(self.rate("reachable_failure_rate"), 6),
             "retry_rate": round(self.retried / self.runs, 6) if self.runs else 0.0,
             "timeout_rate": round(self.rate("timeout_rate"), 6),
             "rate_limited_retry_rate": round(self.rate("rate_limited_retry_rate"), 6),
@@ -484,7 +507,7 @@ def plan(
         period = min(max_period, needed / rate)
         note = (
             f"this cron runs {runs_per_hour:.2g} times an hour and needs {why}: verification"
-            f" planned over {period / 3600:.0f} h instead of {verify_after / 3600:.0f} h"
+            f" planned over {human_duration(period)} instead of {human_duration(verify_after)}"
         )
         if rate * period < settings.min_runs:
             note += f" (still under {settings.min_runs} runs per arm: it may never be verified)"
