@@ -40,9 +40,16 @@ class Runner:
             *("--config", str(self.config), *options, "--", *command),
         ]
 
-    def exec(self, cron: str, *command: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    def exec(
+        self, cron: str, *command: str, options: tuple[str, ...] = (), **kw: Any
+    ) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            self.argv(cron, *command), capture_output=True, env=ENV, cwd=ROOT, timeout=120, **kw
+            self.argv(cron, *command, options=options),
+            capture_output=True,
+            env=ENV,
+            cwd=ROOT,
+            timeout=120,
+            **kw,
         )
 
     def lines(self) -> list[dict[str, Any]]:
@@ -94,13 +101,14 @@ def test_a_command_past_its_timeout_dies_with_its_children(runner: Runner) -> No
 
 
 def test_fails_twice_then_succeeds_with_the_backoff(runner: Runner) -> None:
+    """An exit code named by --retry-exit is retried with the wrapper's backoff."""
     runner.set_params({"defaults": {"backoffBase": 200}, "crons": {"flaky": {"maxRetries": 4}}})
     count = runner.root / "count"
     script = (
         f'n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}; echo "try $n";'
         ' [ $n -ge 3 ] && exit 0; echo "HTTP 429 Too Many Requests" >&2; exit 3'
     )
-    done = runner.exec("flaky", "sh", "-c", script)
+    done = runner.exec("flaky", "sh", "-c", script, options=("--retry-exit", "3,75"))
     assert done.returncode == 0
     assert done.stdout == b"try 1\ntry 2\ntry 3\n"  # every attempt's output, passed through
     assert done.stderr.count(b"HTTP 429") == 2
@@ -108,7 +116,10 @@ def test_fails_twice_then_succeeds_with_the_backoff(runner: Runner) -> None:
     assert line["type"] == "success"
     assert [a["success"] for a in line["attempts"]] == [False, False, True]
     first = line["attempts"][0]["error"]
-    assert first["type"] == 3 and first["statusCode"] == 429 and first["category"] == "http"
+    # What the wrapper's exec() error would say (no statusCode: the wrapper never sees one),
+    # retried because it was asked to; the 429 in the message still counts as a rate limit.
+    assert (first["type"], first["retryable"], first["category"]) == (3, True, "unknown")
+    assert "statusCode" not in first and "HTTP 429" in first["message"]
     assert line["totalDuration"] >= 200 + 400  # waited 200 ms, then 400 ms
     assert line["result"]["output"] == "try 3\n"
     assert line["params"] == {
@@ -117,6 +128,37 @@ def test_fails_twice_then_succeeds_with_the_backoff(runner: Runner) -> None:
         "backoffBase": 200,
         "backoff": "exponential",
     }
+
+
+def test_a_non_zero_exit_is_final_as_in_the_wrapper(runner: Runner) -> None:
+    """The wrapper's scripts reject with the exit status as the error's code, which it does not
+    retry: one attempt, `reason: "Non-retryable error"`, and the line's bytes are the wrapper's
+    (compact `JSON.stringify`, its key order)."""
+    done = runner.exec("usage", "sh", "-c", "echo bad flag >&2; exit 64")
+    assert done.returncode == 64
+    raw = runner.log.read_bytes()
+    assert b'"type":"failure"' in raw and b", " not in raw.split(b'"attempts"')[0]
+    [line] = runner.lines()
+    assert list(line) == [
+        "timestamp",
+        "type",
+        "context",
+        "attempts",
+        "totalDuration",
+        "finalError",
+        "reason",
+        "params",
+    ]
+    assert len(line["attempts"]) == 1 and line["reason"] == "Non-retryable error"
+    error = line["finalError"]
+    assert list(error) == ["type", "message", "retryable", "category", "suggestedFix"]
+    assert (error["type"], error["retryable"]) == (64, False)
+    assert error["message"].startswith("Command failed: sh -c echo bad flag >&2; exit 64\n")
+    # ...except when "timeout" is in the message: the wrapper's rule retries that.
+    slow = runner.exec("slow", "sh", "-c", "echo read timeout >&2; exit 1")
+    assert slow.returncode == 1
+    assert [len(x["attempts"]) for x in runner.lines()] == [1, 3]
+    assert "reason" not in runner.lines()[1]  # retries exhausted: the wrapper writes no reason
 
 
 def test_twenty_megabytes_of_output_pass_through_and_ten_are_logged(runner: Runner) -> None:
@@ -168,9 +210,11 @@ def test_experiment_arms_are_balanced_and_recorded(runner: Runner) -> None:
     for line in lines:
         expected = 20000 if line["experiment"]["arm"] == "treatment" else 15000
         assert line["params"]["timeout"] == expected
-    # Each block of ten runs holds five of each arm.
+    # Each block of ten runs holds five of each arm, kept in tunerd's state, not beside the log.
     first = Counter(a["arm"] for a in arms[:10])
     assert first == {"control": 5, "treatment": 5}
+    assert [p.name for p in runner.log.parent.iterdir()] == ["auto-retry.jsonl"]
+    assert (runner.root / "state" / "exec-arms.json").exists()
     verdict = subprocess.run(
         [
             *(sys.executable, "-m", "tunerd", "verify", str(runner.log), "--cron", "ab"),
@@ -219,14 +263,24 @@ def test_a_missing_command_is_not_retried_and_a_bad_params_file_is_survived(
     assert line["params"]["maxRetries"] == 3
 
 
-def test_final_exit_codes_are_not_retried(runner: Runner) -> None:
-    done = subprocess.run(
-        runner.argv("usage", "sh", "-c", "exit 64", options=("--no-retry-exit", "2,64")),
-        capture_output=True,
-        env=ENV,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert done.returncode == 64
-    [line] = runner.lines()
-    assert len(line["attempts"]) == 1 and line["reason"] == "Non-retryable error"
+def test_a_final_failure_is_reported_through_the_outbox(runner: Runner) -> None:
+    """--notify: the failure reaches a webhook (a real server on 127.0.0.1), pinging nobody."""
+    from .test_discord import TOKEN, FakeDiscord
+
+    fake = FakeDiscord([])
+    try:
+        url = f"http://127.0.0.1:{fake.port}/api/webhooks/1/{TOKEN}"
+        with runner.config.open("a") as f:
+            f.write(f'[discord]\nwebhook_url = "{url}"\n')
+        name = "@everyone nightly"
+        done = runner.exec(name, "sh", "-c", "exit 2", options=("--notify",))
+        assert done.returncode == 2
+        assert TOKEN.encode() not in done.stderr
+        (message,) = fake.received
+        assert message["allowed_mentions"] == {"parse": []}
+        text = json.dumps(message)
+        assert "Final failure" in text and "nightly" in text and "Non-retryable error" in text
+        ok = runner.exec("fine", "true", options=("--notify",))
+        assert ok.returncode == 0 and len(fake.received) == 1  # successes are not reported
+    finally:
+        fake.stop()

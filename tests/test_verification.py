@@ -157,10 +157,58 @@ def test_verify_sequential_by_switch_time(tmp_path: Path) -> None:
         "--json",
     )
     doc = json.loads(done.stdout)
-    assert doc["arms"]["control"]["runs"] == doc["arms"]["treatment"]["runs"] == 200
+    # The treatment runs from the switch to the last run (199 min): the control is the 199 min
+    # just before the switch, not all history before it.
+    assert (doc["arms"]["control"]["runs"], doc["arms"]["treatment"]["runs"]) == (199, 200)
+    assert doc["unassigned_runs"] == 1
+    assert doc["windows"]["control"] == [
+        iso(start + timedelta(minutes=1)).replace(".000", ""),
+        iso(start + timedelta(minutes=200)).replace(".000", ""),
+    ]
     assert doc["decision"] == "commit"
     bad = verify(tmp_path, log, "c", "retries", 3, 4)
     assert bad.returncode == 2
+
+
+def test_verify_counts_only_the_runs_of_the_experiment(tmp_path: Path) -> None:
+    """Runs from before the experiment carry the control value too, and an earlier experiment
+    left tags of its own: neither belongs in the arms."""
+    start = datetime(2026, 2, 5, tzinfo=UTC)
+    before = [  # slower and failing more, under maxRetries 3, untagged
+        run_line(
+            "flaky",
+            (3000,) if i % 3 else (3000, 3000, 3000),
+            ok=bool(i % 3),
+            ts=iso(start + timedelta(minutes=i)),
+            params={"maxRetries": 3},
+        )
+        for i in range(300)
+    ]
+    earlier = ab_lines("flaky", "7", "maxRetries", (3, 4), (40, 40), runs=60, at=start)
+    current = ab_lines("flaky", "9", "maxRetries", (3, 4), (18, 3), at=start + timedelta(hours=6))
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(before + earlier + current) + "\n")
+    doc = json.loads(verify(tmp_path, log, "flaky", "maxRetries", 3, 4, "--json").stdout)
+    assert doc["experiment"] == "9" and doc["decision"] == "commit"
+    assert doc["arms"]["control"]["runs"] == doc["arms"]["treatment"]["runs"] == 150
+    assert doc["arms"]["control"]["final_failure_rate"] == pytest.approx(0.12)
+    assert doc["unassigned_runs"] == 300 + 120
+    older = verify(tmp_path, log, "flaky", "maxRetries", 3, 4, "--experiment", "7", "--json")
+    assert json.loads(older.stdout)["arms"]["treatment"]["runs"] == 60
+    # Without tags, the recorded value tells the arms apart, and --since leaves out the runs
+    # from before the experiment (a warning says so when it is missing).
+    untagged = tmp_path / "untagged.jsonl"
+    switched = start + timedelta(hours=6)
+    plain = ab_lines("flaky", "9", "maxRetries", (3, 4), (18, 3), tag=False, at=switched)
+    untagged.write_text("\n".join(before + plain) + "\n")
+    mixed = verify(tmp_path, untagged, "flaky", "maxRetries", 3, 4, "--json")
+    assert json.loads(mixed.stdout)["arms"]["control"]["runs"] == 450
+    assert "give --since" in mixed.stderr
+    clean = verify(
+        tmp_path, untagged, "flaky", "maxRetries", 3, 4, "--since", iso(switched), "--json"
+    )
+    assert json.loads(clean.stdout)["arms"]["control"]["runs"] == 150
+    assert "give --since" not in clean.stderr
 
 
 def test_cycle_settles_due_experiments(setup: dict[str, Path]) -> None:  # noqa: F811

@@ -85,7 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--control", required=True, type=int, metavar="V")
     verify.add_argument("--treatment", required=True, type=int, metavar="V")
     verify.add_argument(
-        "--switch-at", metavar="T", help="sequential: runs before T are control, after treatment"
+        "--experiment",
+        metavar="ID",
+        help="count the runs tagged with this experiment (default: the latest one in the log)",
+    )
+    verify.add_argument("--since", metavar="T", help="only runs from T on (ISO 8601 or 7d)")
+    verify.add_argument("--until", metavar="T", help="only runs up to T (ISO 8601 or 1d)")
+    verify.add_argument(
+        "--switch-at",
+        metavar="T",
+        help="sequential: runs from T on are the treatment, an equally long stretch before T the"
+        " control",
     )
     verify.add_argument(
         "--look",
@@ -111,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a command as Level 1 does: params file, arm, timeout, retries, log line",
         description="A Level-1-compatible runner, a drop-in for the auto-retry wrapper: reads "
         "the params file, picks the experiment arm, runs CMD with the timeout (its whole process "
-        "group), retries up to maxRetries attempts in all with the backoff, passes CMD's output "
-        "and exit status through and appends one line to the log.",
-        usage="tunerd exec --cron C [--context KEY=VALUE ...] [--config F] -- CMD [ARG ...]",
+        "group), retries what the wrapper retries (a timeout; not a non-zero exit) up to "
+        "maxRetries attempts in all with the backoff, passes CMD's output and exit status "
+        "through and appends the wrapper's line to the log.",
+        usage="tunerd exec --cron C [--context KEY=VALUE ...] [--retry-exit CODES] [--notify]"
+        " [--config F] -- CMD [ARG ...]",
     )
     run_.add_argument("--cron", required=True, metavar="C", help="the cron's name in the log")
     run_.add_argument(
@@ -124,10 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="more context for the log line, e.g. schedule='*/15 * * * *' (repeatable)",
     )
     run_.add_argument(
-        "--no-retry-exit",
+        "--retry-exit",
         metavar="CODES",
         default="",
-        help="exit codes that are final, not retried (comma-separated, e.g. 2,64)",
+        help="exit codes to retry as well (comma-separated, e.g. 75,22); the wrapper retries no"
+        " non-zero exit",
+    )
+    run_.add_argument(
+        "--notify",
+        action="store_true",
+        help="report a final failure to Discord ([discord] in the configuration), as the"
+        " wrapper's executeWithNotifications does",
     )
     run_.add_argument("--log", metavar="F", help="the log to append to (default: log_path)")
     run_.add_argument("--params", metavar="F", help="the params file (default: params_file)")
@@ -353,11 +372,13 @@ def cmd_cycle(args: argparse.Namespace) -> int:
             f" {e.control:,} → {e.treatment:,}) — {safe_text(settled.reason)}"
         )
     lines.append(f"Analysed {report.analysis.totals.cron_entries:,} cron runs in the window.")
+    kinds = {"queued": "review", "refused": "change", "dry_run": "change"}
     for o in report.outcomes:
         a = o.action
+        what = f" ({kinds[o.result]} {o.id})" if o.id and o.result in kinds else ""
         lines.append(
-            f"  {o.result:<8} {safe_text(a.cron)}: {a.param} {a.current:,} → {a.proposed:,}"
-            f"{f' (#{o.id})' if o.id else ''} — {safe_text(o.detail)}"
+            f"  {o.result:<11} {safe_text(a.cron)}: {a.param} {a.current:,} → {a.proposed:,}"
+            f"{what} — {safe_text(o.detail)}"
         )
     if not report.outcomes:
         lines.append("  nothing to change")
@@ -539,13 +560,29 @@ def cmd_history(args: argparse.Namespace) -> int:
         ],
         "reviews": [r.as_json() for r in store.reviews()],
     }
-    lines = [f"{len(changes)} changes:"] if changes else ["No changes yet."]
-    for c in changes:
-        lines.append(
-            f"  #{c.id} {_iso(c.created_at)} {c.action:<16} {c.state:<9} "
+    decided = [r for r in store.reviews() if r.decided_at is not None]
+    lines = [f"{len(changes)} changes, {len(decided)} decided reviews:"]
+    entries = [
+        (
+            c.created_at,
+            f"  change {c.id:<4} {_iso(c.created_at)} {c.action:<16} {c.state:<9} "
             f"{safe_text(c.cron)}: {c.param} {c.old_value} → {c.new_value}"
-            f" by {c.actor} — {safe_text(c.reason)}"
+            f" by {c.actor} — {safe_text(c.reason)}",
         )
+        for c in changes
+    ]
+    entries += [
+        (
+            r.decided_at or r.created_at,
+            f"  review {r.id:<4} {_iso(r.decided_at or r.created_at)} {r.state:<26} "
+            f"{safe_text(r.cron)}: {r.param} {r.current} → {r.proposed}"
+            f" by {safe_text(r.decided_by or '?')} — {safe_text(r.reason)}",
+        )
+        for r in decided
+    ]
+    lines += [line for _, line in sorted(entries, key=lambda e: e[0])]
+    if not entries:
+        lines = ["No changes yet."]
     return _emit(args, document, "\n".join(lines))
 
 
@@ -559,7 +596,11 @@ def cmd_approve(args: argparse.Namespace) -> int:
     with engine.exclusive():
         engine.recover(now)
         review = _pending_review(engine, args.id, "approved")
-        current = engine.current_params(review.cron).get(review.param)
+        in_force = engine.current_params(review.cron)
+        current = in_force.get(review.param)
+        if (why := in_force.unwritable(review.param)) is not None:
+            engine.store.decide_review(review.id, "superseded", _operator(), now)
+            raise CommandError(f"review {args.id} cannot be applied: {why}")
         if current != review.current:
             engine.store.decide_review(review.id, "superseded", _operator(), now)
             raise CommandError(
@@ -624,7 +665,7 @@ def cmd_reject(args: argparse.Namespace) -> int:
     engine.notifier.send(
         Notification(
             "review_rejected",
-            f"Rejected #{review.id}: {review.param} {review.current} → {review.proposed}",
+            f"Rejected (review {review.id}): {review.param} {review.current} → {review.proposed}",
             review.cron,
             [f"by {_operator()}"],
         )
@@ -686,7 +727,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from tunerd.records import Entry
     from tunerd.report import safe_text
     from tunerd.timeparse import parse_since
-    from tunerd.verdict import Arm, VerdictSettings, arm_of, judge
+    from tunerd.verdict import VerdictSettings, judge, split_runs
 
     if args.control == args.treatment:
         raise CommandError("--control and --treatment must differ", USAGE_ERROR)
@@ -695,48 +736,51 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = _settings(args.config) if args.config or is_configured(args.config) else None
     verdict_settings = settings.verdict_settings() if settings else VerdictSettings()
     now = datetime.now(UTC)
-    switch = None
-    if args.switch_at is not None:
+    times: dict[str, float | None] = {}
+    for option in ("since", "until", "switch_at"):
+        text = getattr(args, option)
         try:
-            switch = parse_since(args.switch_at, now).timestamp()
+            times[option] = None if text is None else parse_since(text, now).timestamp()
         except ValueError as exc:
-            raise CommandError(f"--switch-at: {exc}", USAGE_ERROR) from None
-    control, treatment = Arm(), Arm()
-    ignored = 0
-
-    def take(entries: list[Entry]) -> None:
-        nonlocal ignored
-        for entry in entries:
-            if entry.cron != args.cron:
-                continue
-            at = entry.when(now).timestamp()
-            arm = arm_of(entry, args.param, args.control, args.treatment, None, switch, at)
-            if arm == "control":
-                control.add(entry)
-            elif arm == "treatment":
-                treatment.add(entry)
-            else:
-                ignored += 1
-
+            flag = "--" + option.replace("_", "-")
+            raise CommandError(f"{flag}: {exc}", USAGE_ERROR) from None
+    runs: list[tuple[float, Entry]] = []
     reader = LogReader(
         max_line_bytes=settings.max_line_bytes if settings else DEFAULT_MAX_LINE_BYTES
     )
     malformed = 0
     try:
         for batch in read_batches(Path(args.log), reader):
-            take(batch.entries)
+            runs += [(e.when(now).timestamp(), e) for e in batch.entries if e.cron == args.cron]
             malformed += len(batch.malformed)
     except OSError as exc:
         raise CommandError(f"cannot read the log {args.log}: {exc.strerror or exc}") from None
     if malformed:
         print(f"warning: {malformed:,} malformed lines skipped", file=sys.stderr)
-    verdict = judge(args.param, control, treatment, args.look, verdict_settings)
+    split = split_runs(
+        runs,
+        args.param,
+        args.control,
+        args.treatment,
+        args.experiment,
+        times["since"],
+        times["until"],
+        times["switch_at"],
+    )
+    for note in split.notes:
+        print(f"note: {note}", file=sys.stderr)
+    verdict = judge(args.param, split.control, split.treatment, args.look, verdict_settings)
     document = verdict.as_json() | {
         "cron": args.cron,
         "param": args.param,
         "control": args.control,
         "treatment": args.treatment,
-        "unassigned_runs": ignored,
+        "experiment": split.experiment,
+        "windows": None
+        if split.windows is None
+        else {arm: [_iso(a), _iso(b)] for arm, (a, b) in split.windows.items()},
+        "unassigned_runs": split.unassigned,
+        "notes": split.notes,
     }
     c, t = verdict.control.summary(), verdict.treatment.summary()
     lines = [
@@ -760,8 +804,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"  {test.role}: {test.metric} by {test.test}: p = {p} (threshold"
             f" {test.threshold:.4f}), effect {effect}{ci}"
         )
-    if ignored:
-        lines.append(f"  ({ignored:,} runs of the cron belonged to neither arm)")
+    if split.experiment is not None:
+        lines.append(f"  (runs tagged with experiment {safe_text(split.experiment)})")
+    for arm, (a, b) in (split.windows or {}).items():
+        lines.append(f"  ({arm}: {_iso(a)} → {_iso(b)})")
+    if split.unassigned:
+        lines.append(f"  ({split.unassigned:,} runs of the cron belonged to neither arm)")
     return _emit(args, document, "\n".join(lines))
 
 
@@ -793,9 +841,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
             raise CommandError(f"--context {item!r}: expected KEY=VALUE", USAGE_ERROR)
         context[key] = value
     try:
-        final = frozenset(int(c) for c in args.no_retry_exit.split(",") if c.strip())
+        retry = frozenset(int(c) for c in args.retry_exit.split(",") if c.strip())
     except ValueError:
-        raise CommandError("--no-retry-exit: comma-separated exit codes", USAGE_ERROR) from None
+        raise CommandError("--retry-exit: comma-separated exit codes", USAGE_ERROR) from None
     try:
         settings = load(args.config)
     except ConfigError as exc:
@@ -804,7 +852,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
         settings = Settings.model_validate({})
     log_path = Path(args.log).expanduser() if args.log else settings.log_path
     params = Path(args.params).expanduser() if args.params else settings.params_file
-    return execute(args.cron, command, log_path, params, context, final)
+    url = None
+    if args.notify:
+        url = settings.discord.url()
+        if url is None:
+            warn("--notify: no Discord webhook is configured ([discord] webhook_url)")
+    return execute(args.cron, command, log_path, params, context, settings.state_dir, retry, url)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -228,7 +228,13 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
             return Outcome(action, "not_applied", str(exc))
         except (EngineError, SafetyError) as exc:
             return Outcome(action, "error", str(exc))
-        return Outcome(action, "started", f"experiment {experiment.id}", experiment.id)
+        undo = engine.store.start_of(experiment.id)
+        return Outcome(
+            action,
+            "started",
+            f"experiment {experiment.id} (to undo it: tunerd rollback {undo})",
+            experiment.id,
+        )
     return _queue(action, engine, now, action.why)
 
 

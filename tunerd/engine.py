@@ -231,7 +231,7 @@ class Engine:
         }
         next_id = self._next_experiment_id()
         block["id"] = str(next_id)
-        _, experiment_id = self._apply(
+        change_id, experiment_id = self._apply(
             target,
             {
                 "cron": cron,
@@ -257,7 +257,8 @@ class Engine:
                 cron,
                 [
                     reason,
-                    f"mode {started.mode}, verdict due {_iso(started.verify_at)}",
+                    f"experiment {started.id}, mode {started.mode}, verdict due"
+                    f" {_iso(started.verify_at)}; to undo it: tunerd rollback {change_id}",
                     "applied automatically: an increase inside the safe range"
                     if actor == "tunerd"
                     else f"approved by {actor}",

@@ -10,12 +10,14 @@ wrapper's shape (SPEC section 2) plus the ``params`` and ``experiment`` the run 
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from tunerd.params import TUNABLE, ExperimentBlock, Params, ParamsFile
+from tunerd.records import HTTP_FIX, NETWORK_FIX, wrapper_retries
 from tunerd.timeparse import iso
 
 Arm = Literal["control", "treatment"]
@@ -86,30 +88,12 @@ def backoff_ms(params: Params, retry: int) -> float:
     return float(params.backoffBase)
 
 
-RETRYABLE_CODES: Final = ("ETIMEDOUT", "ECONNRESET", "ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED")
-RETRYABLE_STATUS: Final = (408, 429, 500, 502, 503, 504)
-_NETWORK_FIX: Final = {
-    "ETIMEDOUT": "Network timeout - check connection or increase timeout",
-    "ECONNRESET": "Connection reset - server may be restarting",
-    "ENOTFOUND": "DNS lookup failed - check hostname",
-    "EAI_AGAIN": "DNS temporary failure - retry should work",
-    "ECONNREFUSED": "Connection refused - check if service is running",
-}
-_HTTP_FIX: Final = {
-    408: "Request timeout - increase timeout",
-    429: "Rate limit exceeded - increase backoff delay",
-    500: "Internal server error - temporary, retry should work",
-    502: "Bad gateway - upstream server issue",
-    503: "Service unavailable - server overloaded",
-    504: "Gateway timeout - upstream server timeout",
-}
-
-
 def error_object(
     error_type: str | int, message: str, status: int | None = None, retryable: bool = False
 ) -> dict[str, Any]:
     """The wrapper's ``analyzeError`` result for an error with this code or name, message and
-    HTTP status; ``retryable`` marks errors the caller retries besides the wrapper's own."""
+    HTTP status, keys in its order; ``retryable`` marks errors the caller retries besides the
+    wrapper's own (``tunerd exec --retry-exit``)."""
     info: dict[str, Any] = {
         "type": error_type,
         "message": message,
@@ -118,17 +102,25 @@ def error_object(
         "category": "unknown",
         "suggestedFix": "Unknown error",
     }
-    if error_type in _NETWORK_FIX:
-        info.update(retryable=True, category="network", suggestedFix=_NETWORK_FIX[str(error_type)])
-    if status in _HTTP_FIX:
-        info.update(retryable=True, category="http", suggestedFix=_HTTP_FIX[status])
-    if "timeout" in message:
+    if error_type in NETWORK_FIX:
+        info.update(retryable=True, category="network", suggestedFix=NETWORK_FIX[str(error_type)])
+    if status in HTTP_FIX:
+        info.update(retryable=True, category="http", suggestedFix=HTTP_FIX[status])
+    if wrapper_retries(None, None, message):
         info.update(
             retryable=True, category="timeout", suggestedFix="Increase timeout or check network"
         )
     if status is None:
         del info["statusCode"]  # JSON.stringify drops undefined
     return info
+
+
+def encode_line(line: dict[str, Any]) -> bytes:
+    """A log line as the wrapper's ``JSON.stringify`` writes it: compact, keys in the order
+    given, non-ASCII as UTF-8, one newline (the user's own scripts grep
+    ``'"type":"failure"'``)."""
+    text = json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (text + "\n").encode("utf-8", "surrogatepass")
 
 
 def log_line(
@@ -142,8 +134,10 @@ def log_line(
     result: Any = None,
     reason: str | None = None,
 ) -> dict[str, Any]:
-    """One run's line: success when its last attempt succeeded, else a final failure with the
-    last error, and ``reason`` when the run ended before its last attempt (the wrapper writes
+    """One run's line, keys in the wrapper's order (timestamp, type, context, attempts,
+    totalDuration, then result or finalError and reason), then tunerd's ``params`` and
+    ``experiment``: success when its last attempt succeeded, else a final failure with the last
+    error, and ``reason`` when the run ended before its last attempt (the wrapper writes
     ``"Non-retryable error"``)."""
     succeeded = bool(attempts) and attempts[-1]["success"]
     line: dict[str, Any] = {

@@ -199,8 +199,26 @@ class ErrorDescription(NamedTuple):
 
 _ERROR_DECODER: Final = msgspec.json.Decoder(ErrorInfo | str | None)
 NO_DETAIL: Final = "(no error detail)"
-RETRYABLE_CODES: Final = ("ETIMEDOUT", "ECONNRESET", "ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED")
-RETRYABLE_STATUS: Final = (408, 429, 500, 502, 503, 504)
+# The wrapper's retryable error codes and HTTP statuses, with the fix it suggests for each.
+NETWORK_FIX: Final = {
+    "ETIMEDOUT": "Network timeout - check connection or increase timeout",
+    "ECONNRESET": "Connection reset - server may be restarting",
+    "ENOTFOUND": "DNS lookup failed - check hostname",
+    "EAI_AGAIN": "DNS temporary failure - retry should work",
+    "ECONNREFUSED": "Connection refused - check if service is running",
+}
+HTTP_FIX: Final = {
+    408: "Request timeout - increase timeout",
+    429: "Rate limit exceeded - increase backoff delay",
+    500: "Internal server error - temporary, retry should work",
+    502: "Bad gateway - upstream server issue",
+    503: "Service unavailable - server overloaded",
+    504: "Gateway timeout - upstream server timeout",
+}
+
+
+RETRYABLE_CODES: Final = tuple(NETWORK_FIX)
+RETRYABLE_STATUS: Final = tuple(HTTP_FIX)
 
 
 def wrapper_retries(code: object, status: object, message: str | None) -> bool:

@@ -13,12 +13,15 @@ arm of a running experiment), runs the command with the timeout, retries with th
 - **Exit status**: the last attempt's (124 after a timeout, 128+N after signal N, 127 when the
   command cannot be started); tunerd's own problems (no params file, an unwritable log) never
   change it and never stop the command from running: they are said on stderr.
-- **Retries**: a non-zero exit, a timeout or a death by signal is retried (a command's failures
-  are transient unless it says otherwise: ``--no-retry-exit`` names exit codes that are final); a
-  command that cannot be started is not. SIGTERM, SIGINT or SIGHUP sent to the runner go to the
-  command's group and end the run: no further attempt, and the line says why.
-- **The log line** is written in one ``write`` to a file opened with ``O_APPEND``, under an
-  exclusive ``flock`` on the log, so fifty runs ending at once leave fifty whole lines.
+- **Retries**: what the user's wrapper retries, and nothing more: a timeout (and a death by
+  SIGTERM, which its scripts take for their timeout), or an error whose message says
+  ``timeout``. A non-zero exit is final (``reason: "Non-retryable error"``), as it is for a
+  command run through the wrapper's ``exec()``; ``--retry-exit`` names exit codes to retry
+  anyway. SIGTERM, SIGINT or SIGHUP sent to the runner go to the command's group and end the
+  run: no further attempt, and the line says why.
+- **The log line** has the wrapper's bytes (``JSON.stringify``: compact, its key order), is
+  written in one ``write`` to a file opened with ``O_APPEND``, under an exclusive ``flock`` on
+  the log, so fifty runs ending at once leave fifty whole lines.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ import fcntl
 import json
 import os
 import random
-import re
 import selectors
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -44,12 +47,14 @@ from tunerd.level1 import (
     assign,
     attempts_allowed,
     backoff_ms,
+    encode_line,
     error_object,
     log_line,
     next_arm,
     resolve,
 )
 from tunerd.params import Params, ParamsFile, ParamsFileError, parse_params_file
+from tunerd.records import NON_RETRYABLE, wrapper_retries
 
 OUTPUT_CAP: Final = 10 * 1024 * 1024
 """Bytes of each stream kept for the log line (Node's ``maxBuffer`` in the user's scripts)."""
@@ -57,9 +62,9 @@ KILL_GRACE: Final = 2.0
 """Seconds between SIGTERM and SIGKILL to a command's group that outlived its timeout."""
 STDERR_IN_MESSAGE: Final = 2000
 """Characters of the command's stderr (its end) in a failed attempt's error message."""
-ARMS_FILE: Final = ".tunerd-arms.json"
-"""Beside the log (Level 1 can write there): each experiment's block of arms still to hand out.
-Named by nothing from the log: cron names never become file paths."""
+ARMS_FILE: Final = "exec-arms.json"
+"""In tunerd's state directory (never the log's, which belongs to Level 1): each experiment's
+block of arms still to hand out. Named by nothing from the log: cron names never become paths."""
 _READ: Final = 1 << 16
 
 
@@ -128,7 +133,12 @@ class Interrupted:
                 os.killpg(self.group, signum)
 
 
-def run_attempt(command: list[str], timeout_ms: int, interrupted: Interrupted) -> Outcome:
+def run_attempt(
+    command: list[str],
+    timeout_ms: int,
+    interrupted: Interrupted,
+    retry_exits: frozenset[int] = frozenset(),
+) -> Outcome:
     started = time.monotonic()
     stdout, stderr = Captured(1), Captured(2)
     try:
@@ -169,28 +179,23 @@ def run_attempt(command: list[str], timeout_ms: int, interrupted: Interrupted) -
     returncode = proc.returncode
     if returncode == 0:
         return Outcome(0, duration, None, False, stdout, stderr)
-    tail = stderr.text()[-STDERR_IN_MESSAGE:]
+    # As the wrapper's scripts see it: Node's exec() error says `Command failed: CMD` and the
+    # whole stderr, its code is the exit status (a number, not retryable), and a child killed by
+    # SIGTERM is taken for their own timeout (`error.code = 'ETIMEDOUT'`). The wrapper then
+    # retries only what its rule allows: `timeout` somewhere in that message.
+    failed = f"Command failed: {shown}\n"
+    retryable = wrapper_retries(None, None, failed + stderr.text())
+    message = failed + stderr.text()[-STDERR_IN_MESSAGE:]
     if returncode < 0:
         name = signal.Signals(-returncode).name
-        error = error_object(name, f"Command failed: {shown}\nkilled by {name}\n{tail}", None, True)
-        return Outcome(128 - returncode, duration, error, True, stdout, stderr)
-    error = error_object(returncode, f"Command failed: {shown}\n{tail}", http_status(tail), True)
+        kind = "ETIMEDOUT" if name == "SIGTERM" else name
+        error = error_object(kind, f"{message}\nkilled by {name}", None, retryable)
+        return Outcome(128 - returncode, duration, error, error["retryable"], stdout, stderr)
+    retryable = retryable or returncode in retry_exits
+    error = error_object(returncode, message, None, retryable)
     if error["suggestedFix"] == "Unknown error":  # what the wrapper says; a runner knows more
         error["suggestedFix"] = f"The command exited with status {returncode}: see its stderr"
-    return Outcome(returncode, duration, error, True, stdout, stderr)
-
-
-_STATUS = re.compile(
-    r"\b(?:HTTP(?:/[\d.]+)?|status(?: code)?[:=]?|returned error:)\s*([45]\d\d)\b", re.IGNORECASE
-)
-
-
-def http_status(stderr: str) -> int | None:
-    """The HTTP error status a command reported last (``HTTP 429``, ``HTTP/1.1 503``, curl's
-    ``returned error: 429``, ``status 502``), so that rate limits are counted as the wrapper counts
-    them: by ``statusCode``."""
-    found = _STATUS.findall(stderr)
-    return int(found[-1]) if found else None
+    return Outcome(returncode, duration, error, retryable, stdout, stderr)
 
 
 def _pump(proc: subprocess.Popen[bytes], streams: dict[Any, Captured], deadline: float) -> bool:
@@ -248,13 +253,13 @@ def read_params(path: Path) -> ParamsFile | None:
         return None
 
 
-def choose_arm(log_path: Path, doc: ParamsFile, experiment: str, split: float) -> Arm:
-    """The next arm from the experiment's permuted block, kept beside the log under a lock (a
-    random draw when that file cannot be used: unbalanced, still unbiased)."""
+def choose_arm(state_dir: Path, doc: ParamsFile, experiment: str, split: float) -> Arm:
+    """The next arm from the experiment's permuted block, kept in tunerd's state directory under
+    a lock (a random draw when that file cannot be used: unbalanced, still unbiased)."""
     rng = random.SystemRandom()
-    path = log_path.parent / ARMS_FILE
+    path = state_dir / ARMS_FILE
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # as the wrapper makes the log's
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             f.seek(0)
@@ -277,7 +282,7 @@ def choose_arm(log_path: Path, doc: ParamsFile, experiment: str, split: float) -
 
 
 def append_line(log_path: Path, line: dict[str, Any]) -> bool:
-    data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+    data = encode_line(line)
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -309,20 +314,24 @@ def execute(
     log_path: Path,
     params_path: Path,
     context: dict[str, Any],
-    final_exits: frozenset[int] = frozenset(),
+    state_dir: Path,
+    retry_exits: frozenset[int] = frozenset(),
+    notify: str | None = None,
 ) -> int:
-    """Run ``command`` as Level 1 would; returns the exit status to leave with."""
+    """Run ``command`` as Level 1 would; returns the exit status to leave with. ``notify``: the
+    webhook a final failure is reported to (through tunerd's outbox), as the wrapper's
+    ``executeWithNotifications`` does."""
     interrupted = Interrupted()
     interrupted.install()
     doc = read_params(params_path)
     params, block = resolve(doc, cron)
     assignment: Assignment | None = None
     if block is not None and doc is not None:
-        arm = choose_arm(log_path, doc, str(block.id), block.split)
+        arm = choose_arm(state_dir, doc, str(block.id), block.split)
         params, assignment = assign(params, block, arm)
     if (status := interrupted.exit_status()) is not None:
         return status  # stopped before the command started: nothing ran, nothing to log
-    run = _run(command, params, interrupted, final_exits)
+    run = _run(command, params, interrupted, retry_exits)
     result = None
     if run.last.error is None:
         out, err = run.last.stdout, run.last.stderr
@@ -345,19 +354,44 @@ def execute(
         run.reason,
     )
     append_line(log_path, line)
+    if notify is not None and run.last.error is not None:
+        notify_failure(state_dir, notify, cron, run)
     status = interrupted.exit_status()
     return run.last.status if status is None else status
 
 
+def notify_failure(state_dir: Path, url: str, cron: str, run: Run) -> None:
+    """The final failure, to Discord through the outbox in tunerd's state (delivered now if it
+    can be within a few seconds, else by the daemon). The job's exit status never depends on it."""
+    from tunerd.notify import Notification, notifier_for
+    from tunerd.store import Store, StoreError
+
+    error = run.last.error or {}
+    message = str(error.get("message", "")).strip()
+    lines = [
+        f"{len(run.attempts)} attempt(s); {run.reason or 'no attempt left'}",
+        message[:300] + ("…" if len(message) > 300 else ""),
+        f"suggested fix: {error.get('suggestedFix', 'none')}",
+    ]
+    try:
+        with Store(state_dir) as store:
+            notifier = notifier_for(store, url)
+            notifier.send(Notification("run_failed", "Final failure", cron, lines))
+            notifier.flush(budget=5.0, retry_now=True)
+    except (StoreError, OSError, sqlite3.Error) as exc:
+        warn(f"could not queue the failure notification in {state_dir}: {exc}")
+
+
 def _run(
-    command: list[str], params: Params, interrupted: Interrupted, final_exits: frozenset[int]
+    command: list[str], params: Params, interrupted: Interrupted, retry_exits: frozenset[int]
 ) -> Run:
-    """Up to ``maxRetries`` attempts, with the backoff between them."""
+    """Up to ``maxRetries`` attempts, with the backoff between them; an error the wrapper does
+    not retry ends the run at once."""
     started = time.monotonic()
     attempts: list[dict[str, Any]] = []
     allowed = attempts_allowed(params)
     for number in range(1, allowed + 1):
-        outcome = run_attempt(command, params.timeout, interrupted)
+        outcome = run_attempt(command, params.timeout, interrupted, retry_exits)
         record: dict[str, Any] = {
             "attempt": number,
             "success": outcome.error is None,
@@ -369,8 +403,8 @@ def _run(
                 name = signal.Signals(interrupted.signum).name
                 outcome.error = error_object(name, f"interrupted by {name}: {' '.join(command)}")
                 reason = f"interrupted by {name}"
-            elif not outcome.retryable or outcome.status in final_exits:
-                reason = "Non-retryable error"
+            elif not outcome.retryable:
+                reason = NON_RETRYABLE
             record["error"] = outcome.error
         attempts.append(record)
         if outcome.error is None or reason is not None or number == allowed:

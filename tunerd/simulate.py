@@ -29,7 +29,7 @@ from typing import IO, Any, Final
 
 import msgspec
 
-from tunerd.level1 import Arm, assign, log_line, next_arm, resolve
+from tunerd.level1 import Arm, assign, encode_line, log_line, next_arm, resolve
 from tunerd.notify import Notification
 from tunerd.params import TUNABLE, Params, ParamsFileError, parse_params_file
 from tunerd.scenario import CronSpec, Scenario, ScenarioError, simulate_run
@@ -300,7 +300,7 @@ class Simulation:
         ended: list[tuple[float, int, int, dict[str, Any]]] = []  # runs still going, by end
         sequence = 0
         cycle_at, hour_at = next_cycle(self.start), self.start + HOUR
-        with self.settings.log_path.open("a", encoding="utf-8") as log:
+        with self.settings.log_path.open("ab") as log:
             while True:
                 verify_at = self._next_verification()
                 at = min(cycle_at, hour_at, verify_at, self.end)
@@ -332,7 +332,7 @@ class Simulation:
         return min(later, default=math.inf)
 
     def _write_ended(
-        self, log: IO[str], ended: list[tuple[float, int, int, dict[str, Any]]], until: float
+        self, log: IO[bytes], ended: list[tuple[float, int, int, dict[str, Any]]], until: float
     ) -> None:
         while ended and ended[0][0] <= until:
             end, _, index, line = heapq.heappop(ended)
@@ -341,7 +341,7 @@ class Simulation:
             week = int((end - self.start) // WEEK)
             self.weeks[week].add(line)
             self.crons[index].weeks[week].add(line)
-            log.write(json.dumps(line, ensure_ascii=False) + "\n")
+            log.write(encode_line(line))
         log.flush()
         self.marks.append((until, log.tell()))
 

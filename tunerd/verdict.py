@@ -457,6 +457,98 @@ def arm_of(
     return None
 
 
+@dataclass(slots=True)
+class Split:
+    """The runs of one experiment, told apart offline (``tunerd verify``)."""
+
+    control: Arm
+    treatment: Arm
+    unassigned: int
+    """Runs of the cron that belong to neither arm (another experiment, outside the windows)."""
+    experiment: str | None
+    """The experiment whose tagged runs were counted."""
+    windows: dict[str, tuple[float, float]] | None
+    """Sequential: each arm's stretch of time (epoch seconds)."""
+    notes: list[str]
+
+
+def split_runs(
+    runs: list[tuple[float, Entry]],
+    param: str,
+    control: int,
+    treatment: int,
+    experiment: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    switch_at: float | None = None,
+) -> Split:
+    """A cron's runs (time, entry) into the arms of one experiment, counting nothing else.
+
+    With ``switch_at`` (sequential), the treatment is the time from the switch to ``until`` (or
+    the last run) and the control an equally long stretch just before it: more history would
+    weigh an older world against a newer one. Otherwise runs tagged with an experiment count by
+    their tag, only those of ``experiment`` (default: the latest one tagged); without any tag,
+    by the value of ``params[param]`` they recorded, which runs from before the experiment
+    carry as well, hence ``since``.
+    """
+    inside = [
+        (at, e)
+        for at, e in runs
+        if (since is None or at >= since) and (until is None or at <= until)
+    ]
+    split = Split(Arm(), Arm(), len(runs) - len(inside), None, None, [])
+    if switch_at is not None:
+        end = until if until is not None else max((at for at, _ in inside), default=switch_at)
+        start = switch_at - max(end - switch_at, 0.0)
+        if since is not None and since > start:
+            start = since
+            split.notes.append("the control window was cut at --since")
+        split.windows = {"control": (start, switch_at), "treatment": (switch_at, end)}
+        for at, entry in inside:
+            if start <= at < switch_at:
+                split.control.add(entry)
+            elif switch_at <= at <= end:
+                split.treatment.add(entry)
+            else:
+                split.unassigned += 1
+        return split
+    tagged = [
+        (at, e)
+        for at, e in inside
+        if e.experiment is not None and e.experiment.arm in ("control", "treatment")
+    ]
+    if tagged:
+        if experiment is None:
+            latest = max(tagged, key=lambda run: run[0])[1].experiment
+            experiment = None if latest is None or latest.id is None else str(latest.id)
+        split.experiment = experiment
+        for _, entry in inside:
+            tag = entry.experiment
+            if (
+                tag is not None
+                and tag.arm in ("control", "treatment")
+                and (experiment is None or str(tag.id) == experiment)
+            ):
+                (split.control if tag.arm == "control" else split.treatment).add(entry)
+            else:
+                split.unassigned += 1
+        return split
+    if experiment is not None:
+        split.notes.append(f"no run carries an experiment tag: --experiment {experiment} ignored")
+    if since is None:
+        split.notes.append(
+            f"runs are told apart by the {param} they recorded, and runs from before the"
+            " experiment recorded the control value too: give --since (the experiment's start)"
+        )
+    for at, entry in inside:
+        arm = arm_of(entry, param, control, treatment, None, None, at)
+        if arm is None:
+            split.unassigned += 1
+        else:
+            (split.control if arm == "control" else split.treatment).add(entry)
+    return split
+
+
 # --- power before starting ------------------------------------------------------------------
 
 
