@@ -40,6 +40,7 @@ def summary(cron: str, runs: int = 100) -> CronSummary:
         rate_limit=0,
         rate_limit_retried=0,
         timeout=0,
+        killed=None,
         other=0,
         rate_limited_retries=0,
         signatures=[],

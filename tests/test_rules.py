@@ -112,7 +112,8 @@ def test_safety_table() -> None:
 
 def test_level3_advisories() -> None:
     lines = runs("broken", 50, retried=11, error=ERR_OTHER)
-    lines += runs("hangs", 94, retried=6, error=ERR_TIMEOUT)
+    lines += runs("hangs", 94)  # and six first attempts killed by the 15 s timeout:
+    lines += [run_line("hangs", (15_000, 1000), error=ERR_TIMEOUT) for _ in range(6)]
     # At the top of the safe range a longer timeout needs a human: the timeouts are advised on.
     at_top = analysis_of(lines, Params(timeout=30000))
     kinds = {(v.type, v.subject) for v in at_top.advisories}
@@ -171,13 +172,17 @@ def test_a_timeout_that_cuts_attempts_off_is_raised_one_step() -> None:
     """Successful attempts all fit under the timeout by construction: their p99 can never call
     for more room, however many attempts are killed."""
     killed = {**ERR_TIMEOUT, "message": "Command failed: ./slow.sh\n"}
-    lines = runs("slow", 60, retried=25, failed=5, error=killed, duration=6000)
+    lines = runs("slow", 60, duration=3000)
+    lines += [run_line("slow", (10_004, 3000), error=killed) for _ in range(25)]
+    lines += [run_line("slow", (10_004,) * 3, ok=False, error=killed) for _ in range(5)]
     a = analysis_of(lines, Params(timeout=10000))
     (r,) = [r for r in a.recommendations if r.param == "timeout"]
     assert (r.current, r.proposed, r.decision) == (10000, 15000, "auto")
     assert "cannot be seen" in r.reason and "guardrail" in r.reason
-    near_top = analysis_of(lines, Params(timeout=25000))
-    assert [r.proposed for r in near_top.recommendations if r.param == "timeout"] == [30000]
+    # Had the timeout been 11 s, these attempts would not have been killed by it.
+    assert "timeout" not in {
+        r.param for r in analysis_of(lines, Params(timeout=11500)).recommendations
+    }
 
 
 def test_only_rate_limits_the_wrapper_retries_call_for_a_longer_backoff() -> None:
@@ -211,3 +216,15 @@ def test_an_unknown_value_is_never_proposed_from() -> None:
     assert [p.type for p in a.patterns] == ["high_retry_rate", "slow_response"]
     assert "a timeout tunerd cannot see" in a.patterns[1].detail
     assert [r.param for r in a.recommendations] == ["maxRetries"]
+
+
+def test_a_timeout_of_the_job_s_own_is_not_the_wrapper_s() -> None:
+    """ "read timeout" after 100 ms is a timeout inside the job: raising the exec() timeout from
+    10 s cannot help, and the advisory says so."""
+    own = {**ERR_TIMEOUT, "type": 1, "message": "Command failed: ./api.sh\nread timeout"}
+    lines = runs("api", 60, retried=25, error=own, duration=100)
+    a = analysis_of(lines, Params(timeout=10000))
+    assert [p.type for p in a.patterns] == ["high_retry_rate"]
+    assert [r.param for r in a.recommendations] == []
+    (v,) = [v for v in a.advisories if v.type == "recurring_timeout"]
+    assert "25 of them ended well before the 10,000 ms timeout" in v.message

@@ -23,7 +23,7 @@ from tunerd.rules import (
     detect_patterns,
     recommend,
 )
-from tunerd.sketch import QuantileSketch
+from tunerd.sketch import DISCARD, QuantileSketch
 from tunerd.stats import LogStats, Rates, RunStats, Signature, Totals
 
 
@@ -42,6 +42,11 @@ class Distribution:
             return None
         p50, p95, p99 = sketch.quantiles((0.50, 0.95, 0.99))
         return cls(sketch.count, sketch.mean, p50, p95, p99, sketch.max)
+
+
+KILLED_AT = 0.9
+"""A timed-out attempt that lasted this share of the timeout or more was killed by it (the
+wrapper's exec() kills at the timeout; a few milliseconds either way)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,10 @@ class CronSummary(Rates):
     rate_limit_retried: int
     """Attempts answered with HTTP 429 that the wrapper retries (a longer backoff can help)."""
     timeout: int
+    killed: int | None
+    """Timed-out attempts that lasted at least ``KILLED_AT`` of the timeout in force: killed by
+    it (the rest hit a timeout of the job's own). None when the timeout or the durations are
+    unknown."""
     other: int
     rate_limited_retries: int
     signatures: list[tuple[str, Signature]]
@@ -91,6 +100,9 @@ class CronSummary(Rates):
             rate_limit=run.rate_limit,
             rate_limit_retried=run.errors.count("rate_limit", retryable=True),
             timeout=run.timeout,
+            killed=None
+            if params.timeout is None or run.timeout_attempt is DISCARD
+            else run.timeout_attempt.count_at_least(params.timeout * KILLED_AT),
             other=run.other,
             rate_limited_retries=run.rate_limited_retries,
             signatures=signatures,

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
+from tunerd.analysis import KILLED_AT
 from tunerd.params import SPECS, InForce
 from tunerd.records import ERROR_CLASSES
 from tunerd.scenario import CronSpec, Latency, RateLimit, Scenario, StartParams
@@ -84,10 +85,12 @@ def _fit_cron(name: str, run: RunStats, schedule: str | None, params: InForce) -
     rate_limited = errors.count("rate_limit", retryable=True)
     plain = max(run.attempts - rate_limited, 1)  # attempts answered other than by a retried 429
     timeouts = errors.count("timeout", retryable=True)
+    if params.timeout is not None:  # timeouts of the job's own are transient failures here
+        timeouts = min(timeouts, run.timeout_attempt.count_at_least(params.timeout * KILLED_AT))
     timed_out = min(timeouts / plain, 0.9)
     latency = _latency(run, timed_out)
     answered = max(plain - timeouts, 1)
-    transient = errors.count("other", retryable=True)
+    transient = errors.count("other", retryable=True) + errors.count("timeout", True) - timeouts
     fatal = sum(errors.count(kind, retryable=False) for kind in ERROR_CLASSES)
     fail_p = min(transient / answered, 0.95)
     fatal_p = min(fatal / max(answered - transient, 1), 0.95)

@@ -96,7 +96,7 @@ def detect_patterns(s: CronSummary, t: Thresholds = DEFAULT_THRESHOLDS) -> list[
             )
         )
     timeout = s.params.timeout
-    timed_out = s.timeout / s.attempts if s.attempts else 0.0
+    timed_out = _killed_share(s)
     at = f"its {_ms(timeout)} timeout" if timeout is not None else "a timeout tunerd cannot see"
     if (
         s.duration_mean is not None
@@ -182,8 +182,7 @@ def _timeout_proposal(s: CronSummary, p: Pattern, current: int, t: Thresholds) -
             f"{p.detail}; successful attempts reach {_ms(s.success_p99)} at p99: "
             f"timeout = ceil(p99 × {t.tail_padding})"
         )
-    timed_out = s.timeout / s.attempts if s.attempts else 0.0
-    if timed_out <= t.timeout_share:
+    if _killed_share(s) <= t.timeout_share:
         return proposed, reason
     low, high = SPECS["timeout"].safe
     step = math.ceil(current * t.timeout_factor / 500) * 500
@@ -197,6 +196,13 @@ def _timeout_proposal(s: CronSummary, p: Pattern, current: int, t: Thresholds) -
         f" {_ms(step)} and let the experiment decide (its guardrail, runs no more than 5 %"
         " slower, stops it if the calls simply hang longer)"
     )
+
+
+def _killed_share(s: CronSummary) -> float:
+    """The share of attempts killed by the cron's timeout; every timed-out attempt when their
+    durations or the timeout are unknown."""
+    killed = s.timeout if s.killed is None else s.killed
+    return killed / s.attempts if s.attempts else 0.0
 
 
 def _recommendation(
@@ -261,13 +267,20 @@ def advise_cron(
         for r in recommendations
     )
     if s.timeout > t.recurring_timeout and not auto_timeout:
+        own = s.timeout - (s.timeout if s.killed is None else s.killed)
+        why = (
+            f"{own} of them ended well before the {_ms(s.params.timeout or 0)} timeout: the job"
+            " hit a timeout of its own (or its API's), which no parameter here changes"
+            if own * 2 > s.timeout
+            else "a longer timeout cannot be applied automatically"
+        )
         out.append(
             Advisory(
                 "recurring_timeout",
                 s.cron,
                 s.timeout,
-                f"{s.cron}: {s.timeout} attempts timed out and a longer timeout cannot be applied "
-                "automatically: if the API is simply slow, cache its answers or change the code.",
+                f"{s.cron}: {s.timeout} attempts timed out and {why}: if the API is simply slow,"
+                " cache its answers or change the code.",
             )
         )
     if s.rate_limit and not s.rate_limit_retried:

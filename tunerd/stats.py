@@ -206,6 +206,7 @@ class RunStats(Rates):
         "runs",
         "success_attempt",
         "successes",
+        "timeout_attempt",
     )
 
     def __init__(self, durations: bool = True) -> None:
@@ -216,6 +217,9 @@ class RunStats(Rates):
         self.first_attempt = QuantileSketch() if durations else DISCARD
         self.success_attempt = QuantileSketch() if durations else DISCARD
         """Durations of the attempts that succeeded: what a timeout must leave room for."""
+        self.timeout_attempt = QuantileSketch() if durations else DISCARD
+        """Durations of the attempts that timed out: those near the timeout were killed by it;
+        much shorter ones hit a timeout of the job's own."""
         self.errors = ErrorTally()
         """Failed attempts (and failed runs that logged no attempts), by class and signature."""
         self.first_at = math.inf
@@ -228,6 +232,7 @@ class RunStats(Rates):
             self.duration.settle()
             self.first_attempt.settle()
             self.success_attempt.settle()
+            self.timeout_attempt.settle()
         at = when.timestamp()
         if at < self.first_at:
             self.first_at = at
@@ -261,12 +266,19 @@ class RunStats(Rates):
         if n > 1:
             self.retried += 1
         retry = False
+        timeouts = self.timeout_attempt
         for attempt in attempts:
             if attempt.success:
                 if attempt.duration is not None:
                     self.success_attempt.add(attempt.duration)
             else:
                 self.errors.add(attempt.error, retry)
+                if (
+                    timeouts is not DISCARD
+                    and attempt.duration is not None
+                    and describe_error(attempt.error).kind == "timeout"
+                ):
+                    timeouts.add(attempt.duration)
             retry = True
 
     def add_clean(
@@ -293,6 +305,7 @@ class RunStats(Rates):
         self.duration.merge(other.duration)
         self.first_attempt.merge(other.first_attempt)
         self.success_attempt.merge(other.success_attempt)
+        self.timeout_attempt.merge(other.timeout_attempt)
         self.errors.merge(other.errors)
         self.first_at = min(self.first_at, other.first_at)
         self.last_at = max(self.last_at, other.last_at)
@@ -319,6 +332,7 @@ class RunStats(Rates):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.exhausted = self.non_retryable = self.non_retryable_first = 0  # older checkpoints
+        self.timeout_attempt = DISCARD
         for name, value in state.items():
             setattr(self, name, value)
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env node
+/**
+ * Slow nightly job with Auto-Retry (a test script in the style of the user's wrapper scripts)
+ */
+
+const { executeWithNotifications } = require('../lib/auto-retry');
+const { exec } = require('child_process');
+const path = require('path');
+
+const CONFIG = {
+  JOB: path.join(__dirname, '..', 'jobs', 'job.js'),
+
+  // Retry settings
+  MAX_RETRIES: 3,
+  BACKOFF: 'exponential',
+};
+
+async function runJob() {
+  return new Promise((resolve, reject) => {
+    const startTime = Date.now();
+
+    exec(`node ${CONFIG.JOB} slow ${process.argv[2]}`, {
+      timeout: 10000,  // 10초 타임아웃
+      maxBuffer: 10 * 1024 * 1024  // 10MB
+    }, (error, stdout, stderr) => {
+      if (error) {
+        if (error.killed || error.signal === 'SIGTERM') {
+          error.code = 'ETIMEDOUT';
+        }
+        reject(error);
+      } else {
+        resolve({ output: stdout, stderr: stderr, duration: Date.now() - startTime });
+      }
+    });
+  });
+}
+
+executeWithNotifications(runJob, {
+  maxRetries: CONFIG.MAX_RETRIES,
+  backoff: CONFIG.BACKOFF,
+  taskName: 'slow job',
+  context: { cron: 'slow job', schedule: '*/20 * * * *' },
+}).then(() => process.exit(0), () => process.exit(1));
