@@ -71,17 +71,3 @@ def test_merge_in_any_split_equals_one_sketch(values: list[int], parts: int) -> 
         assert merged.quantile(q) == pytest.approx(whole.quantile(q), rel=1e-9)
         exact = float(np.percentile(values, q * 100))
         assert merged.quantile(q) == pytest.approx(exact, rel=0.01, abs=1e-9)
-
-
-@pytest.mark.parametrize("n", [10, 5000])
-def test_count_at_least_is_exact_small_and_close_large(n: int) -> None:
-    rng = random.Random(n)
-    values = [rng.lognormvariate(7, 1) for _ in range(n)]
-    sketch = QuantileSketch()
-    for v in values:
-        sketch.add(v)
-    sketch.settle()
-    for threshold in (0, 100, 1000, 5000):
-        exact = sum(v >= threshold for v in values)
-        assert abs(sketch.count_at_least(threshold) - exact) <= n * 0.01
-    assert sketch.count_at_least(0) == n

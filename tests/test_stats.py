@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -134,3 +135,17 @@ def test_unreadable_logs_say_why(tmp_path: Path) -> None:
         read_log(tmp_path / "missing.jsonl", ReadOptions())
     with pytest.raises(LogFileError, match="directory"):
         read_log(tmp_path, ReadOptions())
+
+
+def test_timed_out_attempts_tell_a_killed_attempt_from_a_short_one() -> None:
+    from tunerd.stats import TimedOut
+
+    a, b = TimedOut(), TimedOut()
+    for duration in (10_004, 10_020, 10_950, 150, 2000, 0.5):
+        a.add(duration)
+    b.add(15_003)
+    a.merge(b)
+    assert a.count_at_least(0.9 * 10_000) == 4  # killed at 10 s (and one at 15 s)
+    assert a.count_at_least(0.9 * 15_000) == 1
+    assert a.count_at_least(0) == 7
+    assert pickle.loads(pickle.dumps(a)).bins == a.bins

@@ -23,7 +23,7 @@ from tunerd.rules import (
     detect_patterns,
     recommend,
 )
-from tunerd.sketch import DISCARD, QuantileSketch
+from tunerd.sketch import QuantileSketch
 from tunerd.stats import LogStats, Rates, RunStats, Signature, Totals
 
 
@@ -101,7 +101,7 @@ class CronSummary(Rates):
             rate_limit_retried=run.errors.count("rate_limit", retryable=True),
             timeout=run.timeout,
             killed=None
-            if params.timeout is None or run.timeout_attempt is DISCARD
+            if params.timeout is None or run.timeout_attempt is None
             else run.timeout_attempt.count_at_least(params.timeout * KILLED_AT),
             other=run.other,
             rate_limited_retries=run.rate_limited_retries,

@@ -85,7 +85,8 @@ def _fit_cron(name: str, run: RunStats, schedule: str | None, params: InForce) -
     rate_limited = errors.count("rate_limit", retryable=True)
     plain = max(run.attempts - rate_limited, 1)  # attempts answered other than by a retried 429
     timeouts = errors.count("timeout", retryable=True)
-    if params.timeout is not None:  # timeouts of the job's own are transient failures here
+    if params.timeout is not None and run.timeout_attempt is not None:
+        # timeouts of the job's own are transient failures here
         timeouts = min(timeouts, run.timeout_attempt.count_at_least(params.timeout * KILLED_AT))
     timed_out = min(timeouts / plain, 0.9)
     latency = _latency(run, timed_out)

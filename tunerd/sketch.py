@@ -133,17 +133,6 @@ class QuantileSketch:
         self._pending.extend(other._pending)
         self.settle()
 
-    def count_at_least(self, value: float) -> int:
-        """How many values are at least ``value`` (exact while the sketch is; beyond, by bins,
-        within its relative accuracy)."""
-        count = sum(1 for v in self._pending if v >= value)
-        if value <= 0:
-            return count + self._count
-        if self._bins is None:
-            return count
-        start = math.ceil(math.log(value) / _LOG_GAMMA) - self._offset
-        return count + (int(self._bins[max(start, 0) :].sum()) if start < len(self._bins) else 0)
-
     def quantile(self, q: float) -> float:
         """The ``q`` quantile (0..1), by linear interpolation between order statistics."""
         return self.quantiles((q,))[0]

@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -134,6 +134,37 @@ class ErrorTally:
         self._first, self._retry, self._signatures = {}, {}, state
 
 
+class TimedOut:
+    """Durations of timed-out attempts, as counts in 5 % wide bins: enough to tell attempts
+    killed by a timeout (they last as long as it) from timeouts of the job's own (much shorter),
+    whatever the timeout turns out to be, in a few dict entries per cron."""
+
+    __slots__ = ("bins",)
+    WIDTH: Final = math.log(1.05)
+
+    def __init__(self) -> None:
+        self.bins: dict[int, int] = {}
+
+    def add(self, duration: float) -> None:
+        key = math.floor(math.log(duration) / self.WIDTH) if duration >= 1 else -1
+        self.bins[key] = self.bins.get(key, 0) + 1
+
+    def merge(self, other: TimedOut) -> None:
+        for key, count in other.bins.items():
+            self.bins[key] = self.bins.get(key, 0) + count
+
+    def count_at_least(self, value: float) -> int:
+        """Attempts that lasted ``value`` or more (those in the bin holding ``value`` are left
+        out: up to 5 % short)."""
+        return sum(n for key, n in self.bins.items() if math.exp(key * self.WIDTH) >= value)
+
+    def __getstate__(self) -> dict[int, int]:
+        return self.bins
+
+    def __setstate__(self, state: dict[int, int]) -> None:
+        self.bins = state
+
+
 class Rates:
     """The rates every summary of runs derives from its counts."""
 
@@ -217,7 +248,7 @@ class RunStats(Rates):
         self.first_attempt = QuantileSketch() if durations else DISCARD
         self.success_attempt = QuantileSketch() if durations else DISCARD
         """Durations of the attempts that succeeded: what a timeout must leave room for."""
-        self.timeout_attempt = QuantileSketch() if durations else DISCARD
+        self.timeout_attempt: TimedOut | None = TimedOut() if durations else None
         """Durations of the attempts that timed out: those near the timeout were killed by it;
         much shorter ones hit a timeout of the job's own."""
         self.errors = ErrorTally()
@@ -232,7 +263,6 @@ class RunStats(Rates):
             self.duration.settle()
             self.first_attempt.settle()
             self.success_attempt.settle()
-            self.timeout_attempt.settle()
         at = when.timestamp()
         if at < self.first_at:
             self.first_at = at
@@ -274,7 +304,7 @@ class RunStats(Rates):
             else:
                 self.errors.add(attempt.error, retry)
                 if (
-                    timeouts is not DISCARD
+                    timeouts is not None
                     and attempt.duration is not None
                     and describe_error(attempt.error).kind == "timeout"
                 ):
@@ -305,7 +335,8 @@ class RunStats(Rates):
         self.duration.merge(other.duration)
         self.first_attempt.merge(other.first_attempt)
         self.success_attempt.merge(other.success_attempt)
-        self.timeout_attempt.merge(other.timeout_attempt)
+        if self.timeout_attempt is not None and other.timeout_attempt is not None:
+            self.timeout_attempt.merge(other.timeout_attempt)
         self.errors.merge(other.errors)
         self.first_at = min(self.first_at, other.first_at)
         self.last_at = max(self.last_at, other.last_at)
@@ -332,7 +363,7 @@ class RunStats(Rates):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.exhausted = self.non_retryable = self.non_retryable_first = 0  # older checkpoints
-        self.timeout_attempt = DISCARD
+        self.timeout_attempt = None
         for name, value in state.items():
             setattr(self, name, value)
 
