@@ -28,6 +28,7 @@ from tunerd.scenario import simulate_run
 from tunerd.targets import InForceReader
 
 from .conftest import ROOT
+from .test_engine_cli import as_json
 from .test_exec import ENV
 
 NODE = shutil.which("node")
@@ -106,21 +107,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     yield {"home": home, "log": log, "config": config, "exits": exits, "env": env}
 
 
-def tunerd(world: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tunerd", *args, "--config", str(world["config"])],
-        capture_output=True,
-        text=True,
-        env=dict(ENV, HOME=str(world["home"])),
-        cwd=ROOT,
-        timeout=300,
-    )
-
-
 def tunerd_json(world: dict[str, Any], *args: str) -> Any:
-    done = tunerd(world, *args, "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return as_json({"root": world["home"], "config": world["config"]}, *args)
 
 
 def independent_count(log: Path) -> dict[str, dict[str, int]]:

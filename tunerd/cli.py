@@ -387,6 +387,7 @@ def cmd_cycle(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from tunerd.logfile import LogFileError, ReadOptions, read_window
+    from tunerd.records import causes
     from tunerd.report import params_text, safe_text
     from tunerd.server import daemon_pid
     from tunerd.targets import InForceReader
@@ -459,11 +460,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "final_failure_rate": _share(failures, runs or 0),
                 "final_failures": None
                 if exhausted is None or failures is None or non_retryable is None
-                else {
-                    "exhausted": exhausted,
-                    "non_retryable": non_retryable,
-                    "other": failures - exhausted - non_retryable,
-                },
+                else causes(failures, exhausted, non_retryable),
                 "retry_rate": _share(retried, runs or 0),
                 "params": p.as_dict(),
                 "params_source": p.source,
@@ -484,17 +481,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     lines.append(f"Crons ({len(crons)}):")
     for row in crons:
-        failed, retries, causes = (
-            row["final_failure_rate"],
-            row["retry_rate"],
-            row["final_failures"],
-        )
+        failed, retries, by = row["final_failure_rate"], row["retry_rate"], row["final_failures"]
         rates = ""
         if failed is not None and retries is not None:
             why = (
-                f" ({causes['exhausted']} after every attempt, {causes['non_retryable']} not"
-                f" retryable, {causes['other']} other)"
-                if causes and failed
+                f" ({by['exhausted']} after every attempt, {by['non_retryable']} not"
+                f" retryable, {by['other']} other)"
+                if by and failed
                 else ""
             )
             rates = f", {failed:.1%} failed{why}, {retries:.1%} retried"

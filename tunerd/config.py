@@ -17,7 +17,7 @@ import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import (
     BaseModel,
@@ -38,9 +38,11 @@ from pydantic_settings import (
 from tunerd.configfile import config_path
 from tunerd.params import TUNABLE
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES
-from tunerd.targets import DEFAULT_PATTERNS, ParamsFileTarget, ScriptTarget, Targets
 from tunerd.timeparse import parse_duration
 from tunerd.verdict import VerdictSettings
+
+if TYPE_CHECKING:
+    from tunerd.targets import Targets
 
 log = logging.getLogger("tunerd.config")
 
@@ -203,6 +205,8 @@ class Settings(BaseSettings):
 
     def targets(self, params_file: Path | None = None) -> Targets:
         """The configured targets: each ``[[scripts]]`` entry, and the params file for the rest."""
+        from tunerd.targets import DEFAULT_PATTERNS, ParamsFileTarget, ScriptTarget, Targets
+
         scripts = {
             s.cron: ScriptTarget(s.path, s.cron, {**DEFAULT_PATTERNS, **s.patterns})
             for s in self.scripts

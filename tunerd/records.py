@@ -151,6 +151,15 @@ def failure_cause(entry: Entry) -> FailureCause:
     return "exhausted" if entry.reason is None else "other"
 
 
+def causes(failures: int, exhausted: int, non_retryable: int) -> dict[str, int]:
+    """Final failures by cause, as every command shows them (``other`` is the rest)."""
+    return {
+        "exhausted": exhausted,
+        "non_retryable": non_retryable,
+        "other": failures - exhausted - non_retryable,
+    }
+
+
 def non_retryable_at_first(entry: Entry) -> bool:
     """The run failed at its first attempt with an error the wrapper does not retry: no number
     of attempts changes such a run (what the ``maxRetries`` verdict leaves out)."""

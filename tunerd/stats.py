@@ -25,6 +25,7 @@ from tunerd.reader import Malformed
 from tunerd.records import (
     Entry,
     ErrorClass,
+    causes,
     describe_error,
     failure_cause,
     is_test,
@@ -185,11 +186,6 @@ class Rates:
         return self.runs - self.successes
 
     @property
-    def other_failures(self) -> int:
-        """Final failures neither exhausted nor non-retryable (interrupted, no attempts)."""
-        return self.failures - self.exhausted - self.non_retryable
-
-    @property
     def exhausted_rate(self) -> float:
         """Final failures more attempts could have rescued, per run (the ``maxRetries`` rule)."""
         return self.exhausted / self.runs if self.runs else 0.0
@@ -201,11 +197,7 @@ class Rates:
         return (self.failures - self.non_retryable_first) / self.runs if self.runs else 0.0
 
     def failure_causes(self) -> dict[str, int]:
-        return {
-            "exhausted": self.exhausted,
-            "non_retryable": self.non_retryable,
-            "other": self.other_failures,
-        }
+        return causes(self.failures, self.exhausted, self.non_retryable)
 
     @property
     def retry_rate(self) -> float:

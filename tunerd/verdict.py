@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from tunerd.records import Entry, describe_error, failure_cause, non_retryable_at_first
+from tunerd.records import Entry, causes, describe_error, failure_cause, non_retryable_at_first
 from tunerd.timeparse import human_duration
 
 Decision = Literal["commit", "rollback", "extend"]
@@ -159,11 +159,7 @@ class Arm:
         return {
             "runs": self.runs,
             "final_failure_rate": round(self.rate("final_failure_rate"), 6),
-            "final_failures": {
-                "exhausted": self.exhausted,
-                "non_retryable": self.non_retryable,
-                "other": self.failures - self.exhausted - self.non_retryable,
-            },
+            "final_failures": causes(self.failures, self.exhausted, self.non_retryable),
             "reachable_failure_rate": round(self.rate("reachable_failure_rate"), 6),
             "retry_rate": round(self.retried / self.runs, 6) if self.runs else 0.0,
             "timeout_rate": round(self.rate("timeout_rate"), 6),
