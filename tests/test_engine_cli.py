@@ -158,6 +158,28 @@ def test_rejected_reviews_are_not_proposed_again(setup: dict[str, Path]) -> None
     assert as_json(setup, "status")["pending"] == []
     slow = next(a for a in as_json(setup, "cycle")["actions"] if a["cron"] == "slow")
     assert slow["result"] == "held" and "cooldown" in slow["detail"]
+    # The rejection is in the history, as a person reads it.
+    history = tunerd(setup, "history").stdout
+    assert f"review {review}" in history and "rejected" in history and "operator:" in history
+
+
+def test_what_status_prints_is_what_a_person_types(setup: dict[str, Path]) -> None:
+    """Experiment, review and change ids are told apart: status names the change that undoes
+    each experiment, and a period under an hour is said in minutes."""
+    with setup["config"].open("a") as f:
+        f.write('verify_after = "20m"\n')
+    as_json(setup, "cycle")
+    text = tunerd(setup, "status").stdout
+    doc = as_json(setup, "status")
+    flaky = next(e for e in doc["experiments"] if e["cron"] == "flaky")
+    line = next(x for x in text.splitlines() if x.startswith(f"  experiment {flaky['id']}: flaky"))
+    assert "verdict in 19 min" in line or "verdict in 20 min" in line
+    assert line.endswith(f"to undo it: tunerd rollback {flaky['change']}")
+    review = doc["pending"][0]["id"]
+    assert f"(tunerd approve {review} | tunerd reject {review})" in text
+    undone = as_json(setup, "rollback", str(flaky["change"]))
+    assert undone["rolled_back"] == flaky["change"]
+    assert "flaky" not in {e["cron"] for e in as_json(setup, "status")["experiments"]}
 
 
 def test_script_target_is_sequential_and_exact(setup: dict[str, Path]) -> None:
