@@ -88,6 +88,9 @@ def test_cycle_starts_experiments_and_queues_reviews(setup: dict[str, Path]) -> 
         "started": "",
     }
     assert doc["defaults"] == {"maxRetries": 3}  # what tunerd did not change stays
+    # These runs record no params: the start says what happens if Level 1 ignores the file.
+    start = next(c for c in as_json(setup, "history")["changes"] if c["cron"] == "flaky")
+    assert "its runs record no params" in start["reason"]
     # Cron names are data: nothing was created outside the params file and the state dir.
     assert sorted(p.name for p in setup["root"].iterdir()) == [
         "auto-retry.jsonl",
@@ -318,3 +321,29 @@ def test_a_cycle_reads_what_logrotate_moved_out_of_the_window(setup: dict[str, P
     assert report["runs_analysed"] == before + 1
     status = as_json(setup, "status")
     assert sum(c["runs"] for c in status["crons"]) == before + 1
+
+
+def test_an_approved_change_is_planned_like_an_automatic_one(setup: dict[str, Path]) -> None:
+    """A cron that runs hourly cannot be verified in 24 h: an approved change gets the longer
+    period an automatic one would, and says why."""
+    from datetime import UTC, datetime, timedelta
+
+    end = datetime.now(UTC)
+    log = setup["root"] / "auto-retry.jsonl"
+    log.write_text(
+        "\n".join(
+            run_line("hourly", (25_000,), ts=(end - timedelta(hours=i)).isoformat())
+            for i in range(40)
+        )
+        + "\n"
+    )
+    as_json(setup, "cycle")
+    (review,) = as_json(setup, "status")["pending"]
+    assert (review["param"], review["proposed"]) == ("timeout", 37500)
+    as_json(setup, "approve", str(review["id"]))
+    (experiment,) = as_json(setup, "history")["experiments"]
+    started = datetime.fromisoformat(experiment["started_at"].replace("Z", "+00:00"))
+    verify = datetime.fromisoformat(experiment["verify_at"].replace("Z", "+00:00"))
+    assert verify - started > timedelta(hours=48)
+    start = next(c for c in as_json(setup, "history")["changes"] if c["cron"] == "hourly")
+    assert "instead of 24 h" in start["reason"]

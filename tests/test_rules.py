@@ -74,11 +74,27 @@ def test_slow_response_is_strictly_above_eighty_percent() -> None:
 
 
 def test_timeout_leaves_room_for_the_tail_of_successful_attempts() -> None:
-    lines = [run_line("tail", (100,), total=13_000) for _ in range(90)]
-    lines += [run_line("tail", (19_000,), total=19_000) for _ in range(10)]
-    (r,) = analysis_of(lines).recommendations
-    assert r.proposed == pytest.approx(19_000 * 1.2, rel=0.01)
+    """Near the top of the safe range one step is capped at 30 s; the tail of successful
+    attempts asks for more (p99 × 1.2), which a person then approves."""
+    lines = [run_line("tail", (27_000,)) for _ in range(50)]
+    lines += [run_line("tail", (2000,)) for _ in range(47)]
+    lines += [run_line("tail", (28_001, 27_000), error=ERR_TIMEOUT) for _ in range(3)]
+    (r,) = analysis_of(lines, Params(timeout=28_000)).recommendations
+    assert r.proposed == pytest.approx(27_000 * 1.2, rel=0.01) and r.decision == "manual"
     assert "p99" in r.reason
+
+
+def test_a_slow_run_is_not_a_slow_attempt() -> None:
+    """The timeout bounds each attempt: three quick attempts and the backoff between them make a
+    long run, never a reason for a longer timeout."""
+    own = {**ERR_TIMEOUT, "type": 1, "message": "Command failed: job\nread timeout"}
+    lines = [run_line("retries", (250, 250, 250), total=1690, error=own) for _ in range(50)]
+    a = analysis_of(lines, Params(timeout=2000))
+    assert "timeout" not in {r.param for r in a.recommendations}
+    # An increase from below the safe range lands at its bottom rather than being refused.
+    slow = analysis_of([run_line("slow", (1900,)) for _ in range(20)], Params(timeout=2000))
+    (r,) = slow.recommendations
+    assert (r.proposed, r.decision) == (10_000, "auto") and "safe range" in r.reason
 
 
 @pytest.mark.parametrize(
@@ -137,6 +153,11 @@ def test_params_file_and_logged_params() -> None:
     assert isinstance(pf, ParamsFile)
     assert pf.params_for("c") == Params(maxRetries=3, timeout=20000, backoffBase=2000)  # 0 means 3
     assert pf.params_for("other") == Params(timeout=20000)
+    numbered = parse_params_file(
+        b'{"experiments": {"c": {"id": 4, "param": "timeout",'
+        b' "control": 15000, "treatment": 20000}}}'
+    )
+    assert numbered.experiments["c"].id == 4  # a number written by a Node wrapper or a person
     a = analysis_of([run_line("c", params={"maxRetries": 4, "timeout": 25000})])
     assert a.crons[0].params == InForce(maxRetries=4, timeout=25000, source="logged")
 
@@ -228,3 +249,13 @@ def test_a_timeout_of_the_job_s_own_is_not_the_wrapper_s() -> None:
     assert [r.param for r in a.recommendations] == []
     (v,) = [v for v in a.advisories if v.type == "recurring_timeout"]
     assert "25 of them ended well before the 10,000 ms timeout" in v.message
+
+
+def test_an_assumed_timeout_judges_no_attempt() -> None:
+    """Nothing says the cron runs with 15 s (no script, no params recorded): its timed-out
+    attempts are not called its own timeouts for ending before it."""
+    killed = [run_line("c", (2000, 500), error=ERR_TIMEOUT) for _ in range(10)]
+    a = analysis_of(killed + runs("c", 40, duration=500), InForce(assumed=True))
+    assert a.crons[0].killed is None
+    assert not any("well before" in v.message for v in a.advisories)
+    assert [r.param for r in a.recommendations] == ["timeout"]  # every timeout counts then

@@ -73,7 +73,7 @@ def test_params_file_keeps_what_it_does_not_know(tmp_path: Path) -> None:
     assert doc["note"] == "mine" and doc["experiments"]["c"]["param"] == "maxRetries"
     committed = json.loads(target.set_value(started, "c", "maxRetries", 4))
     assert committed["crons"]["c"] == {"maxRetries": 4} and committed["experiments"] == {}
-    in_force = target.in_force(json.dumps(committed).encode(), "c")
+    in_force = target.in_force(target.load(json.dumps(committed).encode()), "c")
     assert (in_force.maxRetries, in_force.timeout, in_force.fixed) == (4, 20000, ())
 
 
@@ -141,9 +141,12 @@ def test_one_reader_for_every_command(tmp_path: Path) -> None:
     logged = {"maxRetries": 4}
     assert InForceReader(targets)("s", logged).timeout == 15000
     assert InForceReader(targets)("p", logged).maxRetries == 4  # no params file yet: the log
-    assert InForceReader(targets)("p").source.startswith("the wrapper's defaults")
+    assumed = InForceReader(targets)("p")  # nothing says what its Level 1 runs with
+    assert assumed.assumed and assumed.source.startswith("assumed: the wrapper's defaults")
     params.write_text('{"crons": {"p": {"timeout": 20000}}}')
     assert InForceReader(targets)("p", logged).as_dict()["timeout"] == 20000
+    unread = InForceReader(targets)("p")  # its runs record no params: is the file read at all?
+    assert unread.timeout == 20000 and unread.assumed and "not known" in unread.source
     script.unlink()
     gone = InForceReader(targets)("s")
     assert gone.as_dict() == {

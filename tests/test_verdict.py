@@ -118,3 +118,13 @@ def test_power_before_starting() -> None:
     assert 540 <= flaky.runs_per_arm <= 580 and 90 * 3600 <= flaky.period <= 97 * 3600
     assert "halved with 80 % power" in flaky.note
     assert flaky.detectable is not None and flaky.detectable <= 0.06 + 1e-9
+
+
+def test_an_empty_arm_is_explained_by_what_can_empty_it() -> None:
+    empty, some = Arm(), arm(30, 3)
+    ab = judge("maxRetries", some, empty, 1, SETTINGS).reason
+    assert ab.startswith("error of the experiment") and "params file" in ab
+    gone = judge("maxRetries", some, empty, 1, SETTINGS, sequential=True).reason
+    assert "since the switch" in gone and "params file" not in gone
+    neither = judge("maxRetries", Arm(), Arm(), 1, SETTINGS, sequential=True).reason
+    assert "neither arm" in neither and "stopped running" in neither

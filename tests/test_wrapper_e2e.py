@@ -206,6 +206,11 @@ def test_a_cycle_edits_the_scripts_and_they_still_run(world: dict[str, Any]) -> 
     last = json.loads(world["log"].read_bytes().splitlines()[-1])
     assert last["context"]["cron"] == "slow job"
     assert 15000 <= last["attempts"][0]["duration"] < 16000
+    # analyze, as the cycle, counts a cron's runs from its change on: the attempts killed at
+    # 10 s are not judged against today's 15 s.
+    after = tunerd_json(world, "analyze")
+    assert set(after["counted_from"]) == {"slow job", "quote API"}
+    assert not any(a["subject"] == "slow job" for a in after["advisories"])
     # What status shows is what rollback takes.
     back = tunerd_json(world, "rollback", str(undo["slow job"]))
     assert (
@@ -247,6 +252,13 @@ def test_the_fitted_scenario_keeps_the_failures_retries_cannot_rescue(
 
     scenario, _ = fit_scenario(stats, InForceReader(load(str(world["config"])).targets()), 1, "t")
     specs = {c.name: c for c in scenario.cron}
+    # Scripts cannot split traffic, and the quote API's has no backoff line: simulated so.
+    assert scenario.ab is False and specs["quote API"].unwritable == ["backoffBase"]
+    from tunerd.simulate import script_text
+
+    quote = specs["quote API"]
+    script = script_text("q", quote)
+    assert f"MAX_RETRIES: {quote.params.maxRetries}," in script and "BASE_DELAY" not in script
     flaky = specs["flaky API"]
     assert flaky.fatal_p == pytest.approx(0.2, abs=0.02)
     assert specs["slow job"].params.timeout == 10000

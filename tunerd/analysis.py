@@ -101,7 +101,7 @@ class CronSummary(Rates):
             rate_limit_retried=run.errors.count("rate_limit", retryable=True),
             timeout=run.timeout,
             killed=None
-            if params.timeout is None or run.timeout_attempt is None
+            if params.timeout is None or params.assumed or run.timeout_attempt is None
             else run.timeout_attempt.count_at_least(params.timeout * KILLED_AT),
             other=run.other,
             rate_limited_retries=run.rate_limited_retries,
@@ -114,6 +114,12 @@ class CronSummary(Rates):
     @property
     def duration_mean(self) -> float | None:
         return self.duration.mean if self.duration else None
+
+    @property
+    def attempt_mean(self) -> float | None:
+        """The mean first attempt: what a per-attempt timeout is compared with (a run's whole
+        duration adds every retry and backoff wait), else the mean run."""
+        return self.first_attempt.mean if self.first_attempt else self.duration_mean
 
     @property
     def success_p99(self) -> float | None:
@@ -129,6 +135,8 @@ class Analysis:
     advisories: list[Advisory] = field(default_factory=list)
     tasks: dict[str, int] = field(default_factory=dict)
     period: tuple[float, float] | None = None
+    counted_from: dict[str, float] = field(default_factory=dict)
+    """Crons whose runs count only from this time on: their parameters changed then."""
 
 
 ParamsLookup = Callable[[str, dict[str, Any] | None], InForce]
@@ -152,7 +160,8 @@ def analyze(
         if changed_at and name in changed_at:
             bucket = stats.bucket_seconds or 1.0
             after = math.ceil(changed_at[name] / bucket) * bucket
-            cron_since = after if since is None else max(since, after)
+            if since is None or after > since:
+                cron_since = result.counted_from[name] = after
         summary = CronSummary.of(
             name,
             cron.window(cron_since, stats.bucket_seconds),

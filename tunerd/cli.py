@@ -269,6 +269,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tunerd.logfile import LogFileError, ReadOptions, read_log
     from tunerd.reader import DEFAULT_MAX_LINE_BYTES
     from tunerd.report import analysis_json, analysis_text, malformed_text
+    from tunerd.store import last_changes_of
     from tunerd.timeparse import parse_since
 
     now = datetime.now(UTC)
@@ -287,11 +288,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     in_force = _in_force(args.params, settings)
 
+    # As the cycle does: a cron's runs from before its last change say nothing of its values now
+    # (day buckets, only when tunerd has changed something).
+    changed = last_changes_of(settings.state_dir) if settings is not None else {}
     options = ReadOptions(
         since=since.timestamp() if since else None,
         read_at=time.time(),
         max_line_bytes=settings.max_line_bytes if settings else DEFAULT_MAX_LINE_BYTES,
         max_crons=settings.max_crons if settings else 10_000,
+        bucket_seconds=86400.0 if changed else None,
         workers=args.jobs,
     )
     try:
@@ -299,7 +304,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except LogFileError as exc:
         hint = "" if args.log else " (set log_path in the configuration or pass LOG)"
         raise CommandError(f"{exc}{hint}") from None
-    result = analyze(stats, in_force, since=options.since)
+    result = analyze(stats, in_force, since=options.since, changed_at=changed)
     for line in malformed_text(stats.totals.malformed, stats.malformed_samples):
         print(line, file=sys.stderr)
     if args.json:
@@ -400,6 +405,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     snapshot = store.db.execute("SELECT * FROM daemon_status WHERE id = 1").fetchone()
     daemon = None
     counts: dict[str, list[int | None]]
+    logged: dict[str, dict[str, Any]]
     if pid is not None and snapshot is not None and snapshot["pid"] == pid:
         # The daemon publishes within a second of every change it reads: per cron runs, final
         # failures, retried, exhausted, non-retryable (an older daemon published fewer).
@@ -409,6 +415,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             name: [*(v if isinstance(v, list) else [v])][:5]
             for name, v in published["crons"].items()
         }
+        logged = published.get("logged", {})
         daemon = {"pid": pid, "published_at": _iso(snapshot["updated_at"])}
     else:
         since = now - settings.window.total_seconds()
@@ -421,6 +428,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 name: [*c.counts_since(since, stats.bucket_seconds)]
                 for name, c in stats.crons.items()
             }
+            logged = {name: c.params for name, c in stats.crons.items() if c.params is not None}
             tail = {
                 "path": str(settings.log_path),
                 "offset": stats.offset,
@@ -428,7 +436,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "malformed": stats.totals.malformed,
             }
         except LogFileError as exc:
-            counts = {}
+            counts, logged = {}, {}
             tail = {
                 "path": str(settings.log_path),
                 "offset": 0,
@@ -452,7 +460,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     undo = {e.id: store.start_of(e.id) for e in experiments}
     crons: list[dict[str, Any]] = []
     for name, (runs, failures, retried, exhausted, non_retryable) in sorted(counts.items()):
-        p = in_force(name)
+        p = in_force(name, logged.get(name))
         crons.append(
             {
                 "cron": name,
@@ -464,6 +472,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "retry_rate": _share(retried, runs or 0),
                 "params": p.as_dict(),
                 "params_source": p.source,
+                "params_assumed": p.assumed,
                 "params_unwritable": dict(p.fixed),
             }
         )
@@ -492,7 +501,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
             rates = f", {failed:.1%} failed{why}, {retries:.1%} retried"
         lines.append(f"  {safe_text(row['cron'])}: {row['runs']} runs{rates}")
-        lines.append(f"    {params_text(in_force(row['cron']))}")
+        lines.append(f"    {params_text(in_force(row['cron'], logged.get(row['cron'])))}")
     lines.append(f"Experiments under way ({len(experiments)}):")
     for e in experiments:
         lines.append(
@@ -580,6 +589,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
+    from tunerd.cycle import planned
     from tunerd.engine import EngineError
     from tunerd.policy import SafetyError, check_approved
     from tunerd.targets import TargetError
@@ -601,6 +611,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
                 " when the review was queued: the review is superseded; the next cycle decides"
                 " again"
             )
+        evidence = json.loads(review.evidence or "{}")
+        period, planned_words = planned(engine, settings, review.cron, review.param, evidence)
         try:
             check_approved(review.param, review.proposed)
             experiment = engine.start_experiment(
@@ -608,10 +620,11 @@ def cmd_approve(args: argparse.Namespace) -> int:
                 review.param,
                 review.current,
                 review.proposed,
-                f"{review.reason} (approved review {review.id})",
-                json.loads(review.evidence or "{}"),
+                f"{review.reason} (approved review {review.id}){planned_words}",
+                evidence,
                 _operator(),
                 now,
+                verify_after=period,
             )
         except (EngineError, SafetyError, TargetError) as exc:
             raise CommandError(f"review {args.id} not approved: {exc}") from None
@@ -762,7 +775,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     for note in split.notes:
         print(f"note: {note}", file=sys.stderr)
-    verdict = judge(args.param, split.control, split.treatment, args.look, verdict_settings)
+    verdict = judge(
+        args.param,
+        split.control,
+        split.treatment,
+        args.look,
+        verdict_settings,
+        sequential=split.windows is not None,
+    )
     document = verdict.as_json() | {
         "cron": args.cron,
         "param": args.param,

@@ -259,9 +259,11 @@ def load(explicit: str | None = None) -> Settings:
 
 def problems(exc: ValidationError) -> str:
     """Each invalid key and why, in one line a person can act on."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}" for e in exc.errors()
-    )
+    out = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "configuration"
+        out.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(out)
 
 
 def unknown_keys(path: Path) -> list[str]:

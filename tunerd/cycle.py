@@ -184,22 +184,16 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
         )
         return Outcome(action, "dry_run", "dry_run is set: nothing written", change)
     if action.kind == "start":
-        target = engine.targets.for_cron(action.cron)
-        power = plan(
-            action.evidence.get("baseline", {}).get(action.param, 0.0),
-            action.evidence.get("runs_per_hour") or 0.0,
-            engine.verify_after,
-            engine.split if target.mode == "ab" else 1.0,
-            settings.verdict_settings(),
-        )
-        reason = action.reason
-        if power.detectable is not None:
+        period, reason = planned(engine, settings, action.cron, action.param, action.evidence)
+        reason = f"{action.reason}{reason}"
+        if action.evidence.get("params_assumed") and engine.targets.for_cron(action.cron).mode == (
+            "ab"
+        ):
             reason += (
-                f"; about {power.runs_per_arm} runs per arm expected, enough to detect a drop of"
-                f" {power.detectable:.1%} or more"
+                "; its runs record no params: unless its Level 1 reads the params file, the"
+                " treatment arm gets no runs (map the cron to its script under [[scripts]], or"
+                " run it through tunerd exec)"
             )
-        if power.note:
-            reason += f"; {power.note}"
         try:
             experiment = engine.start_experiment(
                 action.cron,
@@ -211,7 +205,7 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
                 "tunerd",
                 now,
                 action.rate_limited,
-                verify_after=power.period,
+                verify_after=period,
             )
         except TargetError as exc:
             # The file changed since it was read (a pattern that no longer matches once, a file
@@ -236,6 +230,30 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
             experiment.id,
         )
     return _queue(action, engine, now, action.why)
+
+
+def planned(
+    engine: Engine, settings: Settings, cron: str, param: str, evidence: dict[str, Any]
+) -> tuple[float, str]:
+    """How long an experiment on ``cron`` needs (power before starting), and the words that say
+    so, for an automatic change and an approved one alike."""
+    target = engine.targets.for_cron(cron)
+    power = plan(
+        evidence.get("baseline", {}).get(param, 0.0),
+        evidence.get("runs_per_hour") or 0.0,
+        engine.verify_after,
+        engine.split if target.mode == "ab" else 1.0,
+        settings.verdict_settings(),
+    )
+    words = ""
+    if power.detectable is not None:
+        words += (
+            f"; about {power.runs_per_arm} runs per arm expected, enough to detect a drop of"
+            f" {power.detectable:.1%} or more"
+        )
+    if power.note:
+        words += f"; {power.note}"
+    return power.period, words
 
 
 def _supersede_unwritable(engine: Engine, in_force: InForceReader, now: float) -> None:

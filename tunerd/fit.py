@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from tunerd.analysis import KILLED_AT
-from tunerd.params import SPECS, InForce
+from tunerd.params import SPECS, TUNABLE, InForce
 from tunerd.records import ERROR_CLASSES
 from tunerd.scenario import CronSpec, Latency, RateLimit, Scenario, StartParams
 from tunerd.stats import LogStats, RunStats
@@ -53,6 +53,7 @@ def fit_scenario(
     """The scenario, and a note per cron that could not be fitted (too few runs)."""
     crons, skipped = [], []
     end = -math.inf
+    scripts = 0
     for cron_name, cron in sorted(stats.crons.items()):
         run = cron.window(None, stats.bucket_seconds)
         if run.runs < 2 or not run.success_attempt.count:
@@ -60,6 +61,7 @@ def fit_scenario(
             continue
         end = max(end, run.last_at)
         params = params_for(cron_name, cron.params)
+        scripts += params.mode == "sequential"
         crons.append(_fit_cron(cron_name, run, cron.schedule, params))
     if not crons:
         raise ValueError("no cron in the log has enough runs to fit (two, one of them a success)")
@@ -68,10 +70,15 @@ def fit_scenario(
         cron=crons,
         weeks=weeks,
         seed=1,
-        ab=True,
+        ab=not scripts,  # a script cannot split traffic
         start=start.isoformat().replace("+00:00", "Z"),
         name=name,
     )
+    if scripts and scripts < len(crons):
+        skipped.append(
+            f"{scripts} of {len(crons)} crons keep their parameters in a script: every cron is"
+            " simulated with sequential experiments (ab = false)"
+        )
     return scenario, skipped
 
 
@@ -106,6 +113,7 @@ def _fit_cron(name: str, run: RunStats, schedule: str | None, params: InForce) -
         fail_p=round(fail_p, 4),
         fatal_p=round(fatal_p, 4),
         rate_limit=_rate_limit(run, params),
+        unwritable=[p for p in TUNABLE if params.unwritable(p) and params.mode == "sequential"],
         params=StartParams(
             maxRetries=params.maxRetries or SPECS["maxRetries"].default,
             timeout=timeout,

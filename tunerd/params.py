@@ -12,7 +12,8 @@ from typing import Any, Final, Literal
 import msgspec
 
 Decision = Literal["auto", "manual", "forbidden"]
-TUNABLE: Final = ("maxRetries", "timeout", "backoffBase")
+ParamName = Literal["maxRetries", "timeout", "backoffBase"]
+TUNABLE: Final[tuple[ParamName, ...]] = ("maxRetries", "timeout", "backoffBase")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +99,24 @@ class InForce:
     timeout: int | None = SPECS["timeout"].default
     backoffBase: int | None = SPECS["backoffBase"].default
     backoff: str = DEFAULT_BACKOFF
-    source: str = "the wrapper's defaults"
+    source: str = "assumed: the wrapper's defaults"
     """Where the values come from, for a person."""
     fixed: tuple[tuple[str, str], ...] = ()
     """(parameter, what to add to the target so that tunerd can change it) for each parameter
     the cron's target cannot be written for."""
+    mode: str | None = None
+    """The experiments its target allows: ``ab`` (the params file), ``sequential`` (a script),
+    None (no target tunerd writes for it yet)."""
+    assumed: bool = False
+    """Nothing shows that the cron's Level 1 runs with these values: no script of its own, and
+    its runs record no ``params`` (the user's wrapper reads no params file). Shown as assumed; an
+    attempt is not judged against an assumed timeout."""
 
     @classmethod
-    def of(cls, params: Params, source: str) -> InForce:
-        return cls(params.maxRetries, params.timeout, params.backoffBase, params.backoff, source)
+    def of(cls, params: Params, source: str, mode: str | None = None) -> InForce:
+        return cls(
+            params.maxRetries, params.timeout, params.backoffBase, params.backoff, source, mode=mode
+        )
 
     def get(self, name: str) -> int | None:
         value: int | None = getattr(self, name)
@@ -126,7 +136,8 @@ class InForce:
 
 
 class ExperimentBlock(msgspec.Struct):
-    id: str
+    id: str | int
+    """tunerd writes a string; a number (a Node wrapper's, a person's) is the same id."""
     param: str
     control: int
     treatment: int

@@ -94,6 +94,7 @@ def evidence_of(summary: CronSummary) -> dict[str, Any]:
         "retry_rate": round(summary.retry_rate, 6),
         "final_failure_rate": round(summary.final_failure_rate, 6),
         "final_failures": summary.failure_causes(),
+        "params_assumed": summary.params.assumed,
         "duration_ms_mean": None if d is None else round(d.mean, 1),
         "duration_ms_p95": None if d is None else round(d.p95, 1),
         "errors": {

@@ -274,7 +274,7 @@ def _describe_raw(raw: bytes) -> ErrorDescription:
     return ErrorDescription(kind, signature, fix, retryable)
 
 
-_DIGITS = re.compile(r"\d+")
+_DIGITS = re.compile(r"(?<!HTTP )(?<!HTTP/1.1 )(?<!\d)\d+")
 
 
 def _describe(
@@ -295,14 +295,16 @@ def _describe(
         klass = "timeout"
     else:
         klass = "other"
-    # The type is kept whole (an exit status tells errors apart); numbers in the text are folded.
+    # The type is kept whole (an exit status tells errors apart); numbers in the text are
+    # folded, but an HTTP status; line breaks (a command's stderr) become spaces.
     if kind is None:
         label = ""
     elif isinstance(kind, int | float) and not isinstance(kind, bool):
         label = f"exit {kind:g}: "
     else:
         label = f"{_DIGITS.sub('#', str(kind))}: "
-    signature = (label + _DIGITS.sub("#", text)).strip()[:120] or "(empty message)"
+    text = " ".join(_DIGITS.sub("#", text).split())
+    signature = (label + text).strip()[:120] or "(empty message)"
     return klass, signature
 
 

@@ -53,6 +53,7 @@ def cron_json(s: CronSummary) -> dict[str, Any]:
         ],
         "params": s.params.as_dict(),
         "params_source": s.params.source,
+        "params_assumed": s.params.assumed,
         "params_unwritable": dict(s.params.fixed),
         "schedule": s.schedule,
         "first_run": _iso(s.first_at),
@@ -100,6 +101,7 @@ def analysis_json(
             for v in a.advisories
         ],
         "tasks": a.tasks,
+        "counted_from": {cron: _iso(at) for cron, at in a.counted_from.items()},
         "malformed_samples": [{"offset": m.offset, "reason": m.reason} for m in malformed],
     }
 
@@ -209,6 +211,13 @@ def analysis_text(a: Analysis, log: str, since: datetime | None) -> str:
         lines.append(
             f"Note: {t.untracked_crons:,} runs of crons beyond the tracked maximum"
             " were counted but not analysed."
+        )
+    if a.counted_from:
+        lines.append(
+            "Runs before a parameter change left out (they say nothing of the values now): "
+            + ", ".join(
+                f"{safe_text(cron)} from {_iso(at)}" for cron, at in sorted(a.counted_from.items())
+            )
         )
     lines.append("")
     if not a.crons:

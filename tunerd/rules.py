@@ -98,27 +98,23 @@ def detect_patterns(s: CronSummary, t: Thresholds = DEFAULT_THRESHOLDS) -> list[
     timeout = s.params.timeout
     timed_out = _killed_share(s)
     at = f"its {_ms(timeout)} timeout" if timeout is not None else "a timeout tunerd cannot see"
-    if (
-        s.duration_mean is not None
-        and timeout is not None
-        and s.duration_mean > timeout * (t.slow_fraction)
-    ):
+    mean = s.attempt_mean
+    if mean is not None and timeout is not None and mean > timeout * t.slow_fraction:
         found.append(
             Pattern(
                 "slow_response",
                 s.cron,
-                s.duration_mean,
-                f"runs take {_ms(s.duration_mean)} on average, "
-                f"{_pct(s.duration_mean / timeout)} of the {_ms(timeout)} timeout "
-                f"(threshold {_pct(t.slow_fraction)})",
+                mean,
+                f"attempts take {_ms(mean)} on average, {_pct(mean / timeout)} of the"
+                f" {_ms(timeout)} timeout each of them has (threshold {_pct(t.slow_fraction)})",
             )
         )
-    elif s.duration_mean is not None and timed_out > t.timeout_share:
+    elif mean is not None and timed_out > t.timeout_share:
         found.append(
             Pattern(
                 "slow_response",
                 s.cron,
-                s.duration_mean,
+                mean,
                 f"{_pct(timed_out)} of {s.attempts} attempts were killed by {at}"
                 f" (threshold {_pct(t.timeout_share)})",
             )
@@ -174,6 +170,7 @@ def _timeout_proposal(s: CronSummary, p: Pattern, current: int, t: Thresholds) -
     attempts. When attempts are being killed by the timeout, both are blind to them (a killed
     attempt's duration is only known to exceed the timeout, and every successful one fits under
     it by construction), so the proposal is one step up, into the safe range."""
+    low, high = SPECS["timeout"].safe
     proposed = math.ceil(p.value * t.timeout_factor)
     reason = f"{p.detail}: timeout = ceil(mean × {t.timeout_factor})"
     if s.success_p99 is not None and math.ceil(s.success_p99 * t.tail_padding) > proposed:
@@ -183,12 +180,11 @@ def _timeout_proposal(s: CronSummary, p: Pattern, current: int, t: Thresholds) -
             f"timeout = ceil(p99 × {t.tail_padding})"
         )
     if _killed_share(s) <= t.timeout_share:
-        return proposed, reason
-    low, high = SPECS["timeout"].safe
+        return _into_safe_range(proposed, current, reason)
     step = math.ceil(current * t.timeout_factor / 500) * 500
     step = max(step, low) if current >= high else min(max(step, low), high)
     if step <= proposed:
-        return proposed, reason
+        return _into_safe_range(proposed, current, reason)
     return step, (
         f"{p.detail}. How long those attempts would have taken cannot be seen (each was stopped"
         f" at {_ms(current)}), and every successful attempt fits under the timeout by"
@@ -196,6 +192,15 @@ def _timeout_proposal(s: CronSummary, p: Pattern, current: int, t: Thresholds) -
         f" {_ms(step)} and let the experiment decide (its guardrail, runs no more than 5 %"
         " slower, stops it if the calls simply hang longer)"
     )
+
+
+def _into_safe_range(proposed: int, current: int, reason: str) -> tuple[int, str]:
+    """An increase from below the safe range goes at least to its bottom: 2,000 → 2,536 would
+    be refused as beyond the absolute bounds, and an increase is what the evidence asks for."""
+    low = SPECS["timeout"].safe[0]
+    if current < proposed < low:
+        return low, f"{reason}, at least the safe range's {_ms(low)}"
+    return proposed, reason
 
 
 def _killed_share(s: CronSummary) -> float:
@@ -292,7 +297,8 @@ def advise_cron(
                 f"{s.cron}: {s.rate_limit} attempts were answered with HTTP 429, and the wrapper"
                 " retried none of them (they reached it as an error it does not retry, such as a"
                 " command's exit status), so a longer backoff cannot help: have the script reject"
-                " with the HTTP status as the error's `statusCode`, or run the job less often.",
+                " with the HTTP status as the error's `statusCode` (under `tunerd exec`, name the"
+                " command's exit status in `--retry-exit`), or run the job less often.",
             )
         )
     backoff = s.params.backoffBase

@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import random
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 from tunerd.level1 import attempts_allowed, backoff_ms, error_object
-from tunerd.params import Params
+from tunerd.params import ParamName, Params
 from tunerd.records import NON_RETRYABLE
 from tunerd.timeparse import parse_duration
 
@@ -65,6 +66,8 @@ class CronSpec(msgspec.Struct, rename={"latency": "latency_ms"}):
     retried) with this probability: the failures no retry parameter can change."""
     rate_limit: RateLimit | None = None
     params: StartParams = StartParams()
+    unwritable: list[ParamName] = []
+    """Parameters its script has no line for (``ab = false``): tunerd cannot change them."""
 
 
 class Scenario(msgspec.Struct):
@@ -165,7 +168,13 @@ def dump_scenario(scenario: Scenario) -> str:
             f"params = {{ maxRetries = {p.maxRetries}, timeout = {p.timeout},"
             f" backoffBase = {p.backoffBase}{backoff} }}"
         )
+        if c.unwritable:
+            lines.append(f"unwritable = {_toml_string_list(c.unwritable)}")
     return "\n".join(lines) + "\n"
+
+
+def _toml_string_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(_toml_string(item) for item in items) + "]"
 
 
 def _toml_string(text: str) -> str:

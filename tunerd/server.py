@@ -236,6 +236,11 @@ class Daemon:
                 "malformed": self.stats.totals.malformed,
             },
             "crons": {name: counts for name, counts in crons.items() if counts[0]},
+            # what Level 1 last said it ran with, where it says (tunerd status reads parameters
+            # as every command does: a script, the params file, this, the defaults)
+            "logged": {
+                name: c.params for name, c in self.stats.crons.items() if c.params is not None
+            },
         }
         with self.store.transaction() as db:
             db.execute(

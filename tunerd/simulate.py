@@ -121,14 +121,25 @@ def _epoch(text: str) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-SCRIPT: Final = """// {name}: a wrapper script of the simulation (sequential experiments)
-const CONFIG = {{
-  MAX_RETRIES: {maxRetries},
-  BACKOFF: '{backoff}',
-  BASE_DELAY: {backoffBase},
-}};
-exec(command, {{ timeout: {timeout}, maxBuffer: 10 * 1024 * 1024 }});
-"""
+SCRIPT: Final = (
+    "// {name}: a wrapper script of the simulation (sequential experiments)\n",
+    "const CONFIG = {{\n",
+    "  MAX_RETRIES: {maxRetries},\n",
+    "  BACKOFF: '{backoff}',\n",
+    "  BASE_DELAY: {backoffBase},\n",
+    "}};\n",
+    "exec(command, {{ timeout: {timeout}, maxBuffer: 10 * 1024 * 1024 }});\n",
+)
+SCRIPT_LINE: Final = {"maxRetries": 2, "backoffBase": 4, "timeout": 6}
+"""Which line of ``SCRIPT`` holds each parameter."""
+
+
+def script_text(name: str, spec: CronSpec) -> str:
+    """A wrapper script of the simulation, without the lines the real script lacks
+    (``unwritable``): tunerd cannot change those here either, as in life."""
+    left_out = {SCRIPT_LINE[p] for p in spec.unwritable if p in SCRIPT_LINE}
+    lines = [line for i, line in enumerate(SCRIPT) if i not in left_out]
+    return "".join(lines).format(name=name, **msgspec.structs.asdict(spec.params))
 
 
 class Simulation:
@@ -188,8 +199,7 @@ class Simulation:
     def _write_targets(self, workdir: Path) -> None:
         for c in self.crons:
             if c.script is not None:
-                values = msgspec.structs.asdict(c.spec.params)
-                c.script.write_text(SCRIPT.format(name=f"cron {c.index}", **values), "utf-8")
+                c.script.write_text(script_text(f"cron {c.index}", c.spec), "utf-8")
         if self.scenario.ab:
             document = {
                 "defaults": {},

@@ -11,6 +11,7 @@ settles any intent a crash left behind by looking at what the file actually hold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -214,6 +215,25 @@ class RollbackPoint:
     created_at: float
 
 
+LAST_CHANGES = (
+    "SELECT cron, MAX(COALESCE(settled_at, created_at)) AS at FROM changes"
+    " WHERE state = 'applied' GROUP BY cron"
+)
+
+
+def last_changes_of(state_dir: Path) -> dict[str, float]:
+    """``Store.last_changes`` for a command that only reads (``analyze``): the database opened
+    read-only, nothing created where there is none."""
+    path = state_dir / "tunerd.sqlite3"
+    if not path.is_file():
+        return {}
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return {cron: at for cron, at in db.execute(LAST_CHANGES)}
+    except sqlite3.Error:
+        return {}  # an older or broken store: the window as it is
+
+
 class StoreError(Exception):
     """The state store cannot be opened or is newer than this tunerd."""
 
@@ -329,11 +349,7 @@ class Store:
 
     def last_changes(self) -> dict[str, float]:
         """cron -> when its parameters last changed (an experiment started or ended)."""
-        rows = self.db.execute(
-            "SELECT cron, MAX(COALESCE(settled_at, created_at)) AS at FROM changes"
-            " WHERE state = 'applied' GROUP BY cron"
-        )
-        return {r["cron"]: r["at"] for r in rows}
+        return {r["cron"]: r["at"] for r in self.db.execute(LAST_CHANGES)}
 
     def cooldowns(self, now: float) -> set[tuple[str, str, int]]:
         rows = self.db.execute("SELECT cron, param, value FROM cooldowns WHERE until > ?", (now,))

@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -145,21 +145,16 @@ class ParamsFileTarget:
             doc.setdefault(key, {})
         return doc
 
-    def in_force(self, content: bytes | None, cron: str) -> InForce:
-        """Every parameter can be written here (A/B: Level 1 reads the file before each run)."""
-        return self.in_force_of(None if content is None else self.load(content), cron)
-
-    def in_force_of(self, doc: dict[str, Any] | None, cron: str) -> InForce:
-        """``in_force`` of a document already loaded (many crons, one parse)."""
-        if doc is None:
-            return InForce(source=f"the wrapper's defaults ({self.path} does not exist yet)")
+    def in_force(self, doc: dict[str, Any], cron: str) -> InForce:
+        """The cron's values in a loaded document (``load``): ``defaults``, then its entry.
+        Every parameter can be written here (A/B: Level 1 reads the file before each run)."""
         overrides = doc["crons"].get(cron)
         params = (
             Params()
             .with_overrides(doc["defaults"])
             .with_overrides(overrides if isinstance(overrides, dict) else None)
         )
-        return InForce.of(params, f"params file {self.path}")
+        return InForce.of(params, f"params file {self.path}", self.mode)
 
     def start_experiment(self, content: bytes | None, cron: str, block: dict[str, Any]) -> bytes:
         doc = self.load(content)
@@ -287,6 +282,7 @@ class ScriptTarget:
             kind.group(1) if kind else DEFAULT_BACKOFF,
             f"script {self.path}",
             tuple(fixed),
+            self.mode,
         )
 
     def params_for(self, content: bytes | None, cron: str) -> Params:
@@ -358,10 +354,18 @@ class InForceReader:
             if isinstance(doc, TargetError):
                 return _unreadable(f"params file {targets.params_file.path}", str(doc))
             if doc is not None:
-                return targets.params_file.in_force_of(doc, cron)
+                found = targets.params_file.in_force(doc, cron)
+                if logged:
+                    return found
+                return replace(
+                    found,
+                    source=f"assumed: {found.source} (its runs record no params: whether its"
+                    " Level 1 reads the file is not known)",
+                    assumed=True,
+                )
         if logged:
             return InForce.of(Params().with_overrides(logged), "logged by its latest run")
-        return InForce()
+        return InForce(assumed=True)
 
     def _content(self, path: Path) -> bytes | TargetError | None:
         if path not in self._contents:

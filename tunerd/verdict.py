@@ -309,9 +309,15 @@ def _newcombe(
 
 
 def judge(
-    param: str, control: Arm, treatment: Arm, look: int, settings: VerdictSettings
+    param: str,
+    control: Arm,
+    treatment: Arm,
+    look: int,
+    settings: VerdictSettings,
+    sequential: bool = False,
 ) -> Verdict:
-    """commit, rollback or extend, with the evidence. ``look`` counts from 1."""
+    """commit, rollback or extend, with the evidence. ``look`` counts from 1; ``sequential``: the
+    arms are stretches of time around a switch (an empty one means something else then)."""
     final = look >= 1 + settings.max_extensions
     alpha = settings.alpha_at(look)
 
@@ -324,11 +330,10 @@ def judge(
         return Verdict(decision, reason, control, treatment, tests, look, spent)
 
     if not control.runs or not treatment.runs:
-        empty = "treatment" if not treatment.runs else "control"
         return verdict(
             "extend",
-            f"error of the experiment: the {empty} arm has no runs (does Level 1 read the params "
-            "file and record params/experiment in its log lines?); not evidence against the change",
+            f"error of the experiment: {_empty(control, treatment, sequential)}"
+            "; not evidence against the change",
             [],
             0.0,
         )
@@ -377,6 +382,20 @@ def judge(
             f" (p = {primary.p_value:.4f}, needs < {alpha:.4f})"
         )
     return verdict("extend", why, tests, alpha)
+
+
+def _empty(control: Arm, treatment: Arm, sequential: bool) -> str:
+    if not control.runs and not treatment.runs:
+        return "neither arm has runs (has the cron stopped running, or changed its name?)"
+    if sequential and not treatment.runs:
+        return "no runs since the switch (has the cron stopped running?)"
+    if sequential:
+        return "no runs in the stretch before the switch (does the log reach back that far?)"
+    empty = "treatment" if not treatment.runs else "control"
+    return (
+        f"the {empty} arm has no runs (does Level 1 read the params file and record"
+        " params/experiment in its log lines?)"
+    )
 
 
 def _guard_words(test: TestResult, settings: VerdictSettings) -> str:

@@ -133,7 +133,14 @@ def _settle_one(
     now: float,
 ) -> Settled:
     if experiment.verify_at <= now:
-        verdict = judge(experiment.param, control, treatment, experiment.extensions + 1, settings)
+        verdict = judge(
+            experiment.param,
+            control,
+            treatment,
+            experiment.extensions + 1,
+            settings,
+            sequential=experiment.mode == "sequential",
+        )
         return _act(engine, experiment, verdict, now)
     harm = harm_check(control, treatment, settings, experiment.param)
     if not harm.stop:
