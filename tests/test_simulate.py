@@ -19,6 +19,7 @@ from tunerd.simulate import simulate
 from .conftest import ROOT
 
 DEMO = ROOT / "deploy" / "scenarios" / "demo.toml"
+CRON = '[[cron]]\nname = "x"\nevery = "1h"\nlatency_ms = { median = 100 }\n'
 
 
 def run(text: str, tmp: Path, name: str = "test") -> dict[str, Any]:
@@ -138,6 +139,11 @@ def test_a_run_follows_the_order_of_the_spec() -> None:
         ('[[cron]]\nname = "x"\nlatency_ms = { median = 1 }\n', "either every or schedule"),
         ('[[cron]]\nname = "x"\nevery = "1h"\nlatency_ms = { median = 1 }\nfail_p = 2\n', "fail_p"),
         ("weeks = [", "TOML"),
+        (CRON + '[[drift]]\nkind = "weekly"\ndays = ["caturday"]\n', "not days"),
+        (CRON + '[[drift]]\nkind = "window"\nhours = 6\n', "from is missing"),
+        (CRON + '[[drift]]\nkind = "weekly"\nhours = "7-30"\n', "within 0-23"),
+        (CRON + '[[drift]]\nkind = "bursts"\nper_day = 2\n', "per_day and minutes"),
+        (CRON + '[[drift]]\nkind = "sometimes"\n', "kind"),
     ],
 )
 def test_a_bad_scenario_says_what_is_wrong(text: str, message: str) -> None:
@@ -245,3 +251,50 @@ def test_no_automatic_change_leaves_the_safe_range_whatever_the_crons(tmp_path: 
 
     check()
     assert sum(seen) > 0  # some examples did change something
+
+
+def test_drift_holds_where_and_when_it_says() -> None:
+    from datetime import UTC, datetime
+
+    from tunerd.drift import Drift, World
+
+    def t(text: str) -> float:
+        return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+    world = World(
+        [
+            Drift("weekly", days=["sat", "sun"], factor=2.0),
+            Drift("weekly", hours="0-6", crons=["night"], latency=3.0),
+            Drift("window", start="2026-01-07T10:00:00Z", hours=6, factor=5.0),
+            Drift("step", at="2026-01-20T00:00:00Z", factor=0.5),
+            Drift("bursts", per_day=2, minutes=30, crons=["burst"], factor=10.0),
+        ],
+        seed=1,
+    )
+    assert world.at("x", t("2026-01-10T12:00")) == (2.0, 1.0)  # a Saturday
+    assert world.at("x", t("2026-01-12T12:00")) == (1.0, 1.0)  # a Monday
+    assert world.at("night", t("2026-01-12T03:00")) == (1.0, 3.0)
+    assert world.at("x", t("2026-01-12T03:00")) == (1.0, 1.0)  # not this cron
+    assert world.at("x", t("2026-01-07T15:59")) == (5.0, 1.0)
+    assert world.at("x", t("2026-01-07T16:00")) == (1.0, 1.0)
+    assert world.at("x", t("2026-01-24T12:00")) == (1.0, 1.0)  # a weekend after the step
+    minutes = [t("2026-01-13T00:00") + 60 * m for m in range(1440)]
+    held = sum(world.at("burst", m)[0] == 10.0 for m in minutes)
+    assert 30 <= held <= 60  # two half-hour bursts (they may overlap or cross midnight)
+
+
+def test_doomed_runs_and_drift_change_the_runs_not_the_luck() -> None:
+    import random
+
+    from tunerd.params import Params
+
+    base = parse_scenario(CRON + "fail_p = 0.1\n").cron[0]
+    doomed = parse_scenario(CRON + "fail_p = 0.1\ndoomed_p = 1.0\n").cron[0]
+    run = simulate_run(doomed, Params(maxRetries=3), random.Random(1))
+    assert [a["error"]["statusCode"] for a in run.attempts] == [503, 503, 503]
+    calm = [simulate_run(base, Params(), random.Random(i)) for i in range(2000)]
+    stormy = [simulate_run(base, Params(), random.Random(i), factor=5.0) for i in range(2000)]
+    failed = [sum(len(r.attempts) > 1 for r in runs) for runs in (calm, stormy)]
+    assert failed[1] > 3 * failed[0]
+    slow = simulate_run(base, Params(), random.Random(1), latency=3.0)
+    assert slow.total_ms == pytest.approx(3 * calm[1].total_ms, rel=0.05)

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from tunerd.drift import Drift, DriftError, World
 from tunerd.level1 import attempts_allowed, backoff_ms, error_object
 from tunerd.params import ParamName, Params
 from tunerd.records import NON_RETRYABLE
@@ -61,6 +62,8 @@ class CronSpec(msgspec.Struct, rename={"latency": "latency_ms"}):
     schedule: str | None = None
     """...or a crontab line (``50 16 * * 1-5``), in UTC."""
     fail_p: Probability = 0.0
+    doomed_p: Probability = 0.0
+    """A run whose every attempt fails (its upstream is down for it: HTTP 503, retryable)."""
     fatal_p: Probability = 0.0
     """An attempt that got past the 429 and the timeout fails for good (exit status 1, not
     retried) with this probability: the failures no retry parameter can change."""
@@ -80,6 +83,8 @@ class Scenario(msgspec.Struct):
     """When the simulated time begins (a Monday: the first weekly cycle sees six days of runs)."""
     settings: dict[str, Any] = {}
     """tunerd's configuration keys for this scenario (``verify_after``, ``min_runs``, ...)."""
+    drift: list[Drift] = []
+    """The world changing for reasons that are not tunerd's parameters (``drift``)."""
     name: str = ""
 
 
@@ -110,7 +115,23 @@ def parse_scenario(text: str, name: str = "") -> Scenario:
                     raise ScenarioError(f"cron {c.name!r}: every is under a minute")
             except ValueError as exc:
                 raise ScenarioError(f"cron {c.name!r}: every: {exc}") from None
+    try:
+        world(scenario)
+    except DriftError as exc:
+        raise ScenarioError(str(exc)) from None
     return msgspec.structs.replace(scenario, name=scenario.name or name)
+
+
+def world(scenario: Scenario) -> World:
+    """The scenario's drift, in its time zone."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    zone = scenario.settings.get("timezone") or "UTC"
+    try:
+        tz = ZoneInfo(str(zone))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise DriftError(f"settings.timezone: {zone!r} is not a known time zone") from None
+    return World(scenario.drift, scenario.seed, tz)
 
 
 def unknown_keys(text: str) -> list[str]:
@@ -128,6 +149,10 @@ def unknown_keys(text: str) -> list[str]:
         "params": set(StartParams.__struct_fields__),
     }
     out = [key for key in document if key not in known[""]]
+    for i, drift in enumerate(document.get("drift") or []):
+        if isinstance(drift, dict):
+            fields = set(Drift.__struct_encode_fields__)
+            out += [f"drift[{i}].{key}" for key in drift if key not in fields]
     for i, cron in enumerate(document.get("cron") or []):
         if not isinstance(cron, dict):
             continue
@@ -157,6 +182,8 @@ def dump_scenario(scenario: Scenario) -> str:
             f"latency_ms = {{ median = {c.latency.median:g}, sigma = {c.latency.sigma:g} }}"
         )
         lines.append(f"fail_p = {c.fail_p:g}")
+        if c.doomed_p:
+            lines.append(f"doomed_p = {c.doomed_p:g}")
         if c.fatal_p:
             lines.append(f"fatal_p = {c.fatal_p:g}")
         if c.rate_limit is not None:
@@ -191,21 +218,29 @@ class SimulatedRun:
     """``"Non-retryable error"`` when it ended early on a ``fatal_p`` failure."""
 
 
-def simulate_run(cron: CronSpec, params: Params, rng: random.Random) -> SimulatedRun:
-    """One run of ``cron`` under ``params`` (the order of SPEC section 7)."""
+def simulate_run(
+    cron: CronSpec,
+    params: Params,
+    rng: random.Random,
+    factor: float = 1.0,
+    latency: float = 1.0,
+) -> SimulatedRun:
+    """One run of ``cron`` under ``params`` (the order of SPEC section 7), in a world whose drift
+    multiplies its failure probabilities by ``factor`` and its latency by ``latency``."""
     attempts: list[dict[str, Any]] = []
     elapsed = 0.0
-    mu = math.log(cron.latency.median)
+    mu = math.log(cron.latency.median * latency)
+    fail_p = min(cron.fail_p * factor, 1.0)
+    # No draw without a chance of it: a scenario without doomed runs keeps its old luck.
+    doomed = cron.doomed_p > 0 and rng.random() < min(cron.doomed_p * factor, 1.0)
     for number in range(1, attempts_allowed(params) + 1):
         waited = backoff_ms(params, number - 1) if number > 1 else 0.0
         elapsed += waited
         rate_limit = cron.rate_limit
         if rate_limit is not None:
-            p = (
-                rate_limit.p
-                if number == 1
-                else rate_limit.p * math.exp(-waited / rate_limit.recovery_ms)
-            )
+            p = min(rate_limit.p * factor, 1.0)
+            if number > 1:
+                p *= math.exp(-waited / rate_limit.recovery_ms)
             if rng.random() < p:
                 attempts.append(
                     _failed(number, RATE_LIMIT_MS, error_object("Error", "HTTP 429", 429))
@@ -219,7 +254,11 @@ def simulate_run(cron: CronSpec, params: Params, rng: random.Random) -> Simulate
             elapsed += params.timeout
             continue
         elapsed += duration
-        if rng.random() < cron.fail_p:
+        if doomed:
+            error = error_object("Error", "HTTP 503 Service Unavailable", 503)
+            attempts.append(_failed(number, duration, error))
+            continue
+        if rng.random() < fail_p:
             error = error_object("ECONNRESET", "socket hang up")
             attempts.append(_failed(number, duration, error))
             continue

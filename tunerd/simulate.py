@@ -32,7 +32,7 @@ import msgspec
 from tunerd.level1 import Arm, assign, encode_line, log_line, next_arm, resolve
 from tunerd.notify import Notification
 from tunerd.params import TUNABLE, Params, ParamsFileError, parse_params_file
-from tunerd.scenario import CronSpec, Scenario, ScenarioError, simulate_run
+from tunerd.scenario import CronSpec, Scenario, ScenarioError, simulate_run, world
 from tunerd.timeparse import iso, parse_duration
 
 WEEK: Final = 7 * 86400.0
@@ -151,6 +151,7 @@ class Simulation:
         from tunerd.store import Store
 
         self.scenario = scenario
+        self.world = world(scenario)
         self.start = _epoch(scenario.start)
         self.end = self.start + scenario.weeks * WEEK
         self.now = self.start
@@ -260,7 +261,8 @@ class Simulation:
             params, assignment = assign(params, block, arm)
         luck = random.Random(f"{self.scenario.seed}:{c.index}:{c.runs}")
         c.runs += 1
-        run = simulate_run(c.spec, params, luck)
+        factor, latency = self.world.at(c.spec.name, at) if self.world else (1.0, 1.0)
+        run = simulate_run(c.spec, params, luck, factor, latency)
         ended = at + run.total_ms / 1000
         result = {"output": "ok\n", "stderr": ""} if run.attempts[-1]["success"] else None
         line = log_line(
