@@ -18,7 +18,7 @@ import math
 import random
 import time
 
-from tunerd.verdict import Arm, VerdictSettings, judge
+from tunerd.verdict import Arm, Independent, VerdictSettings, judge
 
 SCENARIOS = {
     # name: (runs per arm and period, control (fail, retry, median ms), treatment (...), truth)
@@ -40,8 +40,8 @@ def period(
         arm.retried += failed or rnd.random() < retry
         duration = median * rnd.lognormvariate(0, 0.3)
         arm.duration_total += duration
-        arm.log_durations.append(math.log(duration))
-        arm.log_work.append(math.log(duration))
+        arm.durations.append(duration)
+        arm.firsts.append(duration)
 
 
 def seed_rule(c: Arm, t: Arm) -> str:
@@ -83,7 +83,7 @@ def main() -> None:
                 period(rnd, treatment, runs, *trt)
                 if look == 1:
                     seed_commits += seed_rule(control, treatment) == "commit"
-                verdict = judge("maxRetries", control, treatment, look, settings)
+                verdict = judge("maxRetries", Independent(control, treatment), look, settings)
                 looks += 1
                 first_look_commits += look == 1 and verdict.decision == "commit"
                 if verdict.decision != "extend":

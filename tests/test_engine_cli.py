@@ -185,7 +185,7 @@ def test_what_status_prints_is_what_a_person_types(setup: dict[str, Path]) -> No
     assert "flaky" not in {e["cron"] for e in as_json(setup, "status")["experiments"]}
 
 
-def test_script_target_is_sequential_and_exact(setup: dict[str, Path]) -> None:
+def test_script_target_takes_turns_and_is_exact(setup: dict[str, Path]) -> None:
     good = setup["root"] / "flaky.js"
     good.write_text("const CONFIG = {\n  MAX_RETRIES: 3,\n};\nexec(c, { timeout: 15000 });\n")
     ambiguous = setup["root"] / "api.js"
@@ -196,14 +196,16 @@ def test_script_target_is_sequential_and_exact(setup: dict[str, Path]) -> None:
     report = as_json(setup, "cycle")
     results = {a["cron"]: (a["result"], a["detail"]) for a in report["actions"]}
     assert results["flaky"][0] == "started"
-    assert "MAX_RETRIES: 4," in good.read_text()
+    # A switchback experiment: the script starts on the value of the hour block it began in.
+    start = next(c for c in as_json(setup, "history")["changes"] if c["cron"] == "flaky")
+    assert start["to"] in (3, 4) and f"MAX_RETRIES: {start['to']}," in good.read_text()
     # A change the script cannot take is said, not queued for a person who could not apply it.
     assert "api" not in results
     (advice,) = [a for a in report["advisories"] if a["type"] == "cannot_apply"]
     assert advice["subject"] == "api" and "matches 2 times" in advice["message"]
     assert ambiguous.read_text().count("1000") == 2
     modes = {e["cron"]: e["mode"] for e in as_json(setup, "status")["experiments"]}
-    assert modes["flaky"] == "sequential"
+    assert modes["flaky"] == "switchback"
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ def test_the_demo_tunes_what_it_can_and_stays_safe(demo: dict[str, Any]) -> None
     }
     assert not [c for c in changes if c["cron"] == "healthy backup check"]
     weeks = demo["weeks"]
-    assert len(weeks) == 6 and all(w["runs"] > 4000 for w in weeks)
+    assert len(weeks) == 8 and all(w["runs"] > 4000 for w in weeks)
     assert weeks[-1]["final_failure_rate"] < 0.5 * weeks[0]["final_failure_rate"]
     ratio = demo["metrics"]["rollback_ratio"]
     decided = [c for c in changes if c["verdict"] in ("commit", "rollback")]
@@ -92,7 +92,7 @@ fail_p = 0.45
 """
 
 
-@pytest.mark.parametrize("name", ["sequential", "spec-example"])
+@pytest.mark.parametrize("name", ["switchback", "spec-example"])
 def test_the_other_bundled_scenarios_are_safe_and_improve(name: str, tmp_path: Path) -> None:
     scenario = ROOT / "deploy" / "scenarios" / f"{name}.toml"
     result = run(scenario.read_text(), tmp_path, name)
@@ -104,7 +104,7 @@ def test_the_other_bundled_scenarios_are_safe_and_improve(name: str, tmp_path: P
     assert weeks[-1]["final_failure_rate"] < 0.5 * weeks[0]["final_failure_rate"]
     assert isinstance(result["metrics"]["rollback_ratio"], float)
     if not parse_scenario(scenario.read_text()).ab:
-        assert all(c["mode"] == "sequential" for c in changes)
+        assert all(c["mode"] == "switchback" for c in changes)
         script = (tmp_path / "cron-0.js").read_text()  # named by position, never by the cron
         maximum = result["final_params"]["TQQQ 5분 모니터링"]["maxRetries"]
         running = [c for c in changes if c["verdict"] == "running" and c["param"] == "maxRetries"]

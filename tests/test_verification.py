@@ -80,7 +80,7 @@ def test_verify_contract_and_decisions(tmp_path: Path) -> None:
     assert {t["metric"] for t in doc["tests"]} == {
         "reachable_failure_rate",
         "final_failure_rate",
-        "duration",
+        "first attempt",
     }
     assert all({"metric", "test", "p_value", "effect"} <= set(t) for t in doc["tests"])
     assert "malformed" in done.stderr
@@ -159,13 +159,18 @@ def test_verify_sequential_by_switch_time(tmp_path: Path) -> None:
     doc = json.loads(done.stdout)
     # The treatment runs from the switch to the last run (199 min): the control is the 199 min
     # just before the switch, not all history before it.
-    assert (doc["arms"]["control"]["runs"], doc["arms"]["treatment"]["runs"]) == (199, 200)
-    assert doc["unassigned_runs"] == 1
-    assert doc["windows"]["control"] == [
-        iso(start + timedelta(minutes=1)).replace(".000", ""),
-        iso(start + timedelta(minutes=200)).replace(".000", ""),
-    ]
+    # Runs count by when they started: the one that ended at the switch began before it.
+    assert (doc["arms"]["control"]["runs"], doc["arms"]["treatment"]["runs"]) == (199, 199)
+    windows = {
+        arm: [datetime.fromisoformat(x.replace("Z", "+00:00")).timestamp() for x in pair]
+        for arm, pair in doc["windows"].items()
+    }
+    length = windows["treatment"][1] - windows["treatment"][0]
+    assert windows["control"][1] - windows["control"][0] == pytest.approx(length, abs=1)
+    assert windows["control"][1] == (start + timedelta(minutes=200)).timestamp()
     assert doc["decision"] == "commit"
+    # Nothing ran before the control window: no placebo to test, said by its absence.
+    assert [t["role"] for t in doc["tests"]].count("placebo") == 0
     bad = verify(tmp_path, log, "c", "retries", 3, 4)
     assert bad.returncode == 2
 

@@ -181,21 +181,26 @@ def test_a_cycle_edits_the_scripts_and_they_still_run(world: dict[str, Any]) -> 
     results = {(a["cron"], a["param"]): a["result"] for a in report["actions"]}
     # The backoff change cannot be written: it holds nothing, the next candidate starts.
     assert results == {("slow job", "timeout"): "started", ("quote API", "maxRetries"): "started"}
+    # Switchback experiments: each script starts on the value of the hour block it began in.
+    history = tunerd_json(world, "history")["changes"]
+    first = {c["cron"]: c["to"] for c in history if c["action"] == "experiment_start"}
+    assert first["slow job"] in (10000, 15000) and first["quote API"] in (3, 4)
     slow = (scripts / "slow-job-with-retry.js").read_text()
     quote = (scripts / "rate-limited-api-with-retry.js").read_text()
-    assert "timeout: 15000,  // 10초 타임아웃" in slow and "MAX_RETRIES: 3," in slow
-    assert "MAX_RETRIES: 4," in quote and "timeout: 10000" in quote
+    assert f"timeout: {first['slow job']},  // 10초 타임아웃" in slow and "MAX_RETRIES: 3," in slow
+    assert f"MAX_RETRIES: {first['quote API']}," in quote and "timeout: 10000" in quote
     for script in scripts.iterdir():
         assert subprocess.run([str(NODE), "--check", str(script)]).returncode == 0
-    # The edited script runs with its new timeout: a hung first attempt is killed at 15 s.
     status = tunerd_json(world, "status")
     in_force = {c["cron"]: c["params"] for c in status["crons"]}
-    assert in_force["slow job"]["timeout"] == 15000 and in_force["quote API"]["maxRetries"] == 4
+    assert in_force["slow job"]["timeout"] == first["slow job"]
+    assert in_force["quote API"]["maxRetries"] == first["quote API"]
     assert {e["cron"]: e["mode"] for e in status["experiments"]} == {
-        "slow job": "sequential",
-        "quote API": "sequential",
+        "slow job": "switchback",
+        "quote API": "switchback",
     }
     undo = {e["cron"]: e["change"] for e in status["experiments"]}
+    # The edited script runs with the value it holds: a hung first attempt is killed then.
     done = subprocess.run(
         [str(NODE), str(scripts / "slow-job-with-retry.js"), "61"],
         env=world["env"],
@@ -205,7 +210,7 @@ def test_a_cycle_edits_the_scripts_and_they_still_run(world: dict[str, Any]) -> 
     assert done.returncode == 0
     last = json.loads(world["log"].read_bytes().splitlines()[-1])
     assert last["context"]["cron"] == "slow job"
-    assert 15000 <= last["attempts"][0]["duration"] < 16000
+    assert first["slow job"] <= last["attempts"][0]["duration"] < first["slow job"] + 1000
     # analyze, as the cycle, counts a cron's runs from its change on: the attempts killed at
     # 10 s are not judged against today's 15 s.
     after = tunerd_json(world, "analyze")

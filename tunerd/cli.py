@@ -92,10 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--since", metavar="T", help="only runs from T on (ISO 8601 or 7d)")
     verify.add_argument("--until", metavar="T", help="only runs up to T (ISO 8601 or 1d)")
     verify.add_argument(
+        "--schedule",
+        metavar="FILE",
+        help='switchback: the values in force, JSON [{"at": ISO time, "value": V}, ...]; each'
+        " run counts for the value in force when it started, hour blocks are the units",
+    )
+    verify.add_argument(
         "--switch-at",
         metavar="T",
-        help="sequential: runs from T on are the treatment, an equally long stretch before T the"
-        " control",
+        help="one switch: runs from T on are the treatment, an equally long stretch before T the"
+        " control, judged by clock hours, with a placebo test before it",
     )
     verify.add_argument(
         "--look",
@@ -612,7 +618,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
                 " again"
             )
         evidence = json.loads(review.evidence or "{}")
-        period, planned_words = planned(engine, settings, review.cron, review.param, evidence)
+        power, planned_words = planned(engine, settings, review.cron, review.param, evidence)
         try:
             check_approved(review.param, review.proposed)
             experiment = engine.start_experiment(
@@ -624,7 +630,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
                 evidence,
                 _operator(),
                 now,
-                verify_after=period,
+                verify_after=power.period,
             )
         except (EngineError, SafetyError, TargetError) as exc:
             raise CommandError(f"review {args.id} not approved: {exc}") from None
@@ -729,11 +735,12 @@ def _experiment_json(e: Experiment) -> dict[str, Any]:
 def cmd_verify(args: argparse.Namespace) -> int:
     from tunerd.configfile import is_configured
     from tunerd.logfile import read_batches
+    from tunerd.offline import verify
     from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
     from tunerd.records import Entry
     from tunerd.report import safe_text
     from tunerd.timeparse import parse_since
-    from tunerd.verdict import VerdictSettings, judge, split_runs
+    from tunerd.verdict import VerdictSettings
 
     if args.control == args.treatment:
         raise CommandError("--control and --treatment must differ", USAGE_ERROR)
@@ -763,37 +770,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot read the log {args.log}: {exc.strerror or exc}") from None
     if malformed:
         print(f"warning: {malformed:,} malformed lines skipped", file=sys.stderr)
-    split = split_runs(
+    schedule = _schedule(args.schedule, now) if args.schedule else None
+    found = verify(
         runs,
         args.param,
         args.control,
         args.treatment,
+        args.look,
+        verdict_settings,
         args.experiment,
         times["since"],
         times["until"],
         times["switch_at"],
+        schedule,
     )
-    for note in split.notes:
+    for note in found.notes:
         print(f"note: {note}", file=sys.stderr)
-    verdict = judge(
-        args.param,
-        split.control,
-        split.treatment,
-        args.look,
-        verdict_settings,
-        sequential=split.windows is not None,
-    )
+    verdict = found.verdict
     document = verdict.as_json() | {
         "cron": args.cron,
         "param": args.param,
         "control": args.control,
         "treatment": args.treatment,
-        "experiment": split.experiment,
+        "experiment": found.experiment,
         "windows": None
-        if split.windows is None
-        else {arm: [_iso(a), _iso(b)] for arm, (a, b) in split.windows.items()},
-        "unassigned_runs": split.unassigned,
-        "notes": split.notes,
+        if found.windows is None
+        else {arm: [_iso(a), _iso(b)] for arm, (a, b) in found.windows.items()},
+        "unassigned_runs": found.unassigned,
+        "notes": found.notes,
     }
     c, t = verdict.control.summary(), verdict.treatment.summary()
     lines = [
@@ -811,19 +815,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
         ci = f", 95% CI {test.ci[0]:.3f} to {test.ci[1]:.3f}" if test.ci else ""
         p = "n/a" if test.p_value is None else f"{test.p_value:.4f}"
         effect = "n/a" if test.effect is None else f"{test.effect:+.3f}"
-        if test.metric == "duration" and test.effect is not None:
+        if test.metric in ("mean run", "p95 run", "first attempt") and test.effect is not None:
             effect = f"×{test.effect:.3f}"
         lines.append(
             f"  {test.role}: {test.metric} by {test.test}: p = {p} (threshold"
             f" {test.threshold:.4f}), effect {effect}{ci}"
         )
-    if split.experiment is not None:
-        lines.append(f"  (runs tagged with experiment {safe_text(split.experiment)})")
-    for arm, (a, b) in (split.windows or {}).items():
+    if found.experiment is not None:
+        lines.append(f"  (runs tagged with experiment {safe_text(found.experiment)})")
+    for arm, (a, b) in (found.windows or {}).items():
         lines.append(f"  ({arm}: {_iso(a)} → {_iso(b)})")
-    if split.unassigned:
-        lines.append(f"  ({split.unassigned:,} runs of the cron belonged to neither arm)")
+    if found.unassigned:
+        lines.append(f"  ({found.unassigned:,} runs of the cron were not counted in either arm)")
     return _emit(args, document, "\n".join(lines))
+
+
+def _schedule(path: str, now: datetime) -> list[tuple[float, int]]:
+    """``--schedule FILE``: ``[{"at": ISO time, "value": V}, ...]``, as (epoch, value) in order."""
+    from tunerd.timeparse import parse_since
+
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CommandError(
+            f"--schedule {path}: cannot read it as JSON ({exc})", USAGE_ERROR
+        ) from None
+    out = []
+    try:
+        for item in document:
+            value = item["value"]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"value {value!r} is not a whole number")
+            out.append((parse_since(str(item["at"]), now).timestamp(), value))
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CommandError(
+            f'--schedule {path}: expected [{{"at": ISO time, "value": V}}, ...] ({exc})',
+            USAGE_ERROR,
+        ) from None
+    if not out:
+        raise CommandError(f"--schedule {path}: no change of value in it", USAGE_ERROR)
+    return sorted(out)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

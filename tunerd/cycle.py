@@ -16,7 +16,7 @@ from tunerd.notify import Notification, Notifier
 from tunerd.policy import Action, PolicySettings, SafetyError, StateView, decide
 from tunerd.store import Store
 from tunerd.targets import InForceReader, TargetError
-from tunerd.verdict import plan
+from tunerd.verdict import Plan, plan
 from tunerd.verification import Settled, settle
 
 if TYPE_CHECKING:
@@ -184,7 +184,10 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
         )
         return Outcome(action, "dry_run", "dry_run is set: nothing written", change)
     if action.kind == "start":
-        period, reason = planned(engine, settings, action.cron, action.param, action.evidence)
+        power, reason = planned(engine, settings, action.cron, action.param, action.evidence)
+        if not power.verifiable:
+            # A coin toss is not an experiment: a person decides whether to try it anyway.
+            return _queue(action, engine, now, f"it cannot be verified in time: {power.note}")
         reason = f"{action.reason}{reason}"
         if action.evidence.get("params_assumed") and engine.targets.for_cron(action.cron).mode == (
             "ab"
@@ -205,7 +208,7 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
                 "tunerd",
                 now,
                 action.rate_limited,
-                verify_after=period,
+                verify_after=power.period,
             )
         except TargetError as exc:
             # The file changed since it was read (a pattern that no longer matches once, a file
@@ -234,15 +237,16 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
 
 def planned(
     engine: Engine, settings: Settings, cron: str, param: str, evidence: dict[str, Any]
-) -> tuple[float, str]:
+) -> tuple[Plan, str]:
     """How long an experiment on ``cron`` needs (power before starting), and the words that say
-    so, for an automatic change and an approved one alike."""
+    so, for an automatic change and an approved one alike. A switchback experiment gives each
+    arm half the hours."""
     target = engine.targets.for_cron(cron)
     power = plan(
         evidence.get("baseline", {}).get(param, 0.0),
         evidence.get("runs_per_hour") or 0.0,
         engine.verify_after,
-        engine.split if target.mode == "ab" else 1.0,
+        engine.split if target.mode == "ab" else 0.5,
         settings.verdict_settings(),
     )
     words = ""
@@ -253,7 +257,7 @@ def planned(
         )
     if power.note:
         words += f"; {power.note}"
-    return power.period, words
+    return power, words
 
 
 def _supersede_unwritable(engine: Engine, in_force: InForceReader, now: float) -> None:

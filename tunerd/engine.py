@@ -25,6 +25,7 @@ from tunerd.notify import Notification, Notifier
 from tunerd.params import InForce
 from tunerd.policy import check_approved, check_automatic
 from tunerd.store import Change, Experiment, Store
+from tunerd.switchback import arm_at
 from tunerd.targets import (
     InForceReader,
     ParamsFileTarget,
@@ -216,34 +217,49 @@ class Engine:
             "split": self.split,
             "started": _iso(now),
         }
+        period = verify_after or self.verify_after
+        next_id = self._next_experiment_id()
+        block["id"] = str(next_id)
+        seed = None
+        written = treatment
+        if target.mode == "switchback":
+            # tunerd takes turns itself: the script starts on the value of the current block
+            seed = f"{next_id}:{now:.0f}"
+            written = treatment if arm_at(seed, now) == "treatment" else control
+
+        def render(content: bytes | None) -> bytes:
+            if seed is not None:
+                return target.set_value(content, cron, param, written)
+            return target.start_experiment(content, cron, block)
+
         experiment = {
             "cron": cron,
             "param": param,
             "control": control,
             "treatment": treatment,
             "mode": target.mode,
-            "split": self.split if target.mode == "ab" else 1.0,
+            "split": self.split if target.mode == "ab" else 0.5,
             "target": target.name,
             "state": "starting",
             "reason": reason,
             "started_at": now,
-            "verify_at": now + (verify_after or self.verify_after),
+            "verify_at": now + period,
+            "seed": seed,
+            "period": period,
         }
-        next_id = self._next_experiment_id()
-        block["id"] = str(next_id)
         change_id, experiment_id = self._apply(
             target,
             {
                 "cron": cron,
                 "param": param,
                 "old_value": control,
-                "new_value": treatment,
+                "new_value": written,
                 "action": "experiment_start",
                 "actor": actor,
                 "reason": reason,
                 "evidence": json.dumps(evidence, ensure_ascii=False, sort_keys=True),
             },
-            lambda content: target.start_experiment(content, cron, block),
+            render,
             experiment | {"id": next_id},
             now,
         )
@@ -310,6 +326,32 @@ class Engine:
                     "UPDATE experiments SET verdict = ? WHERE id = ?",
                     (json.dumps(verdict, sort_keys=True), experiment.id),
                 )
+        return change_id
+
+    def flip(self, experiment: Experiment, value: int, now: float) -> int:
+        """A switchback experiment's script takes ``value`` for the block that begins: one
+        change like any other (rollback point, atomic write, history)."""
+        target = self.targets.by_name(experiment.target)
+        timeline = self.store.timeline(experiment.id)
+        held = timeline[-1][1] if timeline else experiment.control
+        arm = "treatment" if value == experiment.treatment else "control"
+        change_id, _ = self._apply(
+            target,
+            {
+                "cron": experiment.cron,
+                "param": experiment.param,
+                "old_value": held,
+                "new_value": value,
+                "action": "flip",
+                "actor": "tunerd",
+                "reason": f"switchback: the {arm} block from {_iso(now)}",
+                "evidence": None,
+                "experiment": experiment.id,
+            },
+            lambda content: target.set_value(content, experiment.cron, experiment.param, value),
+            None,
+            now,
+        )
         return change_id
 
     def _next_experiment_id(self) -> int:

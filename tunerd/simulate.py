@@ -195,7 +195,7 @@ class Simulation:
         self._params: dict[int, tuple[Params, Any]] = {}
         self.marks: list[tuple[float, int]] = [(self.start, 0)]
         """(time, log size then): every line after that offset ended after that time."""
-        self._stretches: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._stretches: dict[tuple[int, int], Any] = {}
 
     def _write_targets(self, workdir: Path) -> None:
         for c in self.crons:
@@ -307,6 +307,8 @@ class Simulation:
             fire = weekly.get_next_fire_time(None, datetime.fromtimestamp(after + 1e-3, UTC))
             return fire.timestamp() if fire else math.inf
 
+        from tunerd.verification import keep_in_step, next_flip_at
+
         runs = [(self._next_run(c, -math.inf), c.index) for c in self.crons]
         heapq.heapify(runs)
         ended: list[tuple[float, int, int, dict[str, Any]]] = []  # runs still going, by end
@@ -315,7 +317,8 @@ class Simulation:
         with self.settings.log_path.open("ab") as log:
             while True:
                 verify_at = self._next_verification()
-                at = min(cycle_at, hour_at, verify_at, self.end)
+                flip_at = next_flip_at(self.engine, self.now) or math.inf
+                at = min(cycle_at, hour_at, verify_at, flip_at, self.end)
                 while runs and runs[0][0] < at:
                     start, index = heapq.heappop(runs)
                     c = self.crons[index]
@@ -331,6 +334,9 @@ class Simulation:
                     mark = len(self.timeline.events)
                     self._note_cycle(run_cycle(self.settings, self.engine, at), mark)
                     cycle_at = next_cycle(at)
+                elif at == flip_at and at not in (hour_at, verify_at):
+                    with self.engine.exclusive():  # a switchback block begins
+                        keep_in_step(self.engine, at)
                 else:
                     self._settle(at)
                 if at == hour_at:
@@ -358,45 +364,32 @@ class Simulation:
         self.marks.append((until, log.tell()))
 
     def _settle(self, at: float) -> None:
-        """The verification and hourly harm check, as ``settle`` does them in the daemon."""
-        from tunerd.verification import gather_arms, settle_arms, window_of
+        """The verification and hourly look, as ``settle`` does them in the daemon."""
+        from tunerd.verification import keep_in_step, settle_found
 
         engine = self.engine
-        running = engine.store.experiments("running")
-        if not running:
-            return
-        arms = {e.id: self._ab_arms(e) for e in running if e.mode == "ab"}
-        sequential = [e for e in running if e.mode != "ab"]
-        if sequential:
-            # Its control period reaches back as time goes on: read from before it began.
-            earliest = min(window_of(e, at)[0] for e in sequential)
-            index = bisect.bisect_left(self.marks, (earliest, -1)) - 1
-            arms |= gather_arms(
-                self.settings.log_path,
-                sequential,
-                at,
-                self.settings.max_line_bytes,
-                skip_to=self.marks[max(index, 0)][1],
-            )
         with engine.exclusive():
-            settle_arms(engine, running, arms, at, self.settings.verdict_settings())
+            keep_in_step(engine, at)
+            running = engine.store.experiments("running")
+            if running:
+                found = {e.id: self._gathered(e) for e in running}
+                settle_found(engine, running, found, at, self.settings.verdict_settings())
 
-    def _ab_arms(self, experiment: Any) -> tuple[Any, Any]:
-        """An A/B experiment's arms: every line since it started, gathered stretch by stretch
+    def _gathered(self, experiment: Any) -> Any:
+        """An experiment's runs: every line since it started, gathered stretch by stretch
         between the clock's marks (a stretch once gathered never changes: its lines all ended
-        before now). The same arms ``gather_arms`` finds reading the whole log, without reading
-        days of it again every hour."""
-        from tunerd.verdict import Arm
-        from tunerd.verification import gather_arms
+        before now). What ``gather_runs`` finds reading the whole log, without reading days of
+        it again every hour."""
+        from tunerd.verification import Gathered, gather_runs
 
         first = max(bisect.bisect_left(self.marks, (experiment.started_at, -1)) - 1, 0)
-        control, treatment = Arm(), Arm()
+        got = Gathered()
         for i in range(first, len(self.marks) - 1):
             key = (experiment.id, i)
             stretch = self._stretches.get(key)
             if stretch is None:
                 (_, begin), (until, end) = self.marks[i], self.marks[i + 1]
-                stretch = gather_arms(
+                stretch = gather_runs(
                     self.settings.log_path,
                     [experiment],
                     until,
@@ -405,9 +398,8 @@ class Simulation:
                     stop_at=end,
                 )[experiment.id]
                 self._stretches[key] = stretch
-            control.merge(stretch[0])
-            treatment.merge(stretch[1])
-        return control, treatment
+            got.merge(stretch)
+        return got
 
     def _note_cycle(self, report: Any, mark: int) -> None:
         """What the cycle looked at, before what it did (its notifications, from ``mark`` on)."""

@@ -39,8 +39,8 @@ SCHEMA: list[str] = [
         param TEXT NOT NULL,
         old_value INTEGER,
         new_value INTEGER,
-        action TEXT NOT NULL,     -- experiment_start | commit | rollback | manual_rollback
-                                  -- | refused | dry_run
+        action TEXT NOT NULL,     -- experiment_start | flip | commit | rollback
+                                  -- | manual_rollback | refused | dry_run
         state TEXT NOT NULL,      -- applying | applied | aborted | conflict | recorded
         target TEXT,
         actor TEXT NOT NULL,      -- tunerd | operator
@@ -132,6 +132,11 @@ SCHEMA: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    # version 4: switchback experiments (issue 11): the design's seed, and how long a look lasts
+    """
+    ALTER TABLE experiments ADD COLUMN seed TEXT;
+    ALTER TABLE experiments ADD COLUMN period REAL;
+    """,
 ]
 
 
@@ -152,6 +157,10 @@ class Experiment:
     extensions: int
     ended_at: float | None
     verdict: str | None
+    seed: str | None = None
+    """A switchback experiment's design (``switchback``): which hours take which value."""
+    period: float | None = None
+    """Seconds of each look, as planned at the start (extensions last as long)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +342,30 @@ class Store:
     def change(self, change_id: int) -> Change | None:
         row = self.db.execute("SELECT * FROM changes WHERE id = ?", (change_id,)).fetchone()
         return Change(**dict(row)) if row else None
+
+    def timeline(self, experiment_id: int) -> list[tuple[float, int]]:
+        """(applied at, value) of an experiment's start and each of its flips, in order: what
+        its target held, and since when."""
+        rows = self.db.execute(
+            "SELECT COALESCE(settled_at, created_at) AS at, new_value FROM changes"
+            " WHERE experiment = ? AND action IN ('experiment_start', 'flip')"
+            " AND state = 'applied' ORDER BY id",
+            (experiment_id,),
+        )
+        return [(float(r["at"]), int(r["new_value"])) for r in rows]
+
+    def start_evidence(self, experiment_id: int) -> dict[str, Any]:
+        """The evidence an experiment was started on (runs per hour, baselines)."""
+        row = self.db.execute(
+            "SELECT evidence FROM changes WHERE experiment = ? AND action = 'experiment_start'"
+            " ORDER BY id LIMIT 1",
+            (experiment_id,),
+        ).fetchone()
+        try:
+            found = json.loads(row["evidence"]) if row and row["evidence"] else {}
+        except ValueError:
+            return {}
+        return found if isinstance(found, dict) else {}
 
     def start_of(self, experiment_id: int) -> int | None:
         """The change that started an experiment: the id ``tunerd rollback`` takes to undo it."""

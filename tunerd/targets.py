@@ -219,7 +219,7 @@ class ScriptTarget:
     path: Path
     cron: str
     patterns: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PATTERNS))
-    mode: str = "sequential"
+    mode: str = "switchback"
 
     @property
     def name(self) -> str:
@@ -297,7 +297,8 @@ class ScriptTarget:
         return (text[: match.start(1)] + str(value) + text[match.end(1) :]).encode()
 
     def start_experiment(self, content: bytes | None, cron: str, block: dict[str, Any]) -> bytes:
-        """Sequential: the treatment value simply takes effect."""
+        """The treatment value takes effect (a switchback experiment writes the value of its
+        first block instead: ``Engine.start_experiment``)."""
         return self.set_value(content, cron, block["param"], int(block["treatment"]))
 
     def end_experiment(self, content: bytes | None, cron: str) -> bytes:

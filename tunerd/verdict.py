@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from tunerd.records import Entry, causes, describe_error, failure_cause, non_retryable_at_first
 from tunerd.timeparse import human_duration
@@ -93,10 +93,11 @@ class Arm:
     retried: int = 0
     timed_out: int = 0
     rate_limited_retry: int = 0
-    log_durations: list[float] = field(default_factory=list)
-    """Log of each run's ``totalDuration`` (the duration guardrail of a timeout change)."""
-    log_work: list[float] = field(default_factory=list)
-    """Log of each successful run's successful attempt (the guardrail of a retry change)."""
+    durations: list[float] = field(default_factory=list)
+    """Each run's ``totalDuration`` (the guardrails of a timeout change: mean and p95 run)."""
+    firsts: list[float] = field(default_factory=list)
+    """Each run's first attempt (the guardrail of a retry change: the one attempt the change
+    cannot select, so a slower one means a slower service, not more rescued runs)."""
     duration_total: float = 0.0
     """Sum of the runs' ``totalDuration`` (``duration_ms_mean``)."""
 
@@ -110,8 +111,8 @@ class Arm:
         self.retried += other.retried
         self.timed_out += other.timed_out
         self.rate_limited_retry += other.rate_limited_retry
-        self.log_durations += other.log_durations
-        self.log_work += other.log_work
+        self.durations += other.durations
+        self.firsts += other.firsts
         self.duration_total += other.duration_total
 
     def add(self, entry: Entry) -> None:
@@ -137,11 +138,9 @@ class Arm:
         duration = entry.duration
         if duration is not None:
             self.duration_total += duration
-            self.log_durations.append(math.log(max(duration, 1.0)))
-        if entry.succeeded:
-            last = entry.attempts[-1].duration if entry.attempts else duration
-            if last is not None:
-                self.log_work.append(math.log(max(last, 1.0)))
+            self.durations.append(duration)
+        if entry.attempts and entry.attempts[0].duration is not None:
+            self.firsts.append(entry.attempts[0].duration)
 
     def count(self, metric: str) -> int:
         return {
@@ -155,7 +154,7 @@ class Arm:
         return self.count(metric) / self.runs if self.runs else 0.0
 
     def summary(self) -> dict[str, Any]:
-        n = len(self.log_durations)
+        n = len(self.durations)
         return {
             "runs": self.runs,
             "final_failure_rate": round(self.rate("final_failure_rate"), 6),
@@ -247,40 +246,77 @@ def proportion_test(
     return TestResult(metric, name, p, diff, ci, threshold, role, p < threshold)
 
 
-WHOLE_RUNS: Final = "Welch t on log-durations"
-SUCCESSFUL_ATTEMPTS: Final = "Welch t on log-durations of successful attempts"
+MEAN_RUN: Final = "mean run"
+P95_RUN: Final = "p95 run"
+FIRST_ATTEMPT: Final = "first attempt"
+BOOTSTRAP_DRAWS: Final = 4000
+"""Enough for the harm check's 0.001 (the smallest p-value is 1 / 4001)."""
 
 
-def duration_test(
-    control: Arm, treatment: Arm, margin: float, threshold: float, role: str, param: str
+def first_attempt_test(
+    control: Arm, treatment: Arm, margin: float, threshold: float, role: str
 ) -> TestResult:
-    """Welch's t on log-durations: are runs (a ``timeout`` change) or their successful attempts
-    (a retry change) more than ``margin`` slower in the treatment?"""
+    """Welch's t on log-durations of first attempts: is the service more than ``margin`` slower
+    under a retry change? Only the first attempt: later ones are the runs a change selects (one
+    more attempt rescues the slow runs, which is not harm)."""
     from scipy import stats
 
-    whole = param == "timeout"
-    name = WHOLE_RUNS if whole else SUCCESSFUL_ATTEMPTS
-    a, b = (
-        (treatment.log_durations, control.log_durations)
-        if whole
-        else (treatment.log_work, control.log_work)
-    )
+    name = "Welch t on log-durations of first attempts"
+    a = [math.log(max(x, 1.0)) for x in treatment.firsts]
+    b = [math.log(max(x, 1.0)) for x in control.firsts]
     if len(a) < 2 or len(b) < 2:
-        return TestResult("duration", name, None, None, None, threshold, role, False)
+        return TestResult(FIRST_ATTEMPT, name, None, None, None, threshold, role, False)
     shift = math.log1p(margin)
     result = stats.ttest_ind([x - shift for x in a], b, equal_var=False, alternative="greater")
-    diff = sum(a) / len(a) - sum(b) / len(b)
     low, high = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
     p = float(result.pvalue) if math.isfinite(result.pvalue) else 1.0
     return TestResult(
-        "duration",
+        FIRST_ATTEMPT,
         name,
         p,
-        math.exp(diff),
+        math.exp(sum(a) / len(a) - sum(b) / len(b)),
         (math.exp(float(low)), math.exp(float(high))) if math.isfinite(low) else None,
         threshold,
         role,
         p < threshold,
+    )
+
+
+def bootstrap_ratio_test(
+    metric: str,
+    control: list[float],
+    treatment: list[float],
+    margin: float,
+    threshold: float,
+    role: str,
+) -> TestResult:
+    """Is the treatment's mean (``MEAN_RUN``) or 95th percentile (``P95_RUN``) run more than
+    ``margin`` above the control's? A run-level bootstrap of the ratio: unlike geometric means,
+    it sees a timeout raised onto calls that hang (a few runs much longer)."""
+    import numpy as np
+
+    name = f"bootstrap ratio of the {metric}"
+    if len(control) < 2 or len(treatment) < 2:
+        return TestResult(metric, name, None, None, None, threshold, role, False)
+    c, t = np.asarray(control, dtype=float), np.asarray(treatment, dtype=float)
+    rng = np.random.default_rng(len(c) * 1_000_003 + len(t))  # the same data, the same answer
+
+    def stat(x: Any) -> Any:
+        return x.mean(axis=-1) if metric == MEAN_RUN else np.percentile(x, 95, axis=-1)
+
+    ratios = []
+    chunk = max(1, 2_000_000 // (len(c) + len(t)))
+    for done in range(0, BOOTSTRAP_DRAWS, chunk):
+        n = min(chunk, BOOTSTRAP_DRAWS - done)
+        num = stat(t[rng.integers(0, len(t), (n, len(t)))])
+        den = stat(c[rng.integers(0, len(c), (n, len(c)))])
+        ratios.append(num / np.maximum(den, 1e-9))
+    ratio = np.concatenate(ratios)
+    observed = float(stat(t) / max(float(stat(c)), 1e-9))
+    p = (int(np.count_nonzero(ratio <= 1 + margin)) + 1) / (len(ratio) + 1)
+    low, high = np.percentile(ratio, [2.5, 97.5])
+    return TestResult(
+        metric, name, p, observed, (float(low), float(high)), threshold, role, p < threshold
     )
 
 
@@ -305,19 +341,62 @@ def _newcombe(
     )
 
 
+# --- designs: what a unit of randomization is ------------------------------------------------
+
+
+class Design(Protocol):
+    """The runs of an experiment and the tests its way of splitting them calls for."""
+
+    @property
+    def control(self) -> Arm: ...
+
+    @property
+    def treatment(self) -> Arm: ...
+
+    def rate_test(self, metric: str, alternative: str, threshold: float, role: str) -> TestResult:
+        """Is the treatment's ``metric`` rate lower (``less``) or higher (``greater``)?"""
+        ...
+
+    def duration_tests(
+        self, param: str, margin: float, threshold: float, role: str
+    ) -> list[TestResult]:
+        """Is the treatment more than ``margin`` slower, as a change of ``param`` can be?"""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Independent:
+    """Runs dealt into the arms one at a time (A/B, permuted blocks of ten runs): every run is a
+    unit, and runs of both arms share every hour, so exact tests on runs are right."""
+
+    control: Arm
+    treatment: Arm
+
+    def rate_test(self, metric: str, alternative: str, threshold: float, role: str) -> TestResult:
+        return proportion_test(metric, self.control, self.treatment, alternative, threshold, role)
+
+    def duration_tests(
+        self, param: str, margin: float, threshold: float, role: str
+    ) -> list[TestResult]:
+        """A timeout change: the mean and the p95 run (it admits slower successes on purpose;
+        calls that hang longer show in both). A retry change: first attempts."""
+        if param == "timeout":
+            c, t = self.control.durations, self.treatment.durations
+            return [
+                bootstrap_ratio_test(m, c, t, margin, threshold, role) for m in (MEAN_RUN, P95_RUN)
+            ]
+        return [first_attempt_test(self.control, self.treatment, margin, threshold, role)]
+
+
 # --- verdict and harm check -----------------------------------------------------------------
 
 
 def judge(
-    param: str,
-    control: Arm,
-    treatment: Arm,
-    look: int,
-    settings: VerdictSettings,
-    sequential: bool = False,
+    param: str, design: Design, look: int, settings: VerdictSettings, mode: str = "ab"
 ) -> Verdict:
-    """commit, rollback or extend, with the evidence. ``look`` counts from 1; ``sequential``: the
-    arms are stretches of time around a switch (an empty one means something else then)."""
+    """commit, rollback or extend, with the evidence. ``look`` counts from 1; ``mode`` (``ab``,
+    ``switchback``, ``sequential``) says what an empty arm can mean."""
+    control, treatment = design.control, design.treatment
     final = look >= 1 + settings.max_extensions
     alpha = settings.alpha_at(look)
 
@@ -332,7 +411,7 @@ def judge(
     if not control.runs or not treatment.runs:
         return verdict(
             "extend",
-            f"error of the experiment: {_empty(control, treatment, sequential)}"
+            f"error of the experiment: {_empty(control, treatment, mode)}"
             "; not evidence against the change",
             [],
             0.0,
@@ -347,15 +426,11 @@ def judge(
         )
     metric, words = PRIMARY[param]
     guards = [
-        proportion_test(
-            "final_failure_rate", control, treatment, "greater", settings.guard_alpha, "guardrail"
-        ),
-        duration_test(
-            control, treatment, settings.duration_margin, settings.guard_alpha, "guardrail", param
-        ),
+        design.rate_test("final_failure_rate", "greater", settings.guard_alpha, "guardrail"),
+        *design.duration_tests(param, settings.duration_margin, settings.guard_alpha, "guardrail"),
     ]
     broken = [g for g in guards if g.passed]  # "passed" the test for harm: the guardrail is broken
-    primary = proportion_test(metric, control, treatment, "less", alpha, "primary")
+    primary = design.rate_test(metric, "less", alpha, "primary")
     tests = [primary, *guards]
     c_rate, t_rate = control.rate(metric), treatment.rate(metric)
     change = f"{words}: {c_rate:.1%} control vs {t_rate:.1%} treatment"
@@ -384,14 +459,19 @@ def judge(
     return verdict("extend", why, tests, alpha)
 
 
-def _empty(control: Arm, treatment: Arm, sequential: bool) -> str:
+def _empty(control: Arm, treatment: Arm, mode: str) -> str:
+    empty = "treatment" if not treatment.runs else "control"
     if not control.runs and not treatment.runs:
         return "neither arm has runs (has the cron stopped running, or changed its name?)"
-    if sequential and not treatment.runs:
+    if mode == "switchback":
+        return (
+            f"no run counted in the {empty} hours (do the flips fail? runs right after a flip"
+            " are not counted)"
+        )
+    if mode == "sequential" and not treatment.runs:
         return "no runs since the switch (has the cron stopped running?)"
-    if sequential:
+    if mode == "sequential":
         return "no runs in the stretch before the switch (does the log reach back that far?)"
-    empty = "treatment" if not treatment.runs else "control"
     return (
         f"the {empty} arm has no runs (does Level 1 read the params file and record"
         " params/experiment in its log lines?)"
@@ -399,12 +479,11 @@ def _empty(control: Arm, treatment: Arm, sequential: bool) -> str:
 
 
 def _guard_words(test: TestResult, settings: VerdictSettings) -> str:
-    if test.metric == "duration":
+    if test.metric in (MEAN_RUN, P95_RUN, FIRST_ATTEMPT):
+        what = {MEAN_RUN: "the mean run", P95_RUN: "the p95 run"}.get(test.metric, "first attempts")
         return (
-            f"{'runs' if test.test == WHOLE_RUNS else 'successful attempts'}"
-            f" {((test.effect or 1) - 1):.0%} slower"
-            f" (more than {settings.duration_margin:.0%},"
-            f" p = {test.p_value:.4f})"
+            f"{what} {((test.effect or 1) - 1):.0%} slower"
+            f" (more than {settings.duration_margin:.0%}, p = {test.p_value:.4f})"
         )
     return f"final failures up by {(test.effect or 0):.1%} (p = {test.p_value:.4f})"
 
@@ -416,17 +495,13 @@ class Harm:
     tests: list[TestResult]
 
 
-def harm_check(control: Arm, treatment: Arm, settings: VerdictSettings, param: str) -> Harm:
+def harm_check(design: Design, settings: VerdictSettings, param: str) -> Harm:
     """Run hourly during an experiment: ``stop`` when the treatment is already clearly worse."""
-    if min(control.runs, treatment.runs) < settings.harm_min_runs:
+    if min(design.control.runs, design.treatment.runs) < settings.harm_min_runs:
         return Harm(False, "too few runs to judge harm yet", [])
     tests = [
-        proportion_test(
-            "final_failure_rate", control, treatment, "greater", settings.harm_alpha, "harm"
-        ),
-        duration_test(
-            control, treatment, settings.duration_margin, settings.harm_alpha, "harm", param
-        ),
+        design.rate_test("final_failure_rate", "greater", settings.harm_alpha, "harm"),
+        *design.duration_tests(param, settings.duration_margin, settings.harm_alpha, "harm"),
     ]
     harmful = [t for t in tests if t.passed]
     if harmful:
@@ -443,18 +518,10 @@ def arm_of(
     control: int,
     treatment: int,
     experiment_id: str | None = None,
-    switch_at: float | None = None,
-    at: float | None = None,
 ) -> str | None:
-    """Which arm a run of the experiment's cron belongs to, or None (neither).
-
-    A/B: the run's ``experiment`` tag (``arm``, with a matching ``id`` when one is given), else the
-    value of ``params[param]`` it recorded. Sequential: before or after ``switch_at``.
-    """
-    if switch_at is not None:
-        if at is None:
-            return None
-        return "treatment" if at >= switch_at else "control"
+    """Which arm of an A/B experiment a run of its cron belongs to, or None (neither): the
+    run's ``experiment`` tag (``arm``, with a matching ``id`` when one is given), else the value
+    of ``params[param]`` it recorded."""
     tag = entry.experiment
     if (
         tag is not None
@@ -474,7 +541,7 @@ def arm_of(
 
 @dataclass(slots=True)
 class Split:
-    """The runs of one experiment, told apart offline (``tunerd verify``)."""
+    """The runs of an A/B experiment, told apart offline (``tunerd verify``)."""
 
     control: Arm
     treatment: Arm
@@ -482,8 +549,6 @@ class Split:
     """Runs of the cron that belong to neither arm (another experiment, outside the windows)."""
     experiment: str | None
     """The experiment whose tagged runs were counted."""
-    windows: dict[str, tuple[float, float]] | None
-    """Sequential: each arm's stretch of time (epoch seconds)."""
     notes: list[str]
 
 
@@ -495,38 +560,20 @@ def split_runs(
     experiment: str | None = None,
     since: float | None = None,
     until: float | None = None,
-    switch_at: float | None = None,
 ) -> Split:
     """A cron's runs (time, entry) into the arms of one experiment, counting nothing else.
 
-    With ``switch_at`` (sequential), the treatment is the time from the switch to ``until`` (or
-    the last run) and the control an equally long stretch just before it: more history would
-    weigh an older world against a newer one. Otherwise runs tagged with an experiment count by
-    their tag, only those of ``experiment`` (default: the latest one tagged); without any tag,
-    by the value of ``params[param]`` they recorded, which runs from before the experiment
-    carry as well, hence ``since``.
+    Runs tagged with an experiment count by their tag, only those of ``experiment`` (default:
+    the latest one tagged); without any tag, by the value of ``params[param]`` they recorded,
+    which runs from before the experiment carry as well, hence ``since``. (One switch in time:
+    ``sequential.time_split``; a schedule of values: ``switchback.gather``.)
     """
     inside = [
         (at, e)
         for at, e in runs
         if (since is None or at >= since) and (until is None or at <= until)
     ]
-    split = Split(Arm(), Arm(), len(runs) - len(inside), None, None, [])
-    if switch_at is not None:
-        end = until if until is not None else max((at for at, _ in inside), default=switch_at)
-        start = switch_at - max(end - switch_at, 0.0)
-        if since is not None and since > start:
-            start = since
-            split.notes.append("the control window was cut at --since")
-        split.windows = {"control": (start, switch_at), "treatment": (switch_at, end)}
-        for at, entry in inside:
-            if start <= at < switch_at:
-                split.control.add(entry)
-            elif switch_at <= at <= end:
-                split.treatment.add(entry)
-            else:
-                split.unassigned += 1
-        return split
+    split = Split(Arm(), Arm(), len(runs) - len(inside), None, [])
     tagged = [
         (at, e)
         for at, e in inside
@@ -555,8 +602,8 @@ def split_runs(
             f"runs are told apart by the {param} they recorded, and runs from before the"
             " experiment recorded the control value too: give --since (the experiment's start)"
         )
-    for at, entry in inside:
-        arm = arm_of(entry, param, control, treatment, None, None, at)
+    for _, entry in inside:
+        arm = arm_of(entry, param, control, treatment)
         if arm is None:
             split.unassigned += 1
         else:
@@ -576,6 +623,9 @@ class Plan:
     detectable: float | None
     """Smallest drop of the primary rate (absolute) detectable with 80 % power at look 1."""
     note: str
+    verifiable: bool = True
+    """Within ``max_period`` enough runs arrive to see the primary rate halved: otherwise the
+    experiment is not started automatically (a person decides)."""
 
 
 EXPECTED_DROP: Final = 0.5
@@ -610,25 +660,44 @@ def plan(
             why = f"about {needed} runs per arm to see its {baseline:.1%} halved with 80 % power"
     period = verify_after
     note = ""
+    verifiable = True
     if rate * period < needed:
         period = min(max_period, needed / rate)
         note = (
             f"this cron runs {runs_per_hour:.2g} times an hour and needs {why}: verification"
             f" planned over {human_duration(period)} instead of {human_duration(verify_after)}"
         )
+        # Every look together (the extensions last as long) must give a halving an even
+        # chance at least; the first alone must reach the minimum of runs.
+        looks = 1 + settings.max_extensions
+        even_chance = needed * (_alpha_z(settings) / z) ** 2
         if rate * period < settings.min_runs:
             note += f" (still under {settings.min_runs} runs per arm: it may never be verified)"
+            verifiable = False
+        elif rate * period * looks < even_chance:
+            note += (
+                f" (even with {settings.max_extensions} extensions as long, a halving would be"
+                " seen less than half the time)"
+            )
+            verifiable = False
         elif rate * period < needed:
-            note += " (even so, a halving may go unseen: the verdict may be inconclusive)"
+            note += " (a halving may take the extensions to be seen)"
     n = int(rate * period)
     detectable = None
     if n >= 2 and 0 < baseline < 1:
         detectable = min(baseline, z * math.sqrt(2 * baseline * (1 - baseline) / n))
-    return Plan(period, n, detectable, note)
+    return Plan(period, n, detectable, note, verifiable)
+
+
+def _alpha_z(settings: VerdictSettings) -> float:
+    """z for a one-sided test at the first look's alpha (50 % power)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - settings.alpha_at(1))
 
 
 def _power_z(settings: VerdictSettings) -> float:
     """z for a one-sided test at the first look's alpha, plus z for 80 % power."""
     from statistics import NormalDist
 
-    return NormalDist().inv_cdf(1 - settings.alpha_at(1)) + NormalDist().inv_cdf(0.8)
+    return _alpha_z(settings) + NormalDist().inv_cdf(0.8)

@@ -1,15 +1,22 @@
-"""Settling experiments: gather each arm's runs from the log, judge, and act on the verdict (shell).
+"""Settling experiments: gather each experiment's runs from the log, judge, act (the shell).
 
-``settle`` is what the daemon's verification timers and hourly harm checks call, and what
-``tunerd cycle`` runs first: an experiment whose verification time has passed gets its verdict
-(commit, rollback, or one more period); one still running is checked for harm.
+``settle`` is what the daemon's verification timers and hourly looks call, and what ``tunerd
+cycle`` runs first: an experiment whose verification time has passed gets its verdict (commit,
+rollback, or one more period); one still running is checked for harm and for a cron that went
+silent. ``keep_in_step`` flips each switchback experiment's script to the value of its block.
+
+Verdicts due at the same moment are decided together: their commits pass a false-discovery
+control (Benjamini-Hochberg over the primary p-values of every experiment judged), and when many
+crons "improve" at once, a shared cause is likelier than many real improvements: their commits
+wait one more period.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Final
 
 from tunerd.engine import Engine, EngineError
 from tunerd.logfile import LogFileError, read_batches, rotated
@@ -17,58 +24,84 @@ from tunerd.notify import Notification
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
 from tunerd.records import Entry
 from tunerd.store import Experiment
+from tunerd.switchback import Clustered, arm_at, gather, run_start
 from tunerd.targets import TargetError
-from tunerd.verdict import Arm, Verdict, VerdictSettings, arm_of, harm_check, judge
+from tunerd.timeparse import human_duration, iso
+from tunerd.verdict import (
+    Arm,
+    Design,
+    Independent,
+    Verdict,
+    VerdictSettings,
+    arm_of,
+    harm_check,
+    judge,
+)
+
+SILENT_AFTER: Final = 6
+"""A cron is silent when no run started for this many of its usual gaps (and two hours)."""
+MANY_AT_ONCE: Final = 3
+"""This many commits in one look, most of those judged: held one more period."""
 
 
 @dataclass(frozen=True, slots=True)
 class Settled:
     experiment: Experiment
     action: str
-    """commit | rollback | extend | harm_stop | running | error"""
+    """commit | rollback | extend | harm_stop | silent | running | error"""
     reason: str
 
 
-def window_of(experiment: Experiment, now: float) -> tuple[float, float | None]:
-    """(from, switch): A/B arms run side by side since the start; a sequential experiment
-    compares the time since the switch with an equally long period before it."""
-    if experiment.mode == "sequential":
-        return experiment.started_at - (now - experiment.started_at), experiment.started_at
-    return experiment.started_at, None
+@dataclass(slots=True)
+class Gathered:
+    """What the log holds of one experiment: its A/B arms, or (switchback) its runs with the
+    time each started, and the cron's latest run."""
+
+    control: Arm = field(default_factory=Arm)
+    treatment: Arm = field(default_factory=Arm)
+    runs: list[tuple[float, Entry]] = field(default_factory=list)
+    last_run: float | None = None
+
+    def merge(self, other: Gathered) -> None:
+        self.control.merge(other.control)
+        self.treatment.merge(other.treatment)
+        self.runs += other.runs
+        if other.last_run is not None:
+            self.last_run = max(self.last_run or other.last_run, other.last_run)
 
 
-def gather_arms(
+def gather_runs(
     log_path: Path,
     experiments: list[Experiment],
     now: float,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     skip_to: int = 0,
     stop_at: int | None = None,
-) -> dict[int, tuple[Arm, Arm]]:
-    """Each experiment's (control, treatment) runs, in one pass over the log: the whole of it,
-    or the lines from byte ``skip_to`` up to byte ``stop_at`` (both line starts)."""
-    arms = {e.id: (Arm(), Arm()) for e in experiments}
+) -> dict[int, Gathered]:
+    """Each experiment's runs since it started, in one pass over the log: the whole of it, or
+    the lines from byte ``skip_to`` up to byte ``stop_at`` (both line starts)."""
+    found = {e.id: Gathered() for e in experiments}
     by_cron: dict[str, list[Experiment]] = {}
     for e in experiments:
         by_cron.setdefault(e.cron, []).append(e)
     if not by_cron:
-        return arms
-    windows = {e.id: window_of(e, now) for e in experiments}
+        return found
     read_at = datetime.fromtimestamp(now, UTC)
 
     def take(entries: list[Entry]) -> None:
         for entry in entries:
             for e in by_cron.get(entry.cron or "", ()):
-                start, switch = windows[e.id]
-                at = entry.when(read_at).timestamp()
-                if not start <= at <= now:
+                ended = entry.when(read_at).timestamp()
+                if not e.started_at <= ended <= now:
                     continue
-                arm = arm_of(entry, e.param, e.control, e.treatment, str(e.id), switch, at)
-                control, treatment = arms[e.id]
-                if arm == "control":
-                    control.add(entry)
-                elif arm == "treatment":
-                    treatment.add(entry)
+                got = found[e.id]
+                got.last_run = ended if got.last_run is None else max(got.last_run, ended)
+                if e.mode == "ab":
+                    arm = arm_of(entry, e.param, e.control, e.treatment, str(e.id))
+                    if arm is not None:
+                        (got.control if arm == "control" else got.treatment).add(entry)
+                else:
+                    got.runs.append((run_start(entry, ended), entry))
 
     reader = LogReader(offset=skip_to, max_line_bytes=max_line_bytes)
     try:
@@ -76,7 +109,16 @@ def gather_arms(
             take(batch.entries)
     except OSError as exc:
         raise LogFileError(f"cannot read the log {log_path}: {exc.strerror or exc}") from exc
-    return arms
+    return found
+
+
+def design_of(engine: Engine, experiment: Experiment, got: Gathered) -> Design:
+    """A/B: runs dealt one by one. Switchback: hour blocks, from the flips really applied."""
+    if experiment.mode == "ab":
+        return Independent(got.control, got.treatment)
+    timeline = engine.store.timeline(experiment.id)
+    units = gather(got.runs, timeline, experiment.control, experiment.treatment, experiment.seed)
+    return Clustered(units)
 
 
 def settle(
@@ -86,63 +128,174 @@ def settle(
     now: float,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> list[Settled]:
-    """Judge what is due and check the rest for harm. The caller holds ``engine.exclusive()``."""
+    """Judge what is due and look at the rest. The caller holds ``engine.exclusive()``."""
+    adopt_sequential(engine, now)
+    keep_in_step(engine, now)
     running = engine.store.experiments("running")
     if not running:
         return []
-    arms = gather_arms(log_path, running, now, max_line_bytes)
-    earliest = min(window_of(e, now)[0] for e in running)
+    found = gather_runs(log_path, running, now, max_line_bytes)
+    earliest = min(e.started_at for e in running)
     for older in rotated(log_path, earliest):  # what logrotate moved out during the experiments
         try:
-            more = gather_arms(older, running, now, max_line_bytes)
+            more = gather_runs(older, running, now, max_line_bytes)
         except LogFileError:
             continue
-        for key, (control, treatment) in more.items():
-            arms[key][0].merge(control)
-            arms[key][1].merge(treatment)
-    return settle_arms(engine, running, arms, now, settings)
+        for key, got in more.items():
+            found[key].merge(got)
+    return settle_found(engine, running, found, now, settings)
 
 
-def settle_arms(
+def adopt_sequential(engine: Engine, now: float) -> None:
+    """An experiment a tunerd before switchback started on a script (one switch, compared
+    before and after) takes turns from now on: drift around one switch decides too many
+    verdicts. Its runs so far were all treatment and do not count."""
+    for e in engine.store.experiments("running"):
+        if e.mode == "sequential":
+            with engine.store.transaction() as db:
+                db.execute(
+                    "UPDATE experiments SET mode = 'switchback', seed = ?, period = ?,"
+                    " verify_at = ? WHERE id = ?",
+                    (f"{e.id}:{now:.0f}", engine.verify_after, now + engine.verify_after, e.id),
+                )
+
+
+def keep_in_step(engine: Engine, now: float) -> list[int]:
+    """Flip each switchback experiment whose script holds another value than the block now
+    calls for; returns the experiments flipped. Run at every block boundary, and at every look
+    (after the daemon was down, its flips are late: the runs of those hours are left out)."""
+    flipped = []
+    for e in engine.store.experiments("running"):
+        if e.mode != "switchback" or e.seed is None:
+            continue
+        timeline = engine.store.timeline(e.id)
+        held = timeline[-1][1] if timeline else e.control
+        want = e.treatment if arm_at(e.seed, now) == "treatment" else e.control
+        if held != want:
+            try:
+                engine.flip(e, want, now)
+            except (EngineError, TargetError) as exc:
+                # said at the next look as well: the experiment's runs keep being checked
+                engine.notifier.send(
+                    Notification("advisory", "Switchback flip failed", e.cron, [str(exc)])
+                )
+                continue
+            flipped.append(e.id)
+    return flipped
+
+
+def next_flip_at(engine: Engine, now: float) -> float | None:
+    """When the next block of any running switchback experiment begins with the other value."""
+    from tunerd.switchback import next_flip
+
+    times = []
+    for e in engine.store.experiments("running"):
+        if e.mode == "switchback" and e.seed is not None:
+            times.append(next_flip(e.seed, now, arm_at(e.seed, now))[0])
+    return min(times, default=None)
+
+
+def settle_found(
     engine: Engine,
     running: list[Experiment],
-    arms: dict[int, tuple[Arm, Arm]],
+    found: dict[int, Gathered],
     now: float,
     settings: VerdictSettings,
 ) -> list[Settled]:
-    """``settle`` with each running experiment's arms already gathered (the simulator gathers
-    them hour by hour instead of reading the log again)."""
-    out = []
+    """``settle`` with each running experiment's runs already gathered (the simulator gathers
+    them stretch by stretch instead of reading the log again)."""
+    out: list[Settled] = []
+    due: list[tuple[Experiment, Verdict]] = []
     for experiment in running:
-        control, treatment = arms[experiment.id]
+        got = found[experiment.id]
         try:
-            out.append(_settle_one(engine, experiment, control, treatment, settings, now))
+            design = design_of(engine, experiment, got)
+            if experiment.verify_at <= now:
+                verdict = judge(
+                    experiment.param, design, experiment.extensions + 1, settings, experiment.mode
+                )
+                due.append((experiment, verdict))
+                continue
+            out.append(_look(engine, experiment, design, got, settings, now))
         except (EngineError, TargetError) as exc:
             # e.g. its target was removed from the configuration, or the file became unreadable:
             # the experiment stays as it is, and says why, until a person looks.
             out.append(Settled(experiment, "error", str(exc)))
+    for experiment, verdict in _together(due, settings):
+        try:
+            out.append(_act(engine, experiment, verdict, now))
+        except (EngineError, TargetError) as exc:
+            out.append(Settled(experiment, "error", str(exc)))
     return out
 
 
-def _settle_one(
+def _together(
+    due: list[tuple[Experiment, Verdict]], settings: VerdictSettings
+) -> list[tuple[Experiment, Verdict]]:
+    """Verdicts reached at one moment, decided together. Benjamini-Hochberg over the primary
+    p-values of all of them: a commit stands only if its p-value is within its rank's share of
+    its look's alpha. Then, if ``MANY_AT_ONCE`` or more commit and they are most of those judged,
+    they wait one more period: many crons improving at once is likelier a change of the world."""
+    tested = [(e, v) for e, v in due if v.tests and v.tests[0].p_value is not None]
+    m = len(tested)
+    ranked = sorted(tested, key=lambda ev: ev[1].tests[0].p_value or 1.0)
+    keep = 0
+    for rank, (_, v) in enumerate(ranked, 1):
+        if (v.tests[0].p_value or 1.0) <= rank / m * v.alpha:
+            keep = rank
+    passing = {e.id for e, _ in ranked[:keep]}
+    out = []
+    for e, v in due:
+        if v.decision == "commit" and e.id not in passing:
+            v = _hold(
+                v,
+                f"{v.reason}; held by the false-discovery control over the {m} experiments"
+                " judged together",
+                settings,
+            )
+        out.append((e, v))
+    commits = [v for _, v in out if v.decision == "commit"]
+    if len(commits) >= MANY_AT_ONCE and len(commits) * 2 > len(out):
+        out = [
+            (
+                e,
+                _hold(
+                    v,
+                    f"{v.reason}; {len(commits)} of {len(out)} experiments improved at once:"
+                    " a change of the world is likelier, so every commit waits one more period",
+                    settings,
+                )
+                if v.decision == "commit"
+                else v,
+            )
+            for e, v in out
+        ]
+    return out
+
+
+def _hold(verdict: Verdict, reason: str, settings: VerdictSettings) -> Verdict:
+    """A commit that waits: one more period, or a rollback when none is left."""
+    if verdict.look >= 1 + settings.max_extensions:
+        return replace(verdict, decision="rollback", reason=f"{reason}; no extension left")
+    return replace(verdict, decision="extend", reason=reason)
+
+
+def _look(
     engine: Engine,
     experiment: Experiment,
-    control: Arm,
-    treatment: Arm,
+    design: Design,
+    got: Gathered,
     settings: VerdictSettings,
     now: float,
 ) -> Settled:
-    if experiment.verify_at <= now:
-        verdict = judge(
-            experiment.param,
-            control,
-            treatment,
-            experiment.extensions + 1,
-            settings,
-            sequential=experiment.mode == "sequential",
-        )
-        return _act(engine, experiment, verdict, now)
-    harm = harm_check(control, treatment, settings, experiment.param)
+    """The hourly look at an experiment not yet due: a cron gone silent, or clear harm."""
+    silent = _silent(experiment, got, now, engine.store.start_evidence(experiment.id))
+    if silent:
+        reason = f"the cron went silent: {silent}; rolled back rather than left running blind"
+        engine.end_experiment(experiment, "rollback", reason, {"silent": silent}, now)
+        _notify(engine, experiment, "rollback", "Rolled back (no runs)", reason)
+        return Settled(experiment, "silent", reason)
+    harm = harm_check(design, settings, experiment.param)
     if not harm.stop:
         return Settled(experiment, "running", harm.reason)
     engine.end_experiment(
@@ -156,14 +309,32 @@ def _settle_one(
     return Settled(experiment, "harm_stop", harm.reason)
 
 
+def _silent(experiment: Experiment, got: Gathered, now: float, evidence: dict[str, Any]) -> str:
+    """Why the cron looks silent ('' when it does not): no run for ``SILENT_AFTER`` of its usual
+    gaps (the runs per hour measured before the experiment) and at least two hours."""
+    per_hour = evidence.get("runs_per_hour") or 0
+    if per_hour <= 0:
+        return ""
+    quiet_for = max(3600.0 * SILENT_AFTER / per_hour, 7200.0)
+    last = got.last_run if got.last_run is not None else experiment.started_at
+    if now - last < quiet_for:
+        return ""
+    since = "it started" if got.last_run is None else f"its last run at {iso(last)}"
+    return (
+        f"no run for {human_duration(now - last)} since {since}, where it ran about"
+        f" {per_hour:.2g} times an hour"
+    )
+
+
 def _act(engine: Engine, experiment: Experiment, verdict: Verdict, now: float) -> Settled:
     document = verdict.as_json()
     if verdict.decision == "extend":
+        period = experiment.period or engine.verify_after
         with engine.store.transaction() as db:
             db.execute(
                 "UPDATE experiments SET extensions = extensions + 1, verify_at = ?, verdict = ?"
                 " WHERE id = ?",
-                (now + engine.verify_after, _dumps(document), experiment.id),
+                (now + period, _dumps(document), experiment.id),
             )
         engine.store.record(
             experiment.cron,
