@@ -62,6 +62,15 @@ def settle(engine: Any, settings: Settings) -> None:
                 )
 
 
+def flip(engine: Any, settings: Settings) -> None:
+    """A switchback block begins: each experiment's script takes the value of its block."""
+    from tunerd.verification import keep_in_step
+
+    with engine.exclusive():
+        for experiment in keep_in_step(engine, time.time()):
+            log.info("experiment %d: flipped for the block that begins", experiment)
+
+
 def report(engine: Any, settings: Settings) -> None:
     from tunerd.monthly import Month, monthly_report, report_text
     from tunerd.notify import Notification
@@ -85,6 +94,7 @@ JOBS: dict[str, Callable[[Any, Settings], None]] = {
     "cycle": cycle,
     "verify": settle,
     "harm": settle,
+    "flip": flip,
     "report": report,
 }
 

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -164,6 +165,10 @@ class Worker:
         self.executor.shutdown(wait=True)
 
 
+FLIP_RETRY = 900.0
+"""Seconds before a switchback flip that failed is tried again (the hourly look says why)."""
+
+
 class Daemon:
     def __init__(self, config: str | None, settings: Settings) -> None:
         self.config = config
@@ -179,6 +184,9 @@ class Daemon:
         self._published_at = 0.0
         self._publish_pending = False
         self._changed_crons: set[str] = set()
+        self._flipped_at = -math.inf
+        """When the last flip job started: one that could not put a script in step is tried
+        again after ``FLIP_RETRY``, never in a loop."""
         self.stats, self.follower = self._restore()
 
     # --- state ------------------------------------------------------------------------------
@@ -437,15 +445,26 @@ class Daemon:
                 id=f"verify-{e.id}",
                 replace_existing=True,
             )
+        from tunerd.verification import next_flip_at
+
+        flip_at = next_flip_at(self.store, now)
+        if flip_at is not None:  # the next switchback block; the flip job sets the one after
+            if flip_at <= now:  # out of step: at once, unless a flip just failed to mend it
+                flip_at = max(now + 0.5, self._flipped_at + FLIP_RETRY)
+            scheduler.add_job(
+                self._job, DateTrigger(run_date=_utc(flip_at)), args=["flip"], id="flip"
+            )
 
     async def _job(self, kind: str) -> None:
         """Run by the scheduler on the event loop: hand the work to the worker thread, and
         rebuild the timers after anything that may start or end an experiment. The hourly harm
         check with no experiment running has nothing to do: no child process is started for it."""
-        if kind in ("verify", "harm") and not self.store.experiments("running"):
+        if kind in ("verify", "harm", "flip") and not self.store.experiments("running"):
             return
+        if kind == "flip":
+            self._flipped_at = time.time()
         future = self.worker.submit(kind)
-        if kind in ("cycle", "verify", "harm"):
+        if kind in ("cycle", "verify", "harm", "flip"):
             loop = asyncio.get_running_loop()
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._rebuild_soon))
 

@@ -317,7 +317,9 @@ class Simulation:
         with self.settings.log_path.open("ab") as log:
             while True:
                 verify_at = self._next_verification()
-                flip_at = next_flip_at(self.engine, self.now) or math.inf
+                flip_at = next_flip_at(self.engine.store, self.now) or math.inf
+                if flip_at <= self.now:  # a flip that failed just now: again in a while
+                    flip_at = self.now + 900
                 at = min(cycle_at, hour_at, verify_at, flip_at, self.end)
                 while runs and runs[0][0] < at:
                     start, index = heapq.heappop(runs)

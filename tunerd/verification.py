@@ -23,7 +23,7 @@ from tunerd.logfile import LogFileError, read_batches, rotated
 from tunerd.notify import Notification
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
 from tunerd.records import Entry
-from tunerd.store import Experiment
+from tunerd.store import Experiment, Store
 from tunerd.switchback import Clustered, arm_at, gather, run_start
 from tunerd.targets import TargetError
 from tunerd.timeparse import human_duration, iso
@@ -184,14 +184,21 @@ def keep_in_step(engine: Engine, now: float) -> list[int]:
     return flipped
 
 
-def next_flip_at(engine: Engine, now: float) -> float | None:
-    """When the next block of any running switchback experiment begins with the other value."""
+def next_flip_at(store: Store, now: float) -> float | None:
+    """When a running switchback experiment's script must next take another value: now, if one
+    is out of step (the daemon was down at a boundary), else the next block that changes arm."""
     from tunerd.switchback import next_flip
 
     times = []
-    for e in engine.store.experiments("running"):
-        if e.mode == "switchback" and e.seed is not None:
-            times.append(next_flip(e.seed, now, arm_at(e.seed, now))[0])
+    for e in store.experiments("running"):
+        if e.mode != "switchback" or e.seed is None:
+            continue
+        timeline = store.timeline(e.id)
+        held = timeline[-1][1] if timeline else e.control
+        arm = arm_at(e.seed, now)
+        if held != (e.treatment if arm == "treatment" else e.control):
+            return now
+        times.append(next_flip(e.seed, now, arm)[0])
     return min(times, default=None)
 
 
