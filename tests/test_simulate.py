@@ -298,3 +298,19 @@ def test_doomed_runs_and_drift_change_the_runs_not_the_luck() -> None:
     assert failed[1] > 3 * failed[0]
     slow = simulate_run(base, Params(), random.Random(1), latency=3.0)
     assert slow.total_ms == pytest.approx(3 * calm[1].total_ms, rel=0.05)
+
+
+def test_a_useless_change_through_drifting_weekends_is_never_kept(tmp_path: Path) -> None:
+    """Quotas that waiting does not lift, 429s half as often again on weekends, scripts that
+    cannot split traffic: switchback experiments roll every backoff change back."""
+    crons = "".join(
+        f'[[cron]]\nname = "quota {i}"\nevery = "10m"\nlatency_ms = {{ median = 900 }}\n'
+        "rate_limit = { p = 0.3, recovery_ms = 1e12 }\n"
+        for i in range(3)
+    )
+    drift = '[[drift]]\nkind = "weekly"\ndays = ["sat", "sun"]\nfactor = 1.5\n'
+    result = run(f"weeks = 4\nseed = 11\nab = false\n{crons}{drift}", tmp_path)
+    backoff = [c for c in result["changes"] if c["param"] == "backoffBase"]
+    assert len(backoff) == 3 and all(c["mode"] == "switchback" for c in backoff)
+    assert not [c for c in backoff if c["verdict"] == "commit"]
+    assert result["metrics"]["automatic_changes_outside_safe_range"] == 0

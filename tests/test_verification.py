@@ -267,6 +267,8 @@ def test_cycle_settles_due_experiments(setup: dict[str, Path]) -> None:  # noqa:
     assert metrics["share_needing_a_human"] == pytest.approx(1 / 5)  # the slow cron's review
     assert metrics["automatic_changes_outside_safe_range"] == 0
     assert metrics["mean_final_failure_drop_of_commits"] == pytest.approx(0.10)
+    # One commit, at the first look's alpha: at most 0.012 false commits to expect.
+    assert metrics["expected_false_commits_at_most"] == pytest.approx(0.012)
     text = tunerd(setup, "report")
     assert "rollback ratio 75.0%" in text.stdout and "100 % inside the safe range" in text.stdout
     assert tunerd(setup, "report", "--month", "2026-13").returncode == 2

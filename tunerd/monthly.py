@@ -105,6 +105,13 @@ def period_report(
         )
     commits = [v for v in verdicts if v["verdict"] == "commit"]
     rollbacks = [v for v in verdicts if v["verdict"] == "rollback"]
+    # Each commit was a test at its look's alpha: were every committed change useless, at most
+    # the sum of those alphas would have passed by chance (the expected false commits, a bound).
+    false_commits = sum(
+        (json.loads(e.verdict or "{}").get("alpha_at_look") or 0.0)
+        for e in experiments
+        if within(e.ended_at) and e.state == "committed"
+    )
     drops = [
         v["before"]["final_failure_rate"] - v["after"]["final_failure_rate"]
         for v in commits
@@ -135,6 +142,7 @@ def period_report(
             "mean_final_failure_drop_of_commits": round(sum(drops) / len(drops), 6)
             if drops
             else None,
+            "expected_false_commits_at_most": round(false_commits, 4),
         },
     }
 
@@ -192,5 +200,7 @@ def report_text(report: dict[str, Any], safe: Any) -> str:
         f"  safety: {m['safety_record']}",
         "  mean drop of final failures where a change was kept:"
         f" {pct(m['mean_final_failure_drop_of_commits'])}",
+        f"  false commits to expect among them: at most {m['expected_false_commits_at_most']:.2f}"
+        " (each commit's alpha, added up)",
     ]
     return "\n".join(lines)

@@ -382,6 +382,7 @@ class Simulation:
         between the clock's marks (a stretch once gathered never changes: its lines all ended
         before now). What ``gather_runs`` finds reading the whole log, without reading days of
         it again every hour."""
+        from tunerd.switchback import gather
         from tunerd.verification import Gathered, gather_runs
 
         first = max(bisect.bisect_left(self.marks, (experiment.started_at, -1)) - 1, 0)
@@ -399,6 +400,17 @@ class Simulation:
                     skip_to=begin,
                     stop_at=end,
                 )[experiment.id]
+                if experiment.mode != "ab":
+                    # into hour units at once: the flips before ``until`` are all recorded, so
+                    # a stretch's attribution never changes
+                    stretch.units = gather(
+                        stretch.runs,
+                        self.engine.store.timeline(experiment.id),
+                        experiment.control,
+                        experiment.treatment,
+                        experiment.seed,
+                    )
+                    stretch.runs = []
                 self._stretches[key] = stretch
             got.merge(stretch)
         return got

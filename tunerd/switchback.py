@@ -32,11 +32,12 @@ the unit is the block, never the run), and ``verify --schedule`` takes the same 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from tunerd.records import Entry
@@ -135,6 +136,16 @@ class Units:
             arm = cells[(_parity(block), side)] = Arm()
         arm.add(entry)
 
+    def merge(self, other: Units) -> None:
+        """Add the runs of ``other`` (another stretch of the same experiment)."""
+        for unit, cells in other.cells.items():
+            mine = self.cells.setdefault(unit, {})
+            for key, arm in cells.items():
+                if key not in mine:
+                    mine[key] = Arm()
+                mine[key].merge(arm)  # copies: ``other`` may be kept and merged again
+        self.left_out += other.left_out
+
     def split(self) -> tuple[list[tuple[Arm, Arm, int]], Arm, Arm]:
         """(permutable units as (parity-0 arm, parity-1 arm, observed coin), fixed control,
         fixed treatment): the coin is 1 when parity 0 took the treatment."""
@@ -153,12 +164,8 @@ class Units:
 
 def value_at(timeline: list[tuple[float, int]], t: float) -> tuple[float, int] | None:
     """The (applied at, value) in force at ``t``: the last flip applied before it."""
-    found = None
-    for at, value in timeline:
-        if at > t:
-            break
-        found = (at, value)
-    return found
+    i = bisect.bisect_right(timeline, (t, math.inf))
+    return timeline[i - 1] if i else None
 
 
 def gather(
@@ -211,6 +218,7 @@ class Clustered:
     _permutable: list[tuple[Arm, Arm, int]] = field(init=False)
     _fixed: tuple[Arm, Arm] = field(init=False)
     _draws: Any = field(init=False, default=None)
+    _anti: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._permutable, fixed_c, fixed_t = self.units.split()
@@ -223,15 +231,17 @@ class Clustered:
         self.treatment.merge(fixed_t)
 
     def _coins(self) -> Any:
-        """Coin draws, one row per draw over the permutable units, the observed draw first."""
+        """Coin draws, one row per draw over the permutable units, the observed draw first
+        (as floats: every use multiplies them by per-unit figures)."""
         if self._draws is None:
             import numpy as np
 
             rng = np.random.default_rng(zlib.crc32(self.units.seed.encode()))
             n = len(self._permutable)
-            draws = rng.integers(0, 2, (PERMUTATIONS, n), dtype=np.int64)
-            observed = np.array([c for _, _, c in self._permutable], dtype=np.int64)
+            draws = rng.integers(0, 2, (PERMUTATIONS, n)).astype(float)
+            observed = np.array([c for _, _, c in self._permutable], dtype=float)
             self._draws = np.vstack([observed, draws])
+            self._anti = 1.0 - self._draws
         return self._draws
 
     def _split(self, value: Any) -> tuple[Any, Any]:
@@ -242,18 +252,31 @@ class Clustered:
         even = np.array([value(e, c == 1) for e, _, c in self._permutable], dtype=float)
         odd = np.array([value(o, c == 0) for _, o, c in self._permutable], dtype=float)
         fixed_c, fixed_t = self._fixed
-        draws = self._coins()
-        treatment = draws @ even + (1 - draws) @ odd + value(fixed_t, True)
-        control = draws @ odd + (1 - draws) @ even + value(fixed_c, False)
+        draws, anti = self._coins(), self._anti
+        treatment = draws @ even + anti @ odd + value(fixed_t, True)
+        control = draws @ odd + anti @ even + value(fixed_c, False)
         return treatment, control
 
     def rate_test(self, metric: str, alternative: str, threshold: float, role: str) -> TestResult:
+        """Each unit votes: the difference of its two groups' rates over their sum, between -1
+        and 1, so an outage hour (both arms failing ten times as often) counts no more than a
+        calm one; the statistic is the votes' sum with the treatment's sign. The effect reported
+        is the pooled difference of rates."""
         import numpy as np
 
-        events_t, events_c = self._split(lambda a, _: a.count(metric))
-        runs_t, runs_c = self._split(lambda a, _: a.runs)
-        diff = events_t / np.maximum(runs_t, 1) - events_c / np.maximum(runs_c, 1)
-        return _result(metric, diff, alternative, threshold, role)
+        def rate(a: Arm) -> float:
+            return a.count(metric) / a.runs if a.runs else 0.0
+
+        votes = np.array(
+            [
+                (rate(e) - rate(o)) / (rate(e) + rate(o)) if rate(e) + rate(o) else 0.0
+                for e, o, _ in self._permutable
+            ]
+        )
+        stats = (2 * self._coins() - 1) @ votes
+        result = _result(metric, stats, alternative, threshold, role)
+        effect = self.treatment.rate(metric) - self.control.rate(metric)
+        return replace(result, effect=effect)
 
     def duration_tests(
         self, param: str, margin: float, threshold: float, role: str
@@ -309,7 +332,7 @@ class Clustered:
         order = np.argsort(every, kind="stable")
         ordered = every[order]
         owner = np.repeat(np.arange(len(values)), sizes)[order]
-        draws = self._coins()[: 1 + PERMUTATIONS // 4]
+        draws = self._coins()[: 1 + PERMUTATIONS // 4].astype(np.int64)
         # per draw, per group: treated? (group 2u is unit u's parity 0, the treatment when the
         # coin says 1; the two fixed groups last)
         groups = np.concatenate(

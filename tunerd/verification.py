@@ -24,7 +24,7 @@ from tunerd.notify import Notification
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
 from tunerd.records import Entry
 from tunerd.store import Experiment, Store
-from tunerd.switchback import Clustered, arm_at, gather, run_start
+from tunerd.switchback import Clustered, Units, arm_at, gather, run_start
 from tunerd.targets import TargetError
 from tunerd.timeparse import human_duration, iso
 from tunerd.verdict import (
@@ -61,6 +61,8 @@ class Gathered:
     treatment: Arm = field(default_factory=Arm)
     runs: list[tuple[float, Entry]] = field(default_factory=list)
     last_run: float | None = None
+    units: Units | None = None
+    """Switchback runs already put in their units (the simulator's stretches)."""
 
     def merge(self, other: Gathered) -> None:
         self.control.merge(other.control)
@@ -68,6 +70,10 @@ class Gathered:
         self.runs += other.runs
         if other.last_run is not None:
             self.last_run = max(self.last_run or other.last_run, other.last_run)
+        if other.units is not None:
+            if self.units is None:
+                self.units = Units(other.units.seed)
+            self.units.merge(other.units)
 
 
 def gather_runs(
@@ -116,8 +122,12 @@ def design_of(engine: Engine, experiment: Experiment, got: Gathered) -> Design:
     """A/B: runs dealt one by one. Switchback: hour blocks, from the flips really applied."""
     if experiment.mode == "ab":
         return Independent(got.control, got.treatment)
-    timeline = engine.store.timeline(experiment.id)
-    units = gather(got.runs, timeline, experiment.control, experiment.treatment, experiment.seed)
+    units = got.units
+    if units is None:
+        timeline = engine.store.timeline(experiment.id)
+        units = gather(
+            got.runs, timeline, experiment.control, experiment.treatment, experiment.seed
+        )
     return Clustered(units)
 
 
