@@ -12,8 +12,10 @@ Both designs are decided as the daemon decides: the verification period planned 
 cron's rate (`verdict.plan`), then up to two extensions as long, stopping at a commit or a
 rollback, and at each look the same code as `tunerd verify`:
 
-- **one switch** (what tunerd did before issue 11, now `verify --switch-at`): the value switches at
-  the start; equal windows before and after, clock-hour clusters, the placebo test;
+- **before** (what tunerd did before issue 11): the value switches at the start; equal windows
+  before and after, runs judged as if independent (exact tests on runs), no placebo;
+- **one switch** (`verify --switch-at` now): the same switch, clock hours as units, and the
+  placebo test (a difference before the switch means no decision);
 - **switchback** (`verify --schedule`): tunerd's own design flips the value hour by hour from
   the start; each run belongs to the value in force when it started.
 
@@ -35,9 +37,9 @@ from tunerd.drift import Drift, World
 from tunerd.offline import verify
 from tunerd.records import Attempt, Context, Entry
 from tunerd.switchback import arm_at, flips
-from tunerd.verdict import VerdictSettings, plan
+from tunerd.verdict import Arm, Independent, VerdictSettings, judge, plan
 
-START = 1767999600.0  # Sunday 2026-01-11 23:00 UTC: a weekly cycle starts the experiment
+START = 1768172400.0  # Sunday 2026-01-11 23:00 UTC: a weekly cycle starts the experiment
 DAY = 86400.0
 BASE = 0.08
 EFFECTS = {"useless": 1.0, "harmful": 1.5, "halves": 0.5}
@@ -106,6 +108,7 @@ class Trial:
         schedule_seed = f"bench:{self.seed}"
         looks = 1 + settings.max_extensions
         switchback = self.design == "switchback"
+        before = self.design == "before"
         begin = START if switchback else START - looks * period
         end = START + looks * period
         runs: list[tuple[float, Entry]] = []
@@ -124,10 +127,22 @@ class Trial:
             seen = [(ended, e) for ended, e in runs if ended <= now]
             if switchback:
                 found = verify(seen, "maxRetries", 3, 4, look, settings, schedule=schedule)
+                decision = found.verdict.decision
+            elif before:
+                control, treatment = Arm(), Arm()
+                for ended, e in seen:
+                    start = ended - (e.total_duration or 0) / 1000
+                    if START - (now - START) <= start < START:
+                        control.add(e)
+                    elif start >= START:
+                        treatment.add(e)
+                verdict = judge("maxRetries", Independent(control, treatment), look, settings)
+                decision = verdict.decision
             else:
                 found = verify(seen, "maxRetries", 3, 4, look, settings, switch_at=START, until=now)
-            if found.verdict.decision != "extend":
-                return found.verdict.decision
+                decision = found.verdict.decision
+            if decision != "extend":
+                return decision
         return "rollback"
 
 
@@ -144,7 +159,8 @@ def main() -> None:
         " drift, times the effect; decided as the daemon decides (planned period, 2 extensions)\n"
     )
     header = (
-        f"{'world':<31}{'every':>6}  {'one switch: wrong commits, power':>38}"
+        f"{'world':<31}{'every':>6}  {'before issue 11: wrong commits, power':>38}"
+        f"  {'one switch now: wrong commits, power':>38}"
         f"  {'switchback: wrong commits, power':>38}"
     )
     print(header)
@@ -153,7 +169,11 @@ def main() -> None:
     for name, (before, inside) in drifts(START).items():
         for minutes in (float(x) for x in args.rates.split(",")):
             cells: list[str] = []
-            for design, world in (("one switch", before), ("switchback", inside)):
+            for design, world in (
+                ("before", before),
+                ("one switch", before),
+                ("switchback", inside),
+            ):
                 counts: dict[str, int] = {}
                 for effect_name, effect in EFFECTS.items():
                     commits = 0
@@ -169,9 +189,12 @@ def main() -> None:
                     f"{counts['useless']:>3}/{n} useless {counts['harmful']:>3}/{n} harmful"
                     f" {100 * counts['halves'] / n:>4.0f} %"
                 )
-            print(f"{name:<31}{minutes:>5.0f}m  {cells[0]:>38}  {cells[1]:>38}", flush=True)
+            print(
+                f"{name:<31}{minutes:>5.0f}m  {cells[0]:>38}  {cells[1]:>38}  {cells[2]:>38}",
+                flush=True,
+            )
     print()
-    for design in ("one switch", "switchback"):
+    for design in ("before", "one switch", "switchback"):
         n = args.trials * len(totals[f"{design}:useless"])
         wrong = sum(totals[f"{design}:useless"]) + sum(totals[f"{design}:harmful"])
         power = sum(totals[f"{design}:halves"]) / n
