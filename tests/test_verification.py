@@ -286,3 +286,30 @@ def test_harm_check_stops_a_bad_experiment_early(setup: dict[str, Path]) -> None
     result = next(e for e in report["experiments"] if e["cron"] == "flaky")
     assert result["result"] == "harm_stop" and "final failures up" in result["reason"]
     assert "flaky" not in json.loads(setup["params"].read_text())["experiments"]
+
+
+def test_one_switch_takes_no_decision_when_the_world_moved_before_it(tmp_path: Path) -> None:
+    """Failures tripled the day before the switch and came back after: the treatment looks
+    better than its control, and the placebo (the control against the day before it) says the
+    world moved on its own: no decision."""
+    start = datetime(2026, 2, 2, tzinfo=UTC)
+    rng = __import__("random").Random(5)
+    lines = []
+    for i in range(3 * 24 * 12):  # three days, a run every five minutes
+        at = start + timedelta(minutes=5 * i)
+        bad = 24 * 12 <= i < 2 * 24 * 12  # the middle day: the control window
+        ok = rng.random() > (0.24 if bad else 0.08)
+        lines.append(
+            run_line("c", (800,) if ok else (800,) * 3, ok=ok, error=ERR_OTHER, ts=iso(at))
+        )
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    switch = iso(start + timedelta(days=2))
+    doc = json.loads(
+        verify(tmp_path, log, "c", "maxRetries", 3, 4, "--switch-at", switch, "--json").stdout
+    )
+    assert doc["decision"] == "extend" and doc["reason"].startswith("no decision")
+    (placebo,) = [t for t in doc["tests"] if t["role"] == "placebo"]
+    assert placebo["test"] == "Welch t over clock hours" and placebo["p_value"] < 0.05
+    primary = doc["tests"][0]
+    assert primary["test"] == "Welch t over clock hours" and primary["passed"]  # fooled alone

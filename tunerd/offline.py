@@ -13,12 +13,21 @@ Three ways a log tells the arms apart, each judged as the design calls for:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tunerd.records import Entry
 from tunerd.sequential import placebo_differs, time_split
 from tunerd.switchback import Clustered, gather, run_start
-from tunerd.verdict import PRIMARY, Design, Independent, Verdict, VerdictSettings, judge, split_runs
+from tunerd.verdict import (
+    PRIMARY,
+    Design,
+    Independent,
+    Verdict,
+    VerdictSettings,
+    between,
+    judge,
+    split_runs,
+)
 
 
 @dataclass(slots=True)
@@ -47,11 +56,7 @@ def verify(
     change of value, in order."""
     started = [(run_start(entry, ended), entry) for ended, entry in runs]
     if schedule is not None:
-        inside = [
-            (at, e)
-            for at, e in started
-            if (since is None or at >= since) and (until is None or at <= until)
-        ]
+        inside = between(started, since, until)
         units = gather(inside, schedule, control, treatment, None)
         design: Design = Clustered(units)
         verdict = judge(param, design, look, settings, "switchback")
@@ -61,27 +66,16 @@ def verify(
         split = time_split(started, switch_at, since, until)
         verdict = judge(param, split.design, look, settings, "sequential")
         placebo = placebo_differs(split.placebo, PRIMARY[param][0])
-        if placebo is not None and placebo.passed and verdict.decision != "rollback":
-            verdict = Verdict(
-                "extend",
-                f"no decision: the two windows before the switch already differ (placebo"
-                f" p = {placebo.p_value:.4f}): the world changed on its own; {verdict.reason}",
-                verdict.control,
-                verdict.treatment,
-                [*verdict.tests, placebo],
-                verdict.look,
-                verdict.alpha,
-            )
-        elif placebo is not None:
-            verdict = Verdict(
-                verdict.decision,
-                verdict.reason,
-                verdict.control,
-                verdict.treatment,
-                [*verdict.tests, placebo],
-                verdict.look,
-                verdict.alpha,
-            )
+        if placebo is not None:
+            verdict = replace(verdict, tests=[*verdict.tests, placebo])
+            if placebo.passed and verdict.decision != "rollback":
+                verdict = replace(
+                    verdict,
+                    decision="extend",
+                    reason=f"no decision: the two windows before the switch already differ"
+                    f" (placebo p = {placebo.p_value:.4f}): the world changed on its own;"
+                    f" {verdict.reason}",
+                )
         return Offline(verdict, None, split.windows, split.unassigned, split.notes)
     ab = split_runs(runs, param, control, treatment, experiment, since, until)
     verdict = judge(param, Independent(ab.control, ab.treatment), look, settings)

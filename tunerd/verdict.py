@@ -552,6 +552,17 @@ class Split:
     notes: list[str]
 
 
+def between(
+    runs: list[tuple[float, Entry]], since: float | None, until: float | None
+) -> list[tuple[float, Entry]]:
+    """The runs (time, entry) from ``since`` to ``until`` (either open)."""
+    return [
+        (at, e)
+        for at, e in runs
+        if (since is None or at >= since) and (until is None or at <= until)
+    ]
+
+
 def split_runs(
     runs: list[tuple[float, Entry]],
     param: str,
@@ -568,11 +579,7 @@ def split_runs(
     which runs from before the experiment carry as well, hence ``since``. (One switch in time:
     ``sequential.time_split``; a schedule of values: ``switchback.gather``.)
     """
-    inside = [
-        (at, e)
-        for at, e in runs
-        if (since is None or at >= since) and (until is None or at <= until)
-    ]
+    inside = between(runs, since, until)
     split = Split(Arm(), Arm(), len(runs) - len(inside), None, [])
     tagged = [
         (at, e)
