@@ -38,8 +38,9 @@ import math
 import random
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal
+from typing import Any, Final
 
+from tunerd.level1 import Arm as Side
 from tunerd.records import Entry
 from tunerd.verdict import (
     FIRST_ATTEMPT,
@@ -49,7 +50,6 @@ from tunerd.verdict import (
     TestResult,
 )
 
-Side = Literal["control", "treatment"]
 BLOCK: Final = 3600.0
 OFFSET: Final = 150.0
 CARRYOVER: Final = 120.0
