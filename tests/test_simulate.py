@@ -144,6 +144,8 @@ def test_a_run_follows_the_order_of_the_spec() -> None:
         (CRON + '[[drift]]\nkind = "weekly"\nhours = "7-30"\n', "within 0-23"),
         (CRON + '[[drift]]\nkind = "bursts"\nper_day = 2\n', "per_day and minutes"),
         (CRON + '[[drift]]\nkind = "sometimes"\n', "kind"),
+        (CRON + '[[drift]]\nkind = "weekly"\ndays = []\n', "not days"),
+        (CRON + '[[drift]]\nkind = "step"\nat = "2026-01-09"\ncrons = ["y"]\n', "not crons"),
     ],
 )
 def test_a_bad_scenario_says_what_is_wrong(text: str, message: str) -> None:
@@ -314,3 +316,11 @@ def test_a_useless_change_through_drifting_weekends_is_never_kept(tmp_path: Path
     assert len(backoff) == 3 and all(c["mode"] == "switchback" for c in backoff)
     assert not [c for c in backoff if c["verdict"] == "commit"]
     assert result["metrics"]["automatic_changes_outside_safe_range"] == 0
+
+
+def test_drift_takes_toml_times_and_hours_as_numbers() -> None:
+    scenario = parse_scenario(
+        CRON + '[[drift]]\nkind = "window"\nfrom = 2026-01-07T10:00:00Z\nhours = 6\n'
+        '[[drift]]\nkind = "weekly"\nhours = 5\nfactor = 2.0\n'
+    )
+    assert len(scenario.drift) == 2

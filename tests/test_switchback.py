@@ -224,3 +224,76 @@ def test_verdicts_due_together_are_decided_together() -> None:
     # Four crons improving at once: a shared cause is likelier; every commit waits.
     many = _together([due(i, 0.0001) for i in range(4)], settings)
     assert {v.decision for _, v in many} == {"extend"} and "at once" in many[0][1].reason
+
+
+def test_a_cron_quiet_by_its_own_schedule_is_not_silent() -> None:
+    """A weekday market-hours cron says nothing from Friday evening to Monday morning: its
+    crontab says so, and its experiment goes on. A cron every 15 minutes quiet for 3 hours is
+    silent."""
+    from tzlocal import get_localzone
+
+    from tunerd.store import Experiment
+    from tunerd.verification import Gathered, _silent
+
+    zone = get_localzone()
+    friday = datetime(2026, 1, 9, 17, 0, tzinfo=zone).timestamp()
+    e = Experiment(
+        1,
+        "m",
+        "maxRetries",
+        3,
+        4,
+        "switchback",
+        0.5,
+        "t",
+        "running",
+        "",
+        friday - 86400,
+        friday + 7 * 86400,
+        0,
+        None,
+        None,
+    )
+    got = Gathered(last_run=friday)
+    market = {"schedule": "0 9-17 * * 1-5", "runs_per_hour": 1.0}
+    assert _silent(e, got, friday + 43 * 3600, market) == ""  # Sunday noon: nothing was due
+    assert _silent(e, got, friday + 64.5 * 3600, market) == ""  # Monday 9:30: one time missed
+    assert "3 of its scheduled times" in _silent(e, got, friday + 67 * 3600, market)  # noon
+    busy = {"schedule": "*/15 * * * *", "runs_per_hour": 4.0}
+    assert _silent(e, got, friday + 3600, busy) == ""  # under two hours
+    assert "went by" in _silent(e, got, friday + 3 * 3600, busy)
+    # Without a crontab: six usual gaps and three days.
+    unknown = {"schedule": None, "runs_per_hour": 4.0}
+    assert _silent(e, got, friday + 2 * 86400, unknown) == ""
+    assert "times an hour" in _silent(e, got, friday + 3.5 * 86400, unknown)
+
+
+def test_a_script_edited_by_hand_stops_its_experiment(script_setup: dict[str, Path]) -> None:
+    """Someone sets MAX_RETRIES: 9 during the experiment: the next look stops it and leaves 9
+    (a flip would have overwritten the person's value)."""
+    text = script_setup["script"].read_text()
+    held = "MAX_RETRIES: 4," if "MAX_RETRIES: 4," in text else "MAX_RETRIES: 3,"
+    script_setup["script"].write_text(text.replace(held, "MAX_RETRIES: 9,"))
+    _seed_out_of_step(script_setup, time.time())  # a flip would be due now
+    as_json(script_setup, "cycle")
+    assert "MAX_RETRIES: 9," in script_setup["script"].read_text()
+    history = as_json(script_setup, "history")
+    (experiment,) = history["experiments"]
+    assert experiment["state"] == "aborted" and "edited by hand" in experiment["verdict"]["reason"]
+    assert [c["action"] for c in history["changes"]][-1] == "abort"
+    assert not [c for c in history["changes"] if c["action"] == "flip"]
+
+
+def test_undoing_a_switchback_says_which_value_it_left(script_setup: dict[str, Path]) -> None:
+    """After a flip, `tunerd rollback` of the start goes from the value the script held (not
+    the start's) to the control, and the script says so."""
+    now = time.time()
+    _seed_out_of_step(script_setup, now)
+    assert _in_python(script_setup, f"keep_in_step(engine, {now})") == 0
+    changes = as_json(script_setup, "history")["changes"]
+    (flip,) = [c for c in changes if c["action"] == "flip"]
+    (start,) = [c for c in changes if c["action"] == "experiment_start"]
+    as_json(script_setup, "rollback", str(start["id"]))
+    last = as_json(script_setup, "history")["changes"][-1]
+    assert (last["from"], last["to"]) == (flip["to"], 3)
+    assert "MAX_RETRIES: 3," in script_setup["script"].read_text()

@@ -132,6 +132,16 @@ def test_slower_work_breaks_the_guardrail_longer_waits_do_not(tmp_path: Path) ->
 
 def test_verify_sequential_by_switch_time(tmp_path: Path) -> None:
     start = datetime(2026, 2, 5, tzinfo=UTC)
+    before = [  # as long again before the control window: the world did not move (placebo)
+        run_line(
+            "c",
+            (800,) if i % 4 else (800, 800, 800),
+            ok=bool(i % 4),
+            error=ERR_OTHER,
+            ts=iso(start - timedelta(minutes=200 - i)),
+        )
+        for i in range(200)
+    ]
     lines = [
         run_line(
             "c",
@@ -145,6 +155,22 @@ def test_verify_sequential_by_switch_time(tmp_path: Path) -> None:
     lines += [run_line("c", (800,), ts=iso(start + timedelta(minutes=200 + i))) for i in range(200)]
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(lines) + "\n")
+    # Without the time before the control window, one switch cannot rule out the world:
+    short = json.loads(
+        verify(
+            tmp_path,
+            log,
+            "c",
+            "maxRetries",
+            3,
+            4,
+            "--switch-at",
+            iso(start + timedelta(minutes=200)),
+            "--json",
+        ).stdout
+    )
+    assert short["decision"] == "extend" and "placebo" in short["reason"]
+    log.write_text("\n".join(before + lines) + "\n")
     done = verify(
         tmp_path,
         log,
@@ -169,8 +195,8 @@ def test_verify_sequential_by_switch_time(tmp_path: Path) -> None:
     assert windows["control"][1] - windows["control"][0] == pytest.approx(length, abs=1)
     assert windows["control"][1] == (start + timedelta(minutes=200)).timestamp()
     assert doc["decision"] == "commit"
-    # Nothing ran before the control window: no placebo to test, said by its absence.
-    assert [t["role"] for t in doc["tests"]].count("placebo") == 0
+    (placebo,) = [t for t in doc["tests"] if t["role"] == "placebo"]
+    assert not placebo["passed"]  # the two windows before the switch agree
     bad = verify(tmp_path, log, "c", "retries", 3, 4)
     assert bad.returncode == 2
 
@@ -313,3 +339,33 @@ def test_one_switch_takes_no_decision_when_the_world_moved_before_it(tmp_path: P
     assert placebo["test"] == "Welch t over clock hours" and placebo["p_value"] < 0.05
     primary = doc["tests"][0]
     assert primary["test"] == "Welch t over clock hours" and primary["passed"]  # fooled alone
+
+
+def test_verify_a_schedule_of_values(tmp_path: Path) -> None:
+    """A history of values off tunerd's hour grid (every six hours, numbers as epoch seconds):
+    neighbouring stretches are paired for the randomization test, and runs before the first
+    value are said to be left out."""
+    start = datetime(2026, 2, 2, tzinfo=UTC)
+    rng = __import__("random").Random(7)
+    schedule = [
+        {"at": (start + timedelta(hours=6 * k)).timestamp(), "value": 4 if k % 2 else 3}
+        for k in range(16)
+    ]
+    lines = []
+    for i in range(-12, 4 * 24 * 12):  # an hour before the schedule, then four days
+        at = start + timedelta(minutes=5 * i + 1)
+        treated = i >= 0 and (i // 72) % 2 == 1
+        ok = rng.random() > (0.06 if treated else 0.18)
+        lines.append(
+            run_line("c", (800,) if ok else (800,) * 3, ok=ok, error=ERR_OTHER, ts=iso(at))
+        )
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    plan = tmp_path / "schedule.json"
+    plan.write_text(json.dumps(schedule))
+    done = verify(tmp_path, log, "c", "maxRetries", 3, 4, "--schedule", str(plan), "--json")
+    doc = json.loads(done.stdout)
+    assert doc["decision"] == "commit", doc["reason"]
+    assert doc["tests"][0]["test"] == "randomization test over hour blocks"
+    assert "12 runs not counted: before" in done.stderr and "hour grid" in done.stderr
+    assert doc["unassigned_runs"] >= 12

@@ -843,10 +843,13 @@ def _schedule(path: str, now: datetime) -> list[tuple[float, int]]:
     out = []
     try:
         for item in document:
-            value = item["value"]
+            value, at = item["value"], item["at"]
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"value {value!r} is not a whole number")
-            out.append((parse_since(str(item["at"]), now).timestamp(), value))
+            if isinstance(at, int | float) and not isinstance(at, bool):
+                out.append((at / 1000 if at > 1e11 else float(at), value))  # epoch s or ms
+            else:
+                out.append((parse_since(str(at), now).timestamp(), value))
     except (TypeError, KeyError, ValueError) as exc:
         raise CommandError(
             f'--schedule {path}: expected [{{"at": ISO time, "value": V}}, ...] ({exc})',
@@ -854,7 +857,11 @@ def _schedule(path: str, now: datetime) -> list[tuple[float, int]]:
         ) from None
     if not out:
         raise CommandError(f"--schedule {path}: no change of value in it", USAGE_ERROR)
-    return sorted(out)
+    changes: list[tuple[float, int]] = []
+    for at, value in sorted(out):  # a value repeated is no change
+        if not changes or changes[-1][1] != value:
+            changes.append((at, value))
+    return changes
 
 
 def cmd_report(args: argparse.Namespace) -> int:

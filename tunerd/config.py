@@ -55,7 +55,7 @@ Duration = Annotated[timedelta, BeforeValidator(_duration)]
 
 
 class ScriptSettings(BaseModel):
-    """A cron whose parameters live in its wrapper script (sequential experiments)."""
+    """A cron whose parameters live in its wrapper script (switchback experiments)."""
 
     model_config = {"extra": "ignore"}
 

@@ -15,8 +15,8 @@ to stay right through them; the simulator plays them so that tests and benchmark
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, tzinfo
-from typing import Annotated, Final, Literal
+from datetime import UTC, date, datetime, tzinfo
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -32,9 +32,9 @@ class Drift(msgspec.Struct, rename={"start": "from"}):
     days: list[str] | None = None
     hours: str | float | None = None
     """``weekly``: hours of the day (``"0-6"``); ``window``: how long it lasts."""
-    start: str | None = None
-    """``window``: when it begins (``from`` in the TOML)."""
-    at: str | None = None
+    start: Any = None
+    """``window``: when it begins (``from`` in the TOML; a TOML date-time or a string)."""
+    at: Any = None
     per_day: Annotated[int, msgspec.Meta(ge=1, le=96)] | None = None
     minutes: Annotated[float, msgspec.Meta(gt=0, le=1440)] | None = None
 
@@ -43,13 +43,20 @@ class DriftError(ValueError):
     """A drift entry cannot be played; the message says which and why."""
 
 
-def _time(text: str | None, what: str) -> float:
+def _time(text: Any, what: str) -> float:
+    """A TOML date-time, a TOML date or an ISO 8601 string; naive means UTC."""
     if text is None:
         raise DriftError(f"{what} is missing")
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise DriftError(f"{what}: {text!r} is not an ISO 8601 time") from None
+    moment = text
+    if isinstance(text, date) and not isinstance(text, datetime):
+        moment = datetime(text.year, text.month, text.day)
+    elif isinstance(text, str):
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise DriftError(f"{what}: {text!r} is not an ISO 8601 time") from None
+    if not isinstance(moment, datetime):
+        raise DriftError(f"{what}: {text!r} is not a time")
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
@@ -70,7 +77,10 @@ def _hours(text: str) -> frozenset[int]:
 class World:
     """Where the drift stands at any moment, for any cron."""
 
-    def __init__(self, drifts: list[Drift], seed: int, zone: tzinfo = UTC) -> None:
+    def __init__(
+        self, drifts: list[Drift], seed: int, zone: tzinfo = UTC, crons: set[str] | None = None
+    ) -> None:
+        """``crons``: the names a drift may name (the scenario's), checked when given."""
         self.zone = zone
         self.seed = seed
         self._rules: list[tuple[Drift, frozenset[int] | None, frozenset[int] | None, float]] = []
@@ -79,16 +89,20 @@ class World:
             days = hours = None
             begin = 0.0
             try:
+                if crons is not None and (strange := set(d.crons) - crons - {"*"}):
+                    raise DriftError(f"crons: {sorted(strange)} are not crons of the scenario")
                 if d.kind == "weekly":
                     if d.days is None and d.hours is None:
                         raise DriftError("give days and/or hours")
                     if d.days is not None:
                         unknown = [x for x in d.days if x.lower()[:3] not in DAYS]
-                        if unknown:
-                            raise DriftError(f"days: {unknown} are not days ({', '.join(DAYS)})")
+                        if unknown or not d.days:
+                            raise DriftError(f"days: {d.days} are not days ({', '.join(DAYS)})")
                         days = frozenset(DAYS.index(x.lower()[:3]) for x in d.days)
                     if d.hours is not None:
-                        hours = _hours(str(d.hours))
+                        hours = _hours(
+                            str(int(d.hours)) if isinstance(d.hours, int | float) else d.hours
+                        )
                 elif d.kind == "window":
                     begin = _time(d.start, "from")
                     if not isinstance(d.hours, int | float) or d.hours <= 0:

@@ -297,6 +297,13 @@ class Engine:
         target = self.targets.by_name(experiment.target)
         cron, param = experiment.cron, experiment.param
         value = experiment.treatment if outcome == "commit" else experiment.control
+        held = (
+            self._held(experiment.id, experiment.control)
+            if experiment.mode == "switchback"
+            else experiment.treatment
+            if outcome == "rollback"
+            else experiment.control
+        )
 
         def render(content: bytes | None) -> bytes:
             if outcome == "rollback" and isinstance(target, ParamsFileTarget):
@@ -308,7 +315,7 @@ class Engine:
             {
                 "cron": cron,
                 "param": param,
-                "old_value": experiment.treatment if outcome == "rollback" else experiment.control,
+                "old_value": held,
                 "new_value": value,
                 "action": outcome,
                 "actor": "tunerd",
@@ -328,12 +335,17 @@ class Engine:
                 )
         return change_id
 
+    def _held(self, experiment_id: int, written: int | None) -> int | None:
+        """The value an experiment's target holds now: a switchback's last flip, else what its
+        start wrote (``written``, when the store has no trace of it)."""
+        timeline = self.store.timeline(experiment_id)
+        return timeline[-1][1] if timeline else written
+
     def flip(self, experiment: Experiment, value: int, now: float) -> int:
         """A switchback experiment's script takes ``value`` for the block that begins: one
         change like any other (rollback point, atomic write, history)."""
         target = self.targets.by_name(experiment.target)
-        timeline = self.store.timeline(experiment.id)
-        held = timeline[-1][1] if timeline else experiment.control
+        held = self._held(experiment.id, experiment.control)
         arm = "treatment" if value == experiment.treatment else "control"
         change_id, _ = self._apply(
             target,
@@ -410,7 +422,11 @@ class Engine:
             {
                 "cron": change.cron,
                 "param": change.param,
-                "old_value": change.new_value,
+                "old_value": (
+                    self._held(change.experiment, change.new_value)
+                    if running and change.experiment is not None
+                    else change.new_value
+                ),
                 "new_value": change.old_value,
                 "action": "manual_rollback",
                 "actor": actor,

@@ -77,7 +77,7 @@ def fit_scenario(
     if scripts and scripts < len(crons):
         skipped.append(
             f"{scripts} of {len(crons)} crons keep their parameters in a script: every cron is"
-            " simulated with sequential experiments (ab = false)"
+            " simulated with switchback experiments (ab = false)"
         )
     return scenario, skipped
 

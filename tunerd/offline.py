@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 
 from tunerd.records import Entry
 from tunerd.sequential import placebo_differs, time_split
-from tunerd.switchback import Clustered, gather, run_start
+from tunerd.switchback import Clustered, gather, on_grid, run_start
+from tunerd.timeparse import human_duration
 from tunerd.verdict import (
     PRIMARY,
     Design,
@@ -60,12 +61,33 @@ def verify(
         units = gather(inside, schedule, control, treatment, None)
         design: Design = Clustered(units)
         verdict = judge(param, design, look, settings, "switchback")
-        notes = [f"{units.left_out} runs not counted (carry-over after a change, other values)"]
-        return Offline(verdict, unassigned=len(runs) - len(inside) + units.left_out, notes=notes)
+        notes = [f"{n} runs not counted: {why}" for why, n in sorted(units.left_out.items())]
+        if not on_grid(schedule):
+            notes.append(
+                "the changes are not on tunerd's hour grid: each stretch between two changes is"
+                " a block, and two neighbouring stretches a unit of the randomization test"
+            )
+        unassigned = len(runs) - len(inside) + sum(units.left_out.values())
+        return Offline(verdict, unassigned=unassigned, notes=notes)
     if switch_at is not None:
         split = time_split(started, switch_at, since, until)
         verdict = judge(param, split.design, look, settings, "sequential")
         placebo = placebo_differs(split.placebo, PRIMARY[param][0])
+        first = min((at for at, _ in started), default=None)
+        control_from = split.windows["control"][0]
+        if first is not None and first > control_from + 3600:
+            split.notes.append(
+                f"the log begins {human_duration(first - control_from)} after the control"
+                " window does: the control has fewer hours than the treatment"
+            )
+        if placebo is None and verdict.decision == "commit":
+            verdict = replace(
+                verdict,
+                decision="extend",
+                reason="no decision: too few runs before the control window for the placebo"
+                " test, so a change of the world cannot be ruled out (one switch is only"
+                f" trusted with one); {verdict.reason}",
+            )
         if placebo is not None:
             verdict = replace(verdict, tests=[*verdict.tests, placebo])
             if placebo.passed and verdict.decision != "rollback":

@@ -105,7 +105,7 @@ class InForce:
     """(parameter, what to add to the target so that tunerd can change it) for each parameter
     the cron's target cannot be written for."""
     mode: str | None = None
-    """The experiments its target allows: ``ab`` (the params file), ``sequential`` (a script),
+    """The experiments its target allows: ``ab`` (the params file), ``switchback`` (a script),
     None (no target tunerd writes for it yet)."""
     assumed: bool = False
     """Nothing shows that the cron's Level 1 runs with these values: no script of its own, and

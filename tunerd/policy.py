@@ -86,6 +86,7 @@ def evidence_of(summary: CronSummary) -> dict[str, Any]:
     return {
         "runs": summary.runs,
         "runs_per_hour": round(summary.runs / (span / 3600), 4) if span > 0 else None,
+        "schedule": summary.schedule,
         "baseline": {  # the primary metric of each parameter, before the change
             "maxRetries": round(summary.reachable_failure_rate, 6),
             "timeout": round(min(1.0, summary.timeout / runs), 6),

@@ -78,7 +78,7 @@ class Scenario(msgspec.Struct):
     weeks: Annotated[int, msgspec.Meta(ge=1, le=104)] = 4
     seed: int = 1
     ab: bool = True
-    """Can the simulated Level 1 split traffic? False: sequential experiments (script targets)."""
+    """Can the simulated Level 1 split traffic? False: switchback experiments (script targets)."""
     start: str = "2026-01-05T00:00:00Z"
     """When the simulated time begins (a Monday: the first weekly cycle sees six days of runs)."""
     settings: dict[str, Any] = {}
@@ -131,7 +131,7 @@ def world(scenario: Scenario) -> World:
         tz = ZoneInfo(str(zone))
     except (ZoneInfoNotFoundError, ValueError):
         raise DriftError(f"settings.timezone: {zone!r} is not a known time zone") from None
-    return World(scenario.drift, scenario.seed, tz)
+    return World(scenario.drift, scenario.seed, tz, {c.name for c in scenario.cron})
 
 
 def unknown_keys(text: str) -> list[str]:

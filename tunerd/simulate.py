@@ -2,7 +2,7 @@
 
 Nothing here decides anything: the weekly cycle is ``run_cycle``, verifications and hourly harm
 checks are ``settle``, changes go through the engine into a real params file (or, with
-``ab = false``, real wrapper scripts: sequential experiments) and a real SQLite store, all in a
+``ab = false``, real wrapper scripts: switchback experiments) and a real SQLite store, all in a
 scratch directory. Only the crons and the clock are simulated: each run reads its parameters from
 the target as Level 1 would (``level1``: the same code as ``tunerd exec``), is played out by
 ``scenario.simulate_run`` and appended to a real log. So a verdict in the simulator is the
@@ -122,7 +122,7 @@ def _epoch(text: str) -> float:
 
 
 SCRIPT: Final = (
-    "// {name}: a wrapper script of the simulation (sequential experiments)\n",
+    "// {name}: a wrapper script of the simulation (switchback experiments)\n",
     "const CONFIG = {{\n",
     "  MAX_RETRIES: {maxRetries},\n",
     "  BACKOFF: '{backoff}',\n",
@@ -520,7 +520,7 @@ def timeline_text(result: dict[str, Any], verbose: bool = False) -> str:
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.2%}"
 
-    mode = "A/B experiments" if result["ab"] else "sequential experiments"
+    mode = "A/B experiments" if result["ab"] else "switchback experiments"
     lines = [
         f"tunerd simulate {safe_text(result['scenario'])}: {len(result['weeks'])} weeks from"
         f" {result['start'][:10]} (seed {result['seed']}, {mode}),"

@@ -58,7 +58,7 @@ SCHEMA: list[str] = [
         param TEXT NOT NULL,
         control INTEGER NOT NULL,
         treatment INTEGER NOT NULL,
-        mode TEXT NOT NULL,       -- ab | sequential
+        mode TEXT NOT NULL,       -- ab | switchback (sequential: before issue 11)
         split REAL NOT NULL,
         target TEXT NOT NULL,
         state TEXT NOT NULL,      -- starting | running | committed | rolled_back | aborted

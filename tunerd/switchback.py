@@ -14,8 +14,10 @@ unit, and
 
     arm(day, hour) = coin XOR (day mod 2) XOR (hour mod 2)
 
-so within a day every other hour is treatment (each day, weekends included, is half and half) and
-each hour of the day takes the other arm on the next day (hour-of-day balance every two days).
+so each pair of neighbouring hours (0-1, 2-3, ...) holds one hour of each arm, each day (weekends
+included) is half and half, and each hour of the day takes the other arm on the other day of its
+pair of days. Neighbouring units may share an arm: the balance is within a unit, which is what the
+randomization test permutes.
 
 **The runs.** Each run belongs to the value in force when it started (``timestamp -
 totalDuration``), read from the flips tunerd actually applied; runs that started within
@@ -125,16 +127,20 @@ class Units:
 
     seed: str
     cells: dict[tuple[int, int], dict[tuple[int, Side], Arm]] = field(default_factory=dict)
-    left_out: int = 0
-    """Runs not counted: carry-over after a flip, or a value other than their block's."""
+    left_out: dict[str, int] = field(default_factory=dict)
+    """Runs not counted, by why: ``carry-over`` (just after a flip), ``off plan`` (a value other
+    than its block's: a late flip), ``other value`` (neither arm's), ``before`` (before the first
+    value known)."""
 
-    def add(self, start: float, entry: Entry, side: Side) -> None:
-        block = block_of(start)
-        cells = self.cells.setdefault(unit_of(block), {})
-        arm = cells.get((_parity(block), side))
+    def add(self, unit: tuple[int, int], parity: int, entry: Entry, side: Side) -> None:
+        cells = self.cells.setdefault(unit, {})
+        arm = cells.get((parity, side))
         if arm is None:
-            arm = cells[(_parity(block), side)] = Arm()
+            arm = cells[(parity, side)] = Arm()
         arm.add(entry)
+
+    def leave_out(self, why: str) -> None:
+        self.left_out[why] = self.left_out.get(why, 0) + 1
 
     def merge(self, other: Units) -> None:
         """Add the runs of ``other`` (another stretch of the same experiment)."""
@@ -144,7 +150,8 @@ class Units:
                 if key not in mine:
                     mine[key] = Arm()
                 mine[key].merge(arm)  # copies: ``other`` may be kept and merged again
-        self.left_out += other.left_out
+        for why, n in other.left_out.items():
+            self.left_out[why] = self.left_out.get(why, 0) + n
 
     def split(self) -> tuple[list[tuple[Arm, Arm, int]], Arm, Arm]:
         """(permutable units as (parity-0 arm, parity-1 arm, observed coin), fixed control,
@@ -168,6 +175,14 @@ def value_at(timeline: list[tuple[float, int]], t: float) -> tuple[float, int] |
     return timeline[i - 1] if i else None
 
 
+def on_grid(timeline: list[tuple[float, int]]) -> bool:
+    """Whether every change after the first falls on a block boundary of the design's grid."""
+    return all(
+        abs((at - OFFSET) / BLOCK - round((at - OFFSET) / BLOCK)) * BLOCK < 1
+        for at, _ in timeline[1:]
+    )
+
+
 def gather(
     runs: list[tuple[float, Entry]],
     timeline: list[tuple[float, int]],
@@ -179,23 +194,34 @@ def gather(
     """The runs (start time, entry) of a switchback experiment into its units. ``timeline``:
     (applied at, value) of the experiment's start and every flip (or an offline schedule's
     changes), in order. With the design's ``seed``, a run whose value is not the one its block
-    was drawn for (a flip applied late) is left out."""
+    was drawn for (a flip applied late) is left out.
+
+    Units: on the design's hour grid, two hours on two days (``unit_of``). A schedule off the
+    grid (an offline history of values) pairs its consecutive stretches instead: each stretch
+    between two changes is a block, and two neighbours, which hold different values, a unit."""
     units = Units(seed or "schedule")
+    grid = on_grid(timeline)
+    starts = [at for at, _ in timeline]
     for start, entry in runs:
         held = value_at(timeline, start)
         if held is None:
+            units.leave_out("before")
             continue
         side: Side | None = (
             "treatment" if held[1] == treatment else "control" if held[1] == control else None
         )
-        if (
-            side is None
-            or start - held[0] < carryover
-            or (seed is not None and side != arm_at(seed, start))
-        ):
-            units.left_out += 1
-            continue
-        units.add(start, entry, side)
+        if side is None:
+            units.leave_out("other value")
+        elif start - held[0] < carryover:
+            units.leave_out("carry-over")
+        elif seed is not None and side != arm_at(seed, start):
+            units.leave_out("off plan")
+        elif grid:
+            block = block_of(start)
+            units.add(unit_of(block), _parity(block), entry, side)
+        else:
+            stretch = bisect.bisect_right(starts, start) - 1
+            units.add((stretch // 2, 0), stretch % 2, entry, side)
     return units
 
 

@@ -3,7 +3,7 @@
 Two kinds (SPEC section 3). The **params file** (JSON: ``defaults``, per-cron ``crons``
 overrides, ``experiments``) can split traffic, so its experiments are A/B. A **wrapper script** has
 its number replaced in place, only where the parameter's pattern matches exactly once; it cannot
-split traffic, so its experiments are sequential (before/after).
+split traffic, so tunerd flips it between the two values hour by hour (switchback).
 
 Every write is atomic: a temporary file in the same directory, fsync, rename over the old one,
 fsync of the directory; the old file's mode (and owner, when permitted) carry over. A target path

@@ -14,7 +14,7 @@ wait one more period.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,7 +39,7 @@ from tunerd.verdict import (
 )
 
 SILENT_AFTER: Final = 6
-"""A cron is silent when no run started for this many of its usual gaps (and two hours)."""
+"""Without a crontab, a cron is silent after this many of its usual gaps (and three days)."""
 MANY_AT_ONCE: Final = 3
 """This many commits in one look, most of those judged: held one more period."""
 
@@ -165,8 +165,14 @@ def adopt_sequential(engine: Engine, now: float) -> None:
             with engine.store.transaction() as db:
                 db.execute(
                     "UPDATE experiments SET mode = 'switchback', seed = ?, period = ?,"
-                    " verify_at = ? WHERE id = ?",
-                    (f"{e.id}:{now:.0f}", engine.verify_after, now + engine.verify_after, e.id),
+                    " started_at = ?, verify_at = ? WHERE id = ?",
+                    (
+                        f"{e.id}:{now:.0f}",
+                        engine.verify_after,
+                        now,
+                        now + engine.verify_after,
+                        e.id,
+                    ),
                 )
 
 
@@ -176,7 +182,7 @@ def keep_in_step(engine: Engine, now: float) -> list[int]:
     (after the daemon was down, its flips are late: the runs of those hours are left out)."""
     flipped = []
     for e in engine.store.experiments("running"):
-        if e.mode != "switchback" or e.seed is None:
+        if e.mode != "switchback" or e.seed is None or stopped_if_edited(engine, e, now):
             continue
         timeline = engine.store.timeline(e.id)
         held = timeline[-1][1] if timeline else e.control
@@ -192,6 +198,33 @@ def keep_in_step(engine: Engine, now: float) -> list[int]:
                 continue
             flipped.append(e.id)
     return flipped
+
+
+def stopped_if_edited(engine: Engine, experiment: Experiment, now: float) -> bool:
+    """A switchback script someone edited by hand during the experiment: the experiment stops
+    (nothing written: the person's value stays), notified. Whatever it held then is not what
+    tunerd flipped, so its runs say nothing of either arm."""
+    if experiment.mode != "switchback":
+        return False
+    timeline = engine.store.timeline(experiment.id)
+    held = timeline[-1][1] if timeline else experiment.control
+    found = engine.current_params(experiment.cron).get(experiment.param)
+    if found is None or found == held:
+        return False
+    reason = (
+        f"{experiment.param} in the script is {found}, not the {held} tunerd wrote: edited by"
+        " hand, so the experiment stops and the script stays as it is"
+    )
+    with engine.store.transaction() as db:
+        db.execute(
+            "UPDATE experiments SET state = 'aborted', ended_at = ?, verdict = ? WHERE id = ?",
+            (now, _dumps({"decision": "abort", "reason": reason}), experiment.id),
+        )
+    engine.store.record(
+        experiment.cron, experiment.param, held, found, "abort", "tunerd", reason, None, now
+    )
+    _notify(engine, experiment, "rollback", "Experiment stopped (script edited)", reason)
+    return True
 
 
 def next_flip_at(store: Store, now: float) -> float | None:
@@ -226,6 +259,9 @@ def settle_found(
     for experiment in running:
         got = found[experiment.id]
         try:
+            if stopped_if_edited(engine, experiment, now):
+                out.append(Settled(experiment, "error", "the script was edited by hand"))
+                continue
             design = design_of(engine, experiment, got)
             if experiment.verify_at <= now:
                 verdict = judge(
@@ -327,20 +363,53 @@ def _look(
 
 
 def _silent(experiment: Experiment, got: Gathered, now: float, evidence: dict[str, Any]) -> str:
-    """Why the cron looks silent ('' when it does not): no run for ``SILENT_AFTER`` of its usual
-    gaps (the runs per hour measured before the experiment) and at least two hours."""
-    per_hour = evidence.get("runs_per_hour") or 0
-    if per_hour <= 0:
-        return ""
-    quiet_for = max(3600.0 * SILENT_AFTER / per_hour, 7200.0)
+    """Why the cron looks silent ('' when it does not). With the crontab its runs logged (the
+    wrapper's ``context.schedule``): three of its times passed without a run, and two hours. A
+    market-hours cron is quiet every night by design; its schedule says so. Without one: no run
+    for six of its usual gaps and three days (a weekend pause is not silence either)."""
     last = got.last_run if got.last_run is not None else experiment.started_at
-    if now - last < quiet_for:
+    quiet = now - last
+    if quiet < 7200:
         return ""
     since = "it started" if got.last_run is None else f"its last run at {iso(last)}"
+    missed = _missed(evidence.get("schedule"), last, now)
+    if missed is not None:
+        if missed < 3:
+            return ""
+        return (
+            f"no run for {human_duration(quiet)} since {since}: {missed} of its scheduled times"
+            f" ({evidence['schedule']}) went by"
+        )
+    per_hour = evidence.get("runs_per_hour") or 0
+    if per_hour <= 0 or quiet < max(3600.0 * SILENT_AFTER / per_hour, 3 * 86400.0):
+        return ""
     return (
-        f"no run for {human_duration(now - last)} since {since}, where it ran about"
+        f"no run for {human_duration(quiet)} since {since}, where it ran about"
         f" {per_hour:.2g} times an hour"
     )
+
+
+def _missed(schedule: Any, last: float, now: float) -> int | None:
+    """How many of the crontab's times (machine time) fell after ``last`` and before ``now``,
+    counting up to four; None without a usable crontab."""
+    if not isinstance(schedule, str):
+        return None
+    from tzlocal import get_localzone
+
+    from tunerd.schedule import cron_trigger
+
+    try:
+        trigger = cron_trigger(schedule, get_localzone())
+    except ValueError:
+        return None
+    missed, at = 0, datetime.fromtimestamp(last + 60, UTC)  # the run it made at `last` aside
+    while missed < 4:
+        fire = trigger.get_next_fire_time(None, at)
+        if fire is None or fire.timestamp() >= now:
+            break
+        missed += 1
+        at = fire + timedelta(seconds=1)
+    return missed
 
 
 def _act(engine: Engine, experiment: Experiment, verdict: Verdict, now: float) -> Settled:
