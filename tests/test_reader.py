@@ -162,3 +162,43 @@ def test_never_raises_on_arbitrary_bytes(data: bytes, step: int) -> None:
     batch, reader = read_all(data, chunk=step, cap=512)
     assert reader.offset == len(data)
     assert all(0 <= m.offset < len(data) for m in batch.malformed)
+
+
+NOW = 1_771_000_000.0  # 2026-02-13
+
+
+def test_absurd_values_are_malformed_lines_with_their_offsets() -> None:
+    """A duration that overflows (1e39, 1e400), a negative one, and a timestamp far ahead of
+    the reader's clock: each line is malformed at its own offset, the good ones around it read
+    (fast path: one bad line among good ones; careful path: one after a broken line)."""
+    good = run_line().encode() + b"\n"
+    bad = [
+        run_line(total=0).replace('"totalDuration": 0', '"totalDuration": 1e39'),
+        run_line(total=0).replace('"totalDuration": 0', '"totalDuration": 1e400'),
+        run_line(durations=(-5,)),
+        run_line(ts="9999-12-31T23:59:59Z"),
+        run_line(ts=253402300799999),
+        "{broken",
+        run_line(ts="2030-01-01T00:00:00Z"),  # careful path, after the broken line
+    ]
+    data = b""
+    offsets = []
+    for line in bad:
+        data += good
+        offsets.append(len(data))
+        data += line.encode() + b"\n"
+    for chunk in (len(data), 97):
+        reader = LogReader(now=NOW)
+        entries, malformed = [], []
+        for i in range(0, len(data), chunk):
+            batch = reader.feed(data[i : i + chunk])
+            entries += batch.entries
+            malformed += batch.malformed
+        assert len(entries) == len(bad)
+        assert [m.offset for m in malformed] == offsets
+        assert "after the time it was read" in malformed[3].reason
+    # A day ahead of the clock is a clock set a little wrong, not a malformed line.
+    soon = run_line(ts=(NOW + 3600) * 1000).encode() + b"\n"
+    assert LogReader(now=NOW).feed(soon).malformed == []
+    # Without a clock (an old log read for what it holds), any time is accepted.
+    assert len(LogReader().feed(data).malformed) == 4

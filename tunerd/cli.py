@@ -734,7 +734,7 @@ def _experiment_json(e: Experiment) -> dict[str, Any]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from tunerd.configfile import is_configured
-    from tunerd.logfile import read_batches
+    from tunerd.logfile import LogFileError, read_batches
     from tunerd.offline import verify
     from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
     from tunerd.records import Entry
@@ -759,13 +759,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise CommandError(f"{flag}: {exc}", USAGE_ERROR) from None
     runs: list[tuple[float, Entry]] = []
     reader = LogReader(
-        max_line_bytes=settings.max_line_bytes if settings else DEFAULT_MAX_LINE_BYTES
+        max_line_bytes=settings.max_line_bytes if settings else DEFAULT_MAX_LINE_BYTES,
+        now=now.timestamp(),
     )
     malformed = 0
     try:
         for batch in read_batches(Path(args.log), reader):
             runs += [(e.when(now).timestamp(), e) for e in batch.entries if e.cron == args.cron]
             malformed += len(batch.malformed)
+    except LogFileError as exc:
+        raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot read the log {args.log}: {exc.strerror or exc}") from None
     if malformed:

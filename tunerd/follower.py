@@ -29,10 +29,12 @@ import contextlib
 import hashlib
 import os
 import stat
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tunerd.logfile import LogFileError, open_log
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES, Batch, LogReader
 
 HEAD_BYTES = 1024
@@ -97,9 +99,16 @@ class Follower:
         self.max_line_bytes = max_line_bytes
         self._file: BinaryIO | None = None
         self._stat: os.stat_result | None = None
-        self._reader = LogReader(max_line_bytes=max_line_bytes)
+        self._reader = self._new_reader()
         self._resume = checkpoint
         self._mark: Checkpoint | None = None
+        self._problem: str | None = None
+        """Why the path could not be opened, last time (a FIFO, no permission)."""
+
+    def _new_reader(self, offset: int = 0) -> LogReader:
+        """A reader whose clock is the machine's: a line from more than a day ahead is
+        malformed (``poll`` moves the clock on)."""
+        return LogReader(offset, self.max_line_bytes, time.time())
 
     # --- state ----------------------------------------------------------------------------
 
@@ -141,6 +150,7 @@ class Follower:
         once): memory stays bounded however far behind the log is. Never raises for what the
         file system does to the log."""
         result = Poll(budget=max_bytes)
+        self._reader.set_now(time.time())
         if self._file is None:
             self._open(result)
             if self._file is None:
@@ -198,7 +208,7 @@ class Follower:
 
     def _restart(self, result: Poll) -> None:
         """Start the same file over from 0 (truncated); a held partial line is dropped."""
-        self._reader = LogReader(max_line_bytes=self.max_line_bytes)
+        self._reader = self._new_reader()
         self._mark = None
 
     def _open(self, result: Poll) -> None:
@@ -212,14 +222,14 @@ class Follower:
                 result.budget = 1 << 62  # this catch-up spans files: it is read in one go
                 f, st = rotated
                 self._file, self._stat = f, st
-                self._reader = LogReader(offset=resume.offset, max_line_bytes=self.max_line_bytes)
+                self._reader = self._new_reader(resume.offset)
                 self._resume = None
                 self._drain(result)
                 self.close()
                 # Rotated more than once: the files written after it, oldest first, whole.
                 for later in self._rotated_after(st):
                     self._file, self._stat = later
-                    self._reader = LogReader(max_line_bytes=self.max_line_bytes)
+                    self._reader = self._new_reader()
                     self._drain(result)
                     self.close()
                 self._open_new(result, resume_at=None)
@@ -230,17 +240,15 @@ class Follower:
     def _open_new(self, result: Poll, resume_at: Checkpoint | None, quiet: bool = False) -> bool:
         """Open the file at the path (from 0, or at ``resume_at`` if it still fits)."""
         try:
-            f = self.path.open("rb")
-        except FileNotFoundError:
+            f = open_log(self.path)
+        except LogFileError as exc:
+            problem = None if isinstance(exc.__cause__, FileNotFoundError) else str(exc)
+            if problem is not None and problem != self._problem:
+                result.events.append(problem)  # said once, not at every poll
+            self._problem = problem
             return False
-        except OSError as exc:
-            result.events.append(f"cannot open: {exc.strerror or exc}")
-            return False
+        self._problem = None
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            f.close()
-            result.events.append("not a regular file")
-            return False
         offset = 0
         if resume_at is not None and resume_at.offset:
             if self._matches(f, resume_at):
@@ -248,7 +256,7 @@ class Follower:
             elif not quiet:
                 result.events.append("replaced while stopped")
         self._file, self._stat = f, st
-        self._reader = LogReader(offset=offset, max_line_bytes=self.max_line_bytes)
+        self._reader = self._new_reader(offset)
         self._mark = None
         result.events.append(f"opened at byte {offset}")
         return True
@@ -268,8 +276,8 @@ class Follower:
                 st = os.stat(candidate)
                 if (st.st_dev, st.st_ino) != (checkpoint.dev, checkpoint.ino):
                     continue
-                f = candidate.open("rb")
-            except OSError:
+                f = open_log(candidate)
+            except (OSError, LogFileError):
                 continue
             if self._matches(f, checkpoint):
                 return f, os.fstat(f.fileno())
@@ -289,8 +297,8 @@ class Follower:
             if name.endswith((".gz", ".bz2", ".xz", ".zst", ".tmp")):
                 continue
             try:
-                f = candidate.open("rb")
-            except OSError:
+                f = open_log(candidate)
+            except LogFileError:
                 continue
             st = os.fstat(f.fileno())
             is_first = (st.st_dev, st.st_ino) == (first.st_dev, first.st_ino)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Final
 
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES, Batch, LogReader
 from tunerd.stats import LogStats
@@ -34,7 +35,8 @@ class LogFileError(Exception):
 class ReadOptions:
     since: float | None = None
     read_at: float = 0.0
-    """Epoch seconds given to lines without a timestamp."""
+    """Epoch seconds of the read: given to lines without a timestamp; lines timestamped more
+    than a day after it are malformed (0: not known, any time accepted)."""
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_crons: int = 10_000
     bucket_seconds: float | None = None
@@ -43,16 +45,36 @@ class ReadOptions:
     """Processes for a large file; None: one per CPU (at most 4)."""
 
 
-def read_log(path: Path, options: ReadOptions) -> LogStats:
-    """Statistics of the whole file at ``path``."""
+def open_log(path: Path) -> BinaryIO:
+    """The log opened for reading, never blocking: a FIFO or a device at the path (a mistake in
+    ``log_path``) would block ``open`` until a writer came, and reading one would never end.
+    ``LogFileError`` names what the path is instead."""
     try:
-        size = path.stat().st_size
-        with path.open("rb"):
-            pass
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise LogFileError(f"cannot read the log {path}: {exc.strerror or exc}") from exc
-    if path.is_dir():
-        raise LogFileError(f"cannot read the log {path}: it is a directory")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise LogFileError(f"cannot read the log {path}: it is {kind}, not a file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+_KINDS: Final = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def read_log(path: Path, options: ReadOptions) -> LogStats:
+    """Statistics of the whole file at ``path``."""
+    with open_log(path) as f:
+        size = os.fstat(f.fileno()).st_size
     workers = options.workers or min(os.cpu_count() or 1, 4)
     if workers < 2 or size < PARALLEL_MIN_BYTES:
         return _read_range(path, 0, None, options)
@@ -121,7 +143,7 @@ def read_batches(
     when None), block by block, and last what it still held (an unterminated last line): the one
     loop every whole-file reader shares. ``OSError`` passes to the caller."""
     remaining = None if end is None else end - start
-    with path.open("rb") as f:
+    with open_log(path) as f:
         f.seek(start)
         while remaining is None or remaining > 0:
             block = f.read(BLOCK if remaining is None else min(BLOCK, remaining))
@@ -138,7 +160,7 @@ def _read_range(path: Path, start: int, end: int | None, options: ReadOptions) -
     stats = LogStats(
         since=options.since, bucket_seconds=options.bucket_seconds, max_crons=options.max_crons
     )
-    reader = LogReader(offset=start, max_line_bytes=options.max_line_bytes)
+    reader = LogReader(start, options.max_line_bytes, options.read_at or None)
     for batch in read_batches(path, reader, start, end):
         stats.add_entries(batch.entries, options.read_at)
         stats.add_malformed(batch.malformed)

@@ -6,6 +6,8 @@ loop does (``attempt = 1 .. maxRetries``), and the wrapper treats ``maxRetries: 
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -42,6 +44,31 @@ SPECS: Final[dict[str, ParamSpec]] = {
     ),
 }
 DEFAULT_BACKOFF: Final = "exponential"
+MAX_TIMER_MS: Final = 2**31 - 1
+"""The longest delay a Node timer holds: a longer ``setTimeout`` fires at once."""
+
+
+def untrusted(param: str, value: Any) -> str | None:
+    """Why ``value``, written by a person where Level 1 reads ``param``, cannot be taken as the
+    number Level 1 runs with (None when it can). Level 1 may use such a value as it is (a
+    negative timeout, ``"three"`` retries) or fall back to a default: tunerd cannot tell which,
+    so it neither reads it as a default nor tunes from it."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{_shown(value)} is not a number"
+    if not math.isfinite(value) or value != int(value):
+        return f"{_shown(value)} is not a whole number"
+    if value < 0:
+        return f"{_shown(value)} is negative"
+    if value == 0 and param != "maxRetries":  # maxRetries 0 is the wrapper's 3
+        return "0 means no wait to one Level 1 and the default to another"
+    if value > MAX_TIMER_MS:
+        return f"{_shown(value)} is beyond {MAX_TIMER_MS:,}, the most a Node timer holds"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +96,7 @@ class Params:
         }
         for name in TUNABLE:
             value = overrides.get(name)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            if value is not None and untrusted(name, value) is None:
                 values[name] = int(value)
         if name_ok := overrides.get("backoff"):
             values["backoff"] = str(name_ok)
@@ -111,6 +138,9 @@ class InForce:
     """Nothing shows that the cron's Level 1 runs with these values: no script of its own, and
     its runs record no ``params`` (the user's wrapper reads no params file). Shown as assumed; an
     attempt is not judged against an assumed timeout."""
+    untrusted: tuple[tuple[str, str], ...] = ()
+    """(parameter, where and why) for each value its target holds that tunerd cannot take as
+    the number Level 1 runs with (``untrusted``): unknown, not written, said to a person."""
 
     @classmethod
     def of(cls, params: Params, source: str, mode: str | None = None) -> InForce:
@@ -154,6 +184,27 @@ class ParamsFile(msgspec.Struct, forbid_unknown_fields=False):
 
     def params_for(self, cron: str) -> Params:
         return Params().with_overrides(self.defaults).with_overrides(self.crons.get(cron))
+
+    def untrusted(self, cron: str) -> dict[str, str]:
+        """param -> where and why, for each value of the cron that ``params_for`` cannot use."""
+        return untrusted_values(self.defaults, self.crons.get(cron))
+
+
+def untrusted_values(defaults: Any, overrides: Any) -> dict[str, str]:
+    """The values of ``defaults`` and a cron's ``overrides`` (a params file's) that cannot be
+    trusted; a good override hides a bad default."""
+    found: dict[str, str] = {}
+    for where, values in (("in defaults", defaults), ("in the cron's entry", overrides)):
+        if not isinstance(values, dict):
+            continue
+        for param in TUNABLE:
+            if param in values:
+                why = untrusted(param, values[param])
+                if why is None:
+                    found.pop(param, None)
+                else:
+                    found[param] = f"{param} {why} ({where})"
+    return found
 
 
 class ParamsFileError(ValueError):

@@ -6,13 +6,16 @@ for its newline; ``finish`` decodes it when the caller knows no more is coming (
 Feeding a file in one piece or byte by byte gives the same entries and the same malformed reports.
 
 Malformed input is reported, never raised: bad JSON, invalid UTF-8, a non-object, a field of the
-wrong type, or a line over ``max_line_bytes`` (which is skipped to its newline without ever being
-held in memory whole). Each report carries the byte offset where the line starts.
+wrong type, a value outside what the format allows (a negative or absurd duration, a timestamp
+past the reader's ``horizon``), or a line over ``max_line_bytes`` (which is skipped to its newline
+without ever being held in memory whole). Each report carries the byte offset where the line
+starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Final
 
 import msgspec
@@ -21,6 +24,10 @@ from tunerd.records import Entry
 
 DEFAULT_MAX_LINE_BYTES: Final = 64 * 1024 * 1024
 """Well above the wrapper's 10 MB ``result`` buffer plus the rest of the line."""
+
+FUTURE_SKEW: Final = 86400.0
+"""How far ahead of the reader's clock a line may be (a clock set a little wrong). A line from
+further ahead would stay in every window for years and drive proposals on its own: malformed."""
 
 _DECODER: Final = msgspec.json.Decoder(Entry)
 _BOM: Final = b"\xef\xbb\xbf"
@@ -42,13 +49,30 @@ class Batch:
 class LogReader:
     """Turns a byte stream into entries, one complete line at a time."""
 
-    def __init__(self, offset: int = 0, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    def __init__(
+        self,
+        offset: int = 0,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        now: float | None = None,
+    ) -> None:
+        """``now`` (epoch seconds): lines timestamped more than ``FUTURE_SKEW`` after it are
+        malformed; None accepts any time (a reader of old logs has no clock to trust)."""
         if max_line_bytes < 1:
             raise ValueError("max_line_bytes must be positive")
         self.max_line_bytes = max_line_bytes
+        self._horizon: tuple[float, datetime] | None = None
+        self.set_now(now)
         self._offset = offset  # file offset of the first byte not yet consumed as a whole line
         self._partial = bytearray()  # an incomplete last line, while it is within the cap
         self._skipped: int | None = None  # bytes of an over-long line discarded so far
+
+    def set_now(self, now: float | None) -> None:
+        """The reader's clock moved on (a follower sets it before each read)."""
+        if now is None:
+            self._horizon = None
+        else:
+            limit = now + FUTURE_SKEW
+            self._horizon = (limit * 1000.0, datetime.fromtimestamp(limit, UTC))
 
     @property
     def offset(self) -> int:
@@ -132,6 +156,8 @@ class LogReader:
                 done = len(entries) - before
             else:
                 done = len(lines)
+            if self._horizon is not None:
+                self._drop_future(lines, before, batch)
         if done < len(lines):
             offset = self._offset + sum(len(line) + 1 for line in lines[:done])
             for line in lines[done:]:
@@ -152,11 +178,56 @@ class LogReader:
             batch.malformed.append(Malformed(offset, "invalid UTF-8"))
             return
         try:
-            batch.entries.append(_DECODER.decode(text))
+            entry = _DECODER.decode(text)
         except msgspec.ValidationError as exc:
             batch.malformed.append(Malformed(offset, f"wrong shape: {exc}"))
         except (msgspec.DecodeError, RecursionError) as exc:
             batch.malformed.append(Malformed(offset, f"not JSON: {exc}"))
+        else:
+            if self._horizon is not None and (why := _in_future(entry, *self._horizon)):
+                batch.malformed.append(Malformed(offset, why))
+            else:
+                batch.entries.append(entry)
+
+    def _drop_future(self, lines: list[bytes], first: int, batch: Batch) -> None:
+        """Take the lines of the fast path's entries (from ``first``, one per line of ``lines``)
+        whose time is past the horizon out of the batch, as malformed. One comparison per entry;
+        the offsets are counted only when there is one to report."""
+        assert self._horizon is not None
+        limit_ms, limit = self._horizon
+        entries = batch.entries
+        future = []
+        for i in range(first, len(entries)):
+            ts = entries[i].timestamp
+            if ts is not None and (ts > limit_ms if isinstance(ts, float) else _aware(ts) > limit):
+                future.append(i)
+        if not future:
+            return
+        offsets = [self._offset]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line) + 1)
+        for i in reversed(future):
+            entry = entries.pop(i)
+            why = _in_future(entry, limit_ms, limit) or "timestamp in the future"
+            batch.malformed.append(Malformed(offsets[i - first], why))
+        batch.malformed.sort(key=lambda m: m.offset)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _in_future(entry: Entry, limit_ms: float, limit: datetime) -> str | None:
+    ts = entry.timestamp
+    if ts is None:
+        return None
+    moment = datetime.fromtimestamp(ts / 1000.0, UTC) if isinstance(ts, float) else _aware(ts)
+    if moment <= limit:
+        return None
+    return (
+        f"timestamp {moment.isoformat(timespec='seconds').replace('+00:00', 'Z')} is more than"
+        f" a day after the time it was read"
+    )
 
 
 def _valid_utf8(data: bytes) -> bool:

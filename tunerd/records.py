@@ -20,7 +20,10 @@ from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import msgspec
 
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+MAX_DURATION_MS: Final = 30 * 86400 * 1000.0
+"""A run or an attempt longer than 30 days is not a cron's run (the wrapper's timeouts are
+minutes): such a value, or one that overflows to infinity, makes the line malformed."""
+NonNegative = Annotated[float, msgspec.Meta(ge=0, le=MAX_DURATION_MS)]
 EpochMs = Annotated[float, msgspec.Meta(ge=0, le=253402300799999)]
 """Epoch milliseconds up to the end of year 9999 (what ``datetime`` can hold)."""
 

@@ -70,6 +70,7 @@ AdvisoryType = Literal[
     "non_retryable",
     "cannot_apply",
     "rate_limit_not_retried",
+    "untrusted_value",
 ]
 
 
@@ -224,9 +225,20 @@ def _recommendation(
 def advise_cron(
     s: CronSummary, recommendations: list[Recommendation], t: Thresholds = DEFAULT_THRESHOLDS
 ) -> list[Advisory]:
-    """Seed section 8: when tuning parameters is not enough, suggest a code change; and what a
-    person must add to a script before tunerd can make a change it found."""
-    out = []
+    """Seed section 8: when tuning parameters is not enough, suggest a code change; what a
+    person must add to a script before tunerd can make a change it found; and a value a person
+    wrote that tunerd cannot trust (it leaves that parameter to them)."""
+    out = [
+        Advisory(
+            "untrusted_value",
+            s.cron,
+            1,
+            f"{s.cron}: {why}. Its Level 1 may run with it as written or fall back to a default:"
+            f" tunerd cannot tell which, so it does not tune {param} until a person sets a"
+            " whole number.",
+        )
+        for param, why in s.params.untrusted
+    ]
     for r in recommendations:
         why = s.params.unwritable(r.param)
         if why is not None:

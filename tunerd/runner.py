@@ -34,6 +34,7 @@ import random
 import selectors
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -285,8 +286,13 @@ def append_line(log_path: Path, line: dict[str, Any]) -> bool:
     data = encode_line(line)
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Never blocks in open (a FIFO at the path); only a regular file is written.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(log_path, flags, 0o644)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                warn(f"could not append the run to {log_path}: it is not a regular file")
+                return False
             fcntl.flock(fd, fcntl.LOCK_EX)
             view = memoryview(data)
             while view:
@@ -325,6 +331,8 @@ def execute(
     interrupted.install()
     doc = read_params(params_path)
     params, block = resolve(doc, cron)
+    for param, why in (doc.untrusted(cron) if doc is not None else {}).items():
+        warn(f"params file {params_path}: {why}; running with {param} {params.get(param)}")
     assignment: Assignment | None = None
     if block is not None and doc is not None:
         arm = choose_arm(state_dir, doc, str(block.id), block.split)

@@ -30,6 +30,8 @@ from tunerd.params import (
     Params,
     ParamsFileError,
     parse_params_file,
+    untrusted,
+    untrusted_values,
 )
 
 TEMP_PREFIX: Final = ".tunerd-"
@@ -147,14 +149,17 @@ class ParamsFileTarget:
 
     def in_force(self, doc: dict[str, Any], cron: str) -> InForce:
         """The cron's values in a loaded document (``load``): ``defaults``, then its entry.
-        Every parameter can be written here (A/B: Level 1 reads the file before each run)."""
+        Every parameter can be written here (A/B: Level 1 reads the file before each run), but
+        one whose value cannot be trusted (``params.untrusted``)."""
         overrides = doc["crons"].get(cron)
         params = (
             Params()
             .with_overrides(doc["defaults"])
             .with_overrides(overrides if isinstance(overrides, dict) else None)
         )
-        return InForce.of(params, f"params file {self.path}", self.mode)
+        found = InForce.of(params, f"params file {self.path}", self.mode)
+        bad = untrusted_values(doc["defaults"], overrides)
+        return _distrust(found, {p: f"params file {self.path}: {why}" for p, why in bad.items()})
 
     def start_experiment(self, content: bytes | None, cron: str, block: dict[str, Any]) -> bytes:
         doc = self.load(content)
@@ -186,13 +191,17 @@ def _dump(doc: dict[str, Any]) -> bytes:
 
 # --- a wrapper script -----------------------------------------------------------------------
 
-DEFAULT_PATTERNS: Final[dict[str, str]] = {
+_KEYS: Final[dict[str, str]] = {
     # The user's scripts write MAX_RETRIES: 3, and timeout: 15000 inside exec() options; the seed's
     # applicator looks for maxRetries: 3. Both spellings match by default.
-    "maxRetries": r"\b(?:maxRetries|MAX_RETRIES)\s*[:=]\s*(\d+)",
-    "timeout": r"\b(?:timeout|TIMEOUT)\s*[:=]\s*(\d+)",
-    "backoffBase": r"\b(?:backoffBase|baseDelay|BACKOFF_BASE|BASE_DELAY)\s*[:=]\s*(\d+)",
+    "maxRetries": r"\b(?:maxRetries|MAX_RETRIES)\s*[:=]\s*",
+    "timeout": r"\b(?:timeout|TIMEOUT)\s*[:=]\s*",
+    "backoffBase": r"\b(?:backoffBase|baseDelay|BACKOFF_BASE|BASE_DELAY)\s*[:=]\s*",
 }
+DEFAULT_PATTERNS: Final[dict[str, str]] = {p: key + r"(\d+)" for p, key in _KEYS.items()}
+_ANY_VALUE: Final = {p: re.compile(key + r"([^\s,;})]+)") for p, key in _KEYS.items()}
+"""The key with whatever follows it: a value the number pattern does not take (``-5``,
+``'three'``, ``CONFIG.TIMEOUT``) is one Level 1 reads and tunerd cannot."""
 BACKOFF_KIND: Final = re.compile(
     r"\b(?:BACKOFF|backoff)\s*[:=]\s*['\"](exponential|linear|fixed)['\"]"
 )
@@ -261,21 +270,27 @@ class ScriptTarget:
         text = self._text(content)
         values: dict[str, int | None] = {}
         fixed = []
+        bad: dict[str, str] = {}
         for param in TUNABLE:
             found = self._matches(text, param)
             if len(found) == 1:
                 values[param] = int(found[0].group(1))
+                if (why := untrusted(param, values[param])) is not None:
+                    bad[param] = f"{self.path}: {param} {why}"
                 continue
             numbers = {int(m.group(1)) for m in found}
             if not found:
                 values[param] = WRAPPER_DEFAULTS[param]
+                if (other := self._other_value(text, param)) is not None:
+                    bad[param] = f"{self.path}: {param} is {other!r}, not a number"
+                    continue
             else:  # known if every match says the same, never writable
                 values[param] = numbers.pop() if len(numbers) == 1 else None
             fixed.append((param, f"{self.path}: {self._advice(param, len(found))}"))
         if values["maxRetries"] == 0:
             values["maxRetries"] = WRAPPER_DEFAULTS["maxRetries"]  # `0 || 3`
         kind = BACKOFF_KIND.search(text)
-        return InForce(
+        found_in = InForce(
             values["maxRetries"],
             values["timeout"],
             values["backoffBase"],
@@ -284,6 +299,14 @@ class ScriptTarget:
             tuple(fixed),
             self.mode,
         )
+        return _distrust(found_in, bad)
+
+    def _other_value(self, text: str, param: str) -> str | None:
+        """What the script gives ``param`` where its (default) pattern finds no number."""
+        if self.patterns.get(param, DEFAULT_PATTERNS[param]) != DEFAULT_PATTERNS[param]:
+            return None  # a pattern of the operator's: its key is not known
+        found = _ANY_VALUE[param].findall(text)
+        return found[0][:40] if len(found) == 1 else None
 
     def params_for(self, content: bytes | None, cron: str) -> Params:
         """What a run of the script uses (the simulator's Level 1): unknown values as the
@@ -387,6 +410,20 @@ class InForceReader:
             except TargetError as exc:
                 self._doc = exc
         return self._doc
+
+
+def _distrust(found: InForce, bad: dict[str, str]) -> InForce:
+    """``found`` with each untrusted value unknown and unwritable, and said why."""
+    if not bad:
+        return found
+    advice = "set a whole number by hand; tunerd leaves it alone until then"
+    unknown: dict[str, Any] = dict.fromkeys(bad)
+    return replace(
+        found,
+        **unknown,
+        fixed=(*found.fixed, *((p, f"{why}: {advice}") for p, why in bad.items())),
+        untrusted=tuple(bad.items()),
+    )
 
 
 def _unreadable(source: str, why: str) -> InForce:

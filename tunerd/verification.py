@@ -109,7 +109,7 @@ def gather_runs(
                 else:
                     got.runs.append((run_start(entry, ended), entry))
 
-    reader = LogReader(offset=skip_to, max_line_bytes=max_line_bytes)
+    reader = LogReader(skip_to, max_line_bytes, now)
     try:
         for batch in read_batches(log_path, reader, skip_to, stop_at):
             take(batch.entries)

@@ -1,0 +1,174 @@
+"""Faults an operator's machine produces sooner or later (issue 12): absurd log lines, values a
+person wrote that Level 1 reads, a FIFO where the log should be. Real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, run_line
+from .test_engine_cli import ENV, as_json, setup, tunerd, write_log
+
+__all__ = ["setup"]  # the fixture, shared
+
+
+def test_an_absurd_line_is_malformed_not_a_crash(setup: dict[str, Path]) -> None:
+    """`"totalDuration": 1e39` overflowed the float32 sketch and ended every cycle; a line dated
+    9999-12-31 stayed in every window. Both are malformed lines now, named with their offset,
+    and the cycle tunes the rest."""
+    log = setup["root"] / "auto-retry.jsonl"
+    offset = log.stat().st_size
+    overflow = run_line("flaky", total=0).replace('"totalDuration": 0', '"totalDuration": 1e39')
+    future = [run_line("ghost", (500, 500), ts="9999-12-31T23:59:59.000Z") for _ in range(40)]
+    with log.open("a") as f:
+        f.write("\n".join([overflow, *future]) + "\n")
+    report = as_json(setup, "analyze")
+    assert report["totals"]["malformed"] == 41
+    assert report["malformed_samples"][0]["offset"] == offset
+    assert "ghost" not in {c["cron"] for c in report["crons"]}
+    cycle = as_json(setup, "cycle")
+    assert {a["cron"] for a in cycle["actions"] if a["result"] == "started"} >= {"flaky", "api"}
+    # simulate --from-log took the whole log as one that could not be simulated
+    fitted = tunerd(setup, "simulate", "--from-log", str(log), "--weeks", "1", "--json")
+    assert fitted.returncode == 0, fitted.stderr
+
+
+UNTRUSTED = {
+    "defaults": {"timeout": 0, "backoffBase": 1e19},
+    "crons": {
+        "flaky": {"maxRetries": "three"},
+        "slow": {"maxRetries": -5},
+        "api": {"maxRetries": True},
+    },
+    "experiments": {},
+}
+
+
+def test_hand_written_values_are_named_and_left_alone(setup: dict[str, Path]) -> None:
+    """`timeout: 0` ended the cycle (division by zero), `backoffBase: 1e19` overflowed SQLite,
+    and -5, "three" or true were silently read as the defaults. Each is named now; its
+    parameter is not tuned and the file is not written."""
+    setup["params"].write_text(json.dumps(UNTRUSTED))
+    report = as_json(setup, "analyze")
+    untrusted = {
+        (a["subject"], a["message"].split(": ", 2)[2].split(" ")[0])
+        for a in report["advisories"]
+        if a["type"] == "untrusted_value"
+    }
+    assert untrusted == {
+        (cron, param)
+        for cron in ("flaky", "slow", "api", *(c["cron"] for c in report["crons"]))
+        for param in ("timeout", "backoffBase")
+    } | {("flaky", "maxRetries"), ("slow", "maxRetries"), ("api", "maxRetries")}
+    # What is left to tune: the hostile-named crons' maxRetries (theirs is the trusted 3).
+    assert {(r["cron"], r["param"]) for r in report["recommendations"]}.isdisjoint(untrusted)
+    by_cron = {c["cron"]: c["params"] for c in report["crons"]}
+    assert by_cron["flaky"]["maxRetries"] is None and by_cron["flaky"]["timeout"] is None
+    cycle = tunerd(setup, "cycle", "--json")
+    assert cycle.returncode == 0 and "Traceback" not in cycle.stderr, cycle.stderr
+    started = {(a["cron"], a["param"]) for a in json.loads(cycle.stdout)["actions"]}
+    assert started.isdisjoint(untrusted)
+    after = json.loads(setup["params"].read_bytes())
+    assert after["defaults"] == UNTRUSTED["defaults"] and after["crons"] == UNTRUSTED["crons"]
+    status = tunerd(setup, "status")
+    assert status.returncode == 0 and "Traceback" not in status.stderr
+
+
+def test_a_script_value_tunerd_cannot_read_is_named(tmp_path: Path) -> None:
+    """`MAX_RETRIES: -5,` (the wrapper loops from 1 to -5: no attempt at all) was read as the
+    wrapper's default 3 with advice to add the line that is already there."""
+    log = tmp_path / "auto-retry.jsonl"
+    write_log(log)
+    script = tmp_path / "flaky.js"
+    text = "const CONFIG = {\n  MAX_RETRIES: -5,\n};\nexec(c, { timeout: 0 });\n"
+    script.write_text(text)
+    config = tmp_path / "tunerd.toml"
+    config.write_text(
+        f'log_path = "{log}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'params_file = "{tmp_path / "params.json"}"\nwindow = "3650d"\nmin_runs = 10\n'
+        f'[[scripts]]\ncron = "flaky"\npath = "{script}"\n'
+    )
+    setup = {"root": tmp_path, "config": config}
+    report = as_json(setup, "analyze")
+    messages = [a["message"] for a in report["advisories"] if a["subject"] == "flaky"]
+    assert any("maxRetries is '-5', not a number" in m for m in messages), messages
+    assert any("timeout 0 means" in m for m in messages), messages
+    assert not [r for r in report["recommendations"] if r["cron"] == "flaky"]
+    as_json(setup, "cycle")
+    assert script.read_text() == text
+
+
+EXEC = (sys.executable, "-m", "tunerd", "exec", "--cron", "c")
+
+
+def test_exec_says_which_value_it_could_not_use(tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"defaults": {"timeout": -5}, "crons": {}}))
+    log = tmp_path / "auto-retry.jsonl"
+    done = subprocess.run(
+        [*EXEC, "--log", str(log), "--params", str(params), "--", "true"],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(tmp_path)),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "timeout -5 is negative (in defaults); running with timeout 15000" in done.stderr
+    (line,) = log.read_text().splitlines()
+    assert json.loads(line)["params"]["timeout"] == 15000
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def test_a_fifo_as_the_log_is_refused_at_once(setup: dict[str, Path]) -> None:
+    """`analyze`, `status` and `verify` blocked forever in open() on a FIFO."""
+    pipe = fifo(setup["root"] / "pipe.jsonl")
+    started = time.monotonic()
+    analyze = tunerd(setup, "analyze", str(pipe))
+    assert analyze.returncode == 1
+    assert "it is a named pipe (FIFO), not a file" in analyze.stderr
+    verify = tunerd(
+        setup,
+        "verify",
+        str(pipe),
+        "--cron",
+        "c",
+        "--param",
+        "maxRetries",
+        "--control",
+        "3",
+        "--treatment",
+        "4",
+    )
+    assert verify.returncode == 1 and "named pipe" in verify.stderr
+    setup["config"].write_text(
+        setup["config"].read_text().replace(str(setup["root"] / "auto-retry.jsonl"), str(pipe))
+    )
+    status = as_json(setup, "status")
+    assert "named pipe" in status["tail"]["error"]
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.skipif(not Path("/bin/true").exists(), reason="needs /bin/true")
+def test_exec_does_not_block_on_a_fifo_log(tmp_path: Path) -> None:
+    pipe = fifo(tmp_path / "pipe.jsonl")
+    done = subprocess.run(
+        [*EXEC, "--log", str(pipe), "--params", str(tmp_path / "none.json"), "--", "true"],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(tmp_path)),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert "could not append the run" in done.stderr
