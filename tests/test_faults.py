@@ -172,3 +172,82 @@ def test_exec_does_not_block_on_a_fifo_log(tmp_path: Path) -> None:
     )
     assert done.returncode == 0
     assert "could not append the run" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("snippet", "says"),
+    [
+        ('verify_after = "0s"', "verify_after: 0 s is not between 1 s and 90 d"),
+        ('verify_after = "99999999999d"', "longer than any duration"),
+        ('cooldown = "400d"', "cooldown: 400 d is not between 0 s and 366 d"),
+        ('schedule = "61 25 * * 9"', "schedule '61 25 * * 9'"),
+        ('[discord]\nwebhook_url = "file:///SECRETTOKEN"', "must be http(s)://host/"),
+        ('[discord]\nwebhook_url = "not a url SECRETTOKEN"', "must be http(s)://host/"),
+        (
+            '[discord]\nwebhook_url = "https://example.com/api/webhooks/1/SECRETTOKEN"',
+            "not a Discord webhook",
+        ),
+        ('[discord]\nwebhook_url = "http://127.0.0.1:notaport/SECRETTOKEN"', "not a URL"),
+    ],
+)
+def test_configuration_that_would_misbehave_is_refused_by_every_command(
+    setup: dict[str, Path], snippet: str, says: str
+) -> None:
+    """Accepted before, then: extend, extend, rollback on the same data (0s); an OverflowError
+    from every command; fatal only at `run`; a webhook retried forever or failing a cycle after
+    it applied its changes. Refused now at load, the same way by every command, in one line,
+    and a webhook's token is never shown."""
+    text = setup["config"].read_text()
+    setup["config"].write_text(text + snippet + "\n" if "[" in snippet else snippet + "\n" + text)
+    for command in ("status", "cycle", "run"):
+        done = tunerd(setup, command)
+        assert done.returncode == 2, (command, done.stderr)
+        assert says in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "SECRETTOKEN" not in done.stderr + done.stdout
+
+
+def test_a_webhook_elsewhere_needs_saying_so(setup: dict[str, Path]) -> None:
+    setup["config"].write_text(
+        setup["config"].read_text()
+        + '[discord]\nwebhook_url = "https://relay.example/hook"\nallow_any_url = true\n'
+    )
+    assert tunerd(setup, "status").returncode == 0
+
+
+class HangingWebhook:
+    """Accepts connections and never answers (a webhook that hangs)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(16)
+        self.port = self.socket.getsockname()[1]
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def test_read_only_commands_never_wait_on_discord(setup: dict[str, Path]) -> None:
+    """With notifications waiting and the webhook hanging, `tunerd status` took 10.5 s: every
+    command flushed the outbox on its way out. Only the commands that act deliver now, and
+    within their budget."""
+    hanging = HangingWebhook()
+    try:
+        setup["config"].write_text(
+            setup["config"].read_text()
+            + f'[discord]\nwebhook_url = "http://127.0.0.1:{hanging.port}/api/webhooks/1/T"\n'
+        )
+        started = time.monotonic()
+        assert tunerd(setup, "cycle").returncode == 0
+        assert time.monotonic() - started < 9  # 5 s of delivery at most, then the outbox
+        for command in ("status", "history", "report"):
+            started = time.monotonic()
+            done = tunerd(setup, command, "--json")
+            assert done.returncode == 0, done.stderr
+            assert time.monotonic() - started < 3, command
+        assert json.loads(tunerd(setup, "status", "--json").stdout)["notifications"]["pending"]
+    finally:
+        hanging.close()

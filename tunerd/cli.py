@@ -324,7 +324,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 # --- the commands that act (issue 3) ------------------------------------------------------------
 
 
-def _engine(args: argparse.Namespace) -> tuple[Settings, Engine]:
+def _engine(args: argparse.Namespace, acting: bool = False) -> tuple[Settings, Engine]:
+    """The settings and the engine; ``acting`` commands (``cycle``, ``approve``, ``reject``,
+    ``rollback``) deliver what they notified before exiting, within a few seconds; the others
+    never wait on the network (the outbox is the daemon's, or the next acting command's)."""
     import logging
 
     from tunerd.cycle import build_engine
@@ -340,7 +343,8 @@ def _engine(args: argparse.Namespace) -> tuple[Settings, Engine]:
     url = settings.discord.url()
     notifier = notifier_for(store, url)
     engine = build_engine(settings, notifier, store)
-    args.notifier = notifier
+    if acting:
+        args.notifier = notifier
     with engine.exclusive():  # whatever a crash interrupted is settled before anything is shown
         for found in engine.recover(time.time()):
             logging.getLogger("tunerd").warning("recovered: %s", found)
@@ -369,7 +373,7 @@ def cmd_cycle(args: argparse.Namespace) -> int:
     from tunerd.logfile import LogFileError
     from tunerd.report import safe_text
 
-    settings, engine = _engine(args)
+    settings, engine = _engine(args, acting=True)
     try:
         report = run_cycle(settings, engine, time.time())
     except LogFileError as exc:
@@ -600,7 +604,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     from tunerd.policy import SafetyError, check_approved
     from tunerd.targets import TargetError
 
-    settings, engine = _engine(args)
+    settings, engine = _engine(args, acting=True)
     now = time.time()
     with engine.exclusive():
         engine.recover(now)
@@ -660,7 +664,7 @@ def _pending_review(engine: Engine, review_id: int, verb: str) -> Review:
 def cmd_reject(args: argparse.Namespace) -> int:
     from tunerd.notify import Notification
 
-    settings, engine = _engine(args)
+    settings, engine = _engine(args, acting=True)
     now = time.time()
     with engine.exclusive():
         review = _pending_review(engine, args.id, "rejected")
@@ -695,7 +699,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from tunerd.engine import EngineError
     from tunerd.targets import TargetError
 
-    settings, engine = _engine(args)
+    settings, engine = _engine(args, acting=True)
     now = time.time()
     with engine.exclusive():
         engine.recover(now)

@@ -17,9 +17,10 @@ import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     Field,
@@ -38,7 +39,7 @@ from pydantic_settings import (
 from tunerd.configfile import config_path
 from tunerd.params import TUNABLE
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES
-from tunerd.timeparse import parse_duration
+from tunerd.timeparse import human_duration, parse_duration
 from tunerd.verdict import VerdictSettings
 
 if TYPE_CHECKING:
@@ -51,7 +52,61 @@ def _duration(value: Any) -> Any:
     return parse_duration(value) if isinstance(value, str) else value
 
 
-Duration = Annotated[timedelta, BeforeValidator(_duration)]
+def _within(low: timedelta, high: timedelta) -> AfterValidator:
+    """A duration that makes sense for its key: ``verify_after = "0s"`` would extend an
+    experiment by nothing, again and again; years overflow the clock arithmetic."""
+
+    def check(value: timedelta) -> timedelta:
+        if not low <= value <= high:
+            raise ValueError(
+                f"{human_duration(value.total_seconds())} is not between"
+                f" {human_duration(low.total_seconds())} and {human_duration(high.total_seconds())}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+_SECOND, _HOUR, _DAY = timedelta(seconds=1), timedelta(hours=1), timedelta(days=1)
+VerifyAfter = Annotated[timedelta, BeforeValidator(_duration), _within(_SECOND, 90 * _DAY)]
+Window = Annotated[timedelta, BeforeValidator(_duration), _within(_HOUR, 3660 * _DAY)]
+Cooldown = Annotated[timedelta, BeforeValidator(_duration), _within(timedelta(0), 366 * _DAY)]
+
+
+DISCORD_HOSTS: Final = frozenset(
+    f"{prefix}{domain}"
+    for prefix in ("", "ptb.", "canary.")
+    for domain in ("discord.com", "discordapp.com")
+)
+_DISCORD_PATH: Final = re.compile(r"^/api(?:/v\d+)?/webhooks/\d+/[\w-]+/?$")
+
+
+LOOPBACK: Final = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def webhook_problem(url: str, allow_any: bool) -> str | None:
+    """Why ``url`` cannot be the webhook (None when it can). Never quotes the URL: its token is
+    a secret. A Discord webhook (``https://discord.com/api/webhooks/ID/TOKEN``), or a relay on
+    this machine (http(s) on a loopback address: the token cannot leave it); anything else
+    needs ``allow_any_url``, and then at least http(s) and a host."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        return "the webhook URL is not a URL"
+    if parts.scheme not in ("http", "https") or not host:
+        return "the webhook URL must be http(s)://host/…"
+    if allow_any or host in LOOPBACK:
+        return None
+    if parts.scheme != "https" or host not in DISCORD_HOSTS or not _DISCORD_PATH.match(parts.path):
+        return (
+            "the webhook URL is not a Discord webhook (https://discord.com/api/webhooks/ID/TOKEN);"
+            " for a relay, set allow_any_url = true under [discord]"
+        )
+    return None
 
 
 class ScriptSettings(BaseModel):
@@ -91,15 +146,36 @@ class DiscordSettings(BaseModel):
     from_openclaw: bool = False
     """Use Level 1's own webhook: ``$OPENCLAW_DISCORD_WEBHOOK``, else ``webhook.url`` of
     ``~/.openclaw/monitoring.json`` (when ``webhook_url`` is not set)."""
+    allow_any_url: bool = False
+    """Accept a webhook that is neither Discord's nor on this machine (a relay elsewhere),
+    http included."""
+
+    @model_validator(mode="after")
+    def _webhook(self) -> DiscordSettings:
+        url = self.webhook_url.get_secret_value() if self.webhook_url is not None else ""
+        if url and (problem := webhook_problem(url, self.allow_any_url)):
+            raise ValueError(problem)
+        return self
 
     def url(self) -> str | None:
+        """The webhook, or None (notifications go to the log). Level 1's own one, read at each
+        use, is checked here: an unusable one is said, once, and not used."""
         if self.webhook_url is not None:
             return self.webhook_url.get_secret_value() or None
         if self.from_openclaw:
             from tunerd.discord import openclaw_webhook
 
-            return openclaw_webhook(Path.home(), dict(os.environ))
+            url = openclaw_webhook(Path.home(), dict(os.environ))
+            if url and (problem := webhook_problem(url, self.allow_any_url)):
+                if problem not in _SAID:
+                    _SAID.add(problem)
+                    log.error("Level 1's webhook is not used: %s", problem)
+                return None
+            return url
         return None
+
+
+_SAID: set[str] = set()
 
 
 class Settings(BaseSettings):
@@ -113,16 +189,16 @@ class Settings(BaseSettings):
     log_path: Path = Path("~/openclaw/logs/auto-retry.jsonl")
     state_dir: Path = Path("~/.local/state/tunerd")
     params_file: Path = Path("~/.config/tunerd/params.json")
-    verify_after: Duration = timedelta(hours=24)
+    verify_after: VerifyAfter = timedelta(hours=24)
     max_line_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_LINE_BYTES
     """Longer log lines are skipped (and reported); well above the wrapper's 10 MB output cap."""
     max_crons: Annotated[int, Field(ge=1)] = 10_000
     """Distinct cron names tracked; runs of more are counted but not analysed."""
-    window: Duration = timedelta(days=7)
+    window: Window = timedelta(days=7)
     """The statistics window a tuning cycle analyses."""
     min_runs: Annotated[int, Field(ge=1)] = 30
     """Runs in the window below which a cron is not tuned."""
-    cooldown: Duration = timedelta(days=14)
+    cooldown: Cooldown = timedelta(days=14)
     """After a rollback or a rejection, the same change is not proposed again for this long."""
     split: Annotated[float, Field(gt=0, lt=1)] = 0.5
     """Share of runs that get the treatment in an A/B experiment."""
@@ -202,6 +278,20 @@ class Settings(BaseSettings):
             except (ZoneInfoNotFoundError, ValueError):
                 raise ValueError(f"{value!r} is not a known time zone (e.g. Asia/Seoul)") from None
         return value
+
+    @model_validator(mode="after")
+    def _schedule(self) -> Settings:
+        """The weekly schedule is checked with the time zone it runs in, here, so that ``run``,
+        ``cycle``, ``status`` and SIGHUP accept and refuse the same configurations."""
+        from zoneinfo import ZoneInfo
+
+        from tunerd.schedule import cron_trigger
+
+        try:
+            cron_trigger(self.schedule, ZoneInfo(self.timezone or "UTC"))
+        except ValueError as exc:
+            raise ValueError(f"schedule {self.schedule!r}: {exc}") from None
+        return self
 
     def targets(self, params_file: Path | None = None) -> Targets:
         """The configured targets: each ``[[scripts]]`` entry, and the params file for the rest."""

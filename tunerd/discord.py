@@ -185,12 +185,16 @@ class DiscordNotifier:
                     return delivered
                 time.sleep(wait)
             attempts = row["attempts"] + 1
+            left = deadline - time.monotonic()
+            if left < 0.1:
+                return delivered
             try:
                 response = self._client.post(
                     self.url,
                     params={"wait": "true"},
                     content=row["payload"],
                     headers={"content-type": "application/json"},
+                    timeout=min(self.timeout, left),  # a hanging webhook holds no one past it
                 )
                 outcome = interpret(
                     response.status_code, dict(response.headers), response.content, attempts

@@ -478,12 +478,7 @@ class Daemon:
         systemd.reloading()
         try:
             settings = load(self.config)
-            from zoneinfo import ZoneInfo
-
-            from tunerd.schedule import cron_trigger
-
-            cron_trigger(settings.schedule, ZoneInfo(settings.timezone or "UTC"))
-        except (ConfigError, ValueError) as exc:
+        except ConfigError as exc:
             log.error("configuration not reloaded, the old one stays: %s", exc)
             systemd.notify("READY=1")
             return

@@ -15,7 +15,10 @@ def parse_duration(text: str) -> timedelta:
     if not match:
         raise ValueError(f"{text!r} is not a duration: use a number and a unit, e.g. 24h, 15m, 7d")
     value, unit = float(match.group(1)), (match.group(2) or "s").lower()
-    return timedelta(seconds=value * _UNIT_SECONDS[unit])
+    try:
+        return timedelta(seconds=value * _UNIT_SECONDS[unit])
+    except OverflowError:
+        raise ValueError(f"{text!r} is longer than any duration tunerd can use") from None
 
 
 def parse_since(text: str, now: datetime) -> datetime:
