@@ -38,6 +38,8 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
         self.written = 0
+        self.env: dict[str, str] = {}
+        """More environment for the daemon (a fault to inject, a log level)."""
 
     def write_config(self, extra: str = "") -> None:
         self.config.write_text(
@@ -52,7 +54,7 @@ class Daemon:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.notify_path))
         self.sock.settimeout(15)
-        env = dict(ENV, HOME=str(self.root), NOTIFY_SOCKET=str(self.notify_path))
+        env = dict(ENV, HOME=str(self.root), NOTIFY_SOCKET=str(self.notify_path), **self.env)
         if "WATCHDOG_USEC" in os.environ:
             env["WATCHDOG_USEC"] = os.environ["WATCHDOG_USEC"]
         self.stderr = open(self.root / "daemon.err", "ab")  # noqa: SIM115

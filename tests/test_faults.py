@@ -251,3 +251,180 @@ def test_read_only_commands_never_wait_on_discord(setup: dict[str, Path]) -> Non
         assert json.loads(tunerd(setup, "status", "--json").stdout)["notifications"]["pending"]
     finally:
         hanging.close()
+
+
+# --- the daemon -------------------------------------------------------------------------------
+
+
+def small_disk(path: Path) -> bool:
+    """A 3 MB tmpfs at ``path`` where the machine allows mounting one (root in a container)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(path)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def fill(path: Path) -> Path:
+    filler = path / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_stalls_nothing(tmp_path: Path) -> None:
+    """One "database or disk is full" ended the follower and the heartbeat while the process
+    lived on (4,620 lines in the log, 660 counted). Now it is said once, reading goes on, and
+    everything is saved when space returns."""
+    from .test_daemon import Daemon, eventually
+
+    state = tmp_path / "state"
+    mounted = small_disk(state)
+    daemon = Daemon(tmp_path)
+    flag = tmp_path / "disk-is-full"
+    if not mounted:
+        daemon.env["TUNERD_FAULT_DISK_FULL"] = str(flag)
+    try:
+        daemon.start()
+        daemon.append("a", 20)
+        eventually(lambda: daemon.runs().get("a") == 20, timeout=5)
+        filler = fill(state) if mounted else flag
+        if not mounted:
+            flag.touch()
+        daemon.append("a", 4600)
+        eventually(lambda: "cannot write the state store" in daemon.errors(), timeout=10)
+        time.sleep(3)  # a few heartbeats, each failing
+        assert daemon.proc is not None and daemon.proc.poll() is None
+        assert daemon.errors().count("cannot write the state store") == 1
+        filler.unlink()  # space returns
+        eventually(lambda: daemon.runs().get("a") == 4620, timeout=15, show=daemon.runs)
+        assert "works again" in daemon.errors()
+        assert daemon.cli("status")["tail"]["entries"] == 4620
+        assert daemon.stop() == 0
+        assert "Traceback" not in daemon.errors()
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+        if mounted:
+            subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_a_failing_job_is_not_run_again_at_once(tmp_path: Path) -> None:
+    """A cycle that failed (its log missing) ran again at once, forever: 35 children in 90 s.
+    It is said once now, with its cause, and tried again a minute later."""
+    import sqlite3
+
+    from .test_daemon import Daemon
+
+    daemon = Daemon(tmp_path)
+    daemon.env["TUNERD_LOG_LEVEL"] = "debug"
+    daemon.start()
+    assert daemon.stop() == 0
+    with sqlite3.connect(tmp_path / "state" / "tunerd.sqlite3") as db:
+        db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'last_cycle_at'", (str(time.time() - 8 * 86400),)
+        )
+    assert not daemon.log.exists()
+    daemon.start()
+    try:
+        time.sleep(8)
+        errors = daemon.errors()
+        assert errors.count("job cycle failed: LogFileError") == 1, errors
+        assert "cannot read the log" in errors and "runs again in 1 min" in errors
+        assert "failed again" not in errors and "Traceback" not in errors
+        assert daemon.proc is not None and daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_failures_back_off_until_the_next_time_and_discord_hears_once(tmp_path: Path) -> None:
+    """The daemon's bookkeeping of a failing job, in-process: 1, 2, 4 ... minutes apart, a
+    missed cycle's retry only before the next scheduled one, Discord told once, and once more
+    when it works."""
+    import concurrent.futures
+
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    from tunerd.config import Settings
+    from tunerd.server import Daemon
+
+    settings = Settings(
+        log_path=tmp_path / "log.jsonl",
+        state_dir=tmp_path / "state",
+        params_file=tmp_path / "params.json",
+    )
+    daemon = Daemon(None, settings)
+    daemon.scheduler = AsyncIOScheduler()  # not started: it only holds the jobs
+    daemon.store.set_meta("last_cycle_at", str(time.time() - 8 * 86400))
+    told: list[str] = []
+    daemon.worker.tell = lambda n: told.append(n.kind)  # type: ignore[method-assign]
+
+    def done(cause: str | None) -> concurrent.futures.Future[str | None]:
+        future: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+        future.set_result(cause)
+        return future
+
+    delays = []
+    for _ in range(5):
+        daemon._job_done("cycle", done("LogFileError: cannot read the log"))
+        failing = daemon._failing["cycle"]
+        delays.append(round((failing.retry_at - time.time()) / 60))
+        (retry,) = [j for j in daemon.scheduler.get_jobs() if j.id == "cycle-missed"]
+        assert abs(retry.trigger.run_date.timestamp() - failing.retry_at) < 1
+    assert delays == [1, 2, 4, 8, 16]
+    assert told == ["job_failing"]
+    for _ in range(4):  # 32, 60, 60 minutes ... still before next Sunday's cycle
+        daemon._job_done("cycle", done("LogFileError: cannot read the log"))
+    assert round((daemon._failing["cycle"].retry_at - time.time()) / 60) == 60
+    daemon._job_done("cycle", done(None))
+    assert "cycle" not in daemon._failing and told == ["job_failing", "job_recovered"]
+    daemon.worker.executor.shutdown()
+    daemon.store.close()
+
+
+def test_a_state_store_deleted_under_the_daemon_stops_it(tmp_path: Path) -> None:
+    """The daemon went on with the deleted file while commands used a new one; it exits with
+    status 1 now (systemd starts it again on the file that is there)."""
+    from .test_daemon import Daemon, eventually
+
+    daemon = Daemon(tmp_path)
+    daemon.start()
+    daemon.append("a", 3)
+    eventually(lambda: daemon.runs().get("a") == 3)
+    (tmp_path / "state" / "tunerd.sqlite3").unlink()
+    daemon.append("a", 1)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(timeout=90) == 1
+    assert "was deleted under the running daemon" in daemon.errors()
+    daemon.stderr.close()
+
+
+def test_state_that_cannot_be_trusted_is_refused_with_what_to_do(setup: dict[str, Path]) -> None:
+    """A truncated database beside a params file with experiment blocks was silently a new one
+    (the next cycle reused the blocks' ids); a damaged one printed a traceback."""
+    as_json(setup, "cycle")  # experiments started: blocks in the params file
+    before = setup["params"].read_bytes()
+    assert json.loads(before)["experiments"]
+    database = setup["root"] / "state" / "tunerd.sqlite3"
+    for suffix in ("-wal", "-shm"):
+        database.with_name(database.name + suffix).unlink(missing_ok=True)
+    database.write_bytes(b"")  # truncated
+    for command in ("cycle", "status", "run"):
+        done = tunerd(setup, command)
+        assert done.returncode in (1, 2), done.stderr
+        assert "remembers no experiment" in done.stderr and "restore" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert setup["params"].read_bytes() == before
+    database.write_bytes(b"this is not a database" * 100)
+    for command in ("status", "run"):
+        done = tunerd(setup, command)
+        assert done.returncode in (1, 2) and "is damaged" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1

@@ -338,11 +338,10 @@ def _engine(args: argparse.Namespace, acting: bool = False) -> tuple[Settings, E
     settings = _settings(args.config)
     try:
         store = Store(settings.state_dir)
+        notifier = notifier_for(store, settings.discord.url())
+        engine = build_engine(settings, notifier, store)
     except StoreError as exc:
         raise CommandError(str(exc)) from None
-    url = settings.discord.url()
-    notifier = notifier_for(store, url)
-    engine = build_engine(settings, notifier, store)
     if acting:
         args.notifier = notifier
     with engine.exclusive():  # whatever a crash interrupted is settled before anything is shown

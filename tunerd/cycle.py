@@ -10,10 +10,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tunerd.analysis import Analysis, analyze
-from tunerd.engine import Engine, EngineError
+from tunerd.engine import TELL_EACH, Engine, EngineError, Start, check_state
 from tunerd.logfile import ReadOptions, read_window
 from tunerd.notify import Notification, Notifier
 from tunerd.policy import Action, PolicySettings, SafetyError, StateView, decide
+from tunerd.rules import Advisory
 from tunerd.store import Store
 from tunerd.targets import InForceReader, TargetError
 from tunerd.verdict import Plan, plan
@@ -29,7 +30,9 @@ first whole day under the new value."""
 
 
 def build_engine(settings: Settings, notifier: Notifier, store: Store | None = None) -> Engine:
-    return Engine(
+    """The engine of the configuration; ``StoreError`` when its state cannot be trusted
+    (``engine.check_state``)."""
+    engine = Engine(
         store or Store(settings.state_dir),
         settings.targets(),
         notifier,
@@ -37,6 +40,8 @@ def build_engine(settings: Settings, notifier: Notifier, store: Store | None = N
         split=settings.split,
         cooldown=settings.cooldown.total_seconds(),
     )
+    check_state(engine.store, engine.targets)
+    return engine
 
 
 @dataclass(slots=True)
@@ -125,20 +130,37 @@ def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
         policy = PolicySettings(min_runs=settings.min_runs, cooldown_seconds=engine.cooldown)
         report = CycleReport(now, analysis, recovered, settled=settled)
         _supersede_unwritable(engine, in_force, now)
-        failed: set[str] = set()  # crons whose candidate could not be written this cycle
-        for action in decide(analysis, state_view(engine.store, now), policy):
-            if action.fallback and action.cron in failed:
-                action = replace(action, kind="start", fallback=False)
-                failed.discard(action.cron)
-            outcome = _execute(action, settings, engine, now)
-            if outcome.result == "not_applied":
-                failed.add(action.cron)
-            report.outcomes.append(outcome)
-        for advisory in analysis.advisories:
-            engine.notifier.send(
-                Notification("advisory", advisory.type.replace("_", " "), None, [advisory.message])
-            )
+        actions = decide(analysis, state_view(engine.store, now), policy)
+        report.outcomes = _carry_out(actions, settings, engine, now)
+        tell_advisories(engine.notifier, analysis.advisories)
     return report
+
+
+def tell_advisories(notifier: Notifier, advisories: list[Advisory]) -> None:
+    """One notification per advisory; past ``TELL_EACH`` of one kind, one for the kind that
+    names a few of its crons (`tunerd analyze` lists them all)."""
+    by_type: dict[str, list[Advisory]] = {}
+    for advisory in advisories:
+        by_type.setdefault(advisory.type, []).append(advisory)
+    for kind, found in by_type.items():
+        title = kind.replace("_", " ")
+        if len(found) <= TELL_EACH:
+            for advisory in found:
+                notifier.send(Notification("advisory", title, None, [advisory.message]))
+            continue
+        names = ", ".join(a.subject for a in found[:5])
+        notifier.send(
+            Notification(
+                "advisory",
+                f"{title}: {len(found)} crons",
+                None,
+                [
+                    f"{names} and {len(found) - 5} more; the first says:",
+                    found[0].message,
+                    "`tunerd analyze` lists every one",
+                ],
+            )
+        )
 
 
 def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> Outcome:
@@ -183,12 +205,58 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
             now,
         )
         return Outcome(action, "dry_run", "dry_run is set: nothing written", change)
-    if action.kind == "start":
-        power, reason = planned(engine, settings, action.cron, action.param, action.evidence)
+    return _queue(action, engine, now, action.why)
+
+
+def _carry_out(
+    actions: list[Action], settings: Settings, engine: Engine, now: float
+) -> list[Outcome]:
+    """Each action's outcome, in order. The experiments are started together, each target
+    written once for all of them; a cron whose start could not be written starts its next
+    candidate (a held fallback) in another round."""
+    outcomes: list[Outcome | None] = [None] * len(actions)
+    fallbacks: dict[str, list[int]] = {}
+    starts: list[int] = []
+    for i, action in enumerate(actions):
+        if action.fallback:
+            fallbacks.setdefault(action.cron, []).append(i)
+            outcomes[i] = Outcome(action, "held", action.why)
+        elif action.kind == "start" and not settings.dry_run:
+            starts.append(i)
+        else:
+            outcomes[i] = _execute(action, settings, engine, now)
+    while starts:
+        failed = _start_all(actions, starts, outcomes, settings, engine, now)
+        starts = []
+        for cron in failed:
+            if fallbacks.get(cron):
+                i = fallbacks[cron].pop(0)
+                actions[i] = replace(actions[i], kind="start", fallback=False)
+                starts.append(i)
+    return [o for o in outcomes if o is not None]
+
+
+def _start_all(
+    actions: list[Action],
+    indexes: list[int],
+    outcomes: list[Outcome | None],
+    settings: Settings,
+    engine: Engine,
+    now: float,
+) -> list[str]:
+    """Start the experiments of ``actions[i]`` for each of ``indexes`` (their outcomes filled
+    in); returns the crons whose start could not be written."""
+    starts, planned_at = [], []
+    for i in indexes:
+        action = actions[i]
+        power, words = planned(engine, settings, action.cron, action.param, action.evidence)
         if not power.verifiable:
             # A coin toss is not an experiment: a person decides whether to try it anyway.
-            return _queue(action, engine, now, f"it cannot be verified in time: {power.note}")
-        reason = f"{action.reason}{reason}"
+            outcomes[i] = _queue(
+                action, engine, now, f"it cannot be verified in time: {power.note}"
+            )
+            continue
+        reason = f"{action.reason}{words}"
         if action.evidence.get("params_assumed") and engine.targets.for_cron(action.cron).mode == (
             "ab"
         ):
@@ -197,8 +265,8 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
                 " treatment arm gets no runs (map the cron to its script under [[scripts]], or"
                 " run it through tunerd exec)"
             )
-        try:
-            experiment = engine.start_experiment(
+        starts.append(
+            Start(
                 action.cron,
                 action.param,
                 action.current,
@@ -206,11 +274,15 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
                 reason,
                 action.evidence,
                 "tunerd",
-                now,
                 action.rate_limited,
-                verify_after=power.period,
+                power.period,
             )
-        except TargetError as exc:
+        )
+        planned_at.append(i)
+    failed = []
+    for i, result in zip(planned_at, engine.start_experiments(starts, now), strict=True):
+        action = actions[i]
+        if isinstance(result, TargetError):
             # The file changed since it was read (a pattern that no longer matches once, a file
             # gone): approving would fail the same way, so nobody is asked; the cron's next
             # candidate is tried, and the next cycle looks again.
@@ -219,20 +291,22 @@ def _execute(action: Action, settings: Settings, engine: Engine, now: float) -> 
                     "advisory",
                     f"Not applied: {action.param} {action.current} → {action.proposed}",
                     action.cron,
-                    [action.reason, str(exc)],
+                    [action.reason, str(result)],
                 )
             )
-            return Outcome(action, "not_applied", str(exc))
-        except (EngineError, SafetyError) as exc:
-            return Outcome(action, "error", str(exc))
-        undo = engine.store.start_of(experiment.id)
-        return Outcome(
-            action,
-            "started",
-            f"experiment {experiment.id} (to undo it: tunerd rollback {undo})",
-            experiment.id,
-        )
-    return _queue(action, engine, now, action.why)
+            outcomes[i] = Outcome(action, "not_applied", str(result))
+            failed.append(action.cron)
+        elif isinstance(result, EngineError | SafetyError):
+            outcomes[i] = Outcome(action, "error", str(result))
+        else:
+            undo = engine.store.start_of(result.id)
+            outcomes[i] = Outcome(
+                action,
+                "started",
+                f"experiment {result.id} (to undo it: tunerd rollback {undo})",
+                result.id,
+            )
+    return failed
 
 
 def planned(

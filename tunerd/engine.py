@@ -16,17 +16,20 @@ import contextlib
 import fcntl
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NamedTuple
 
 from tunerd.faults import crash_point
 from tunerd.notify import Notification, Notifier
 from tunerd.params import InForce
-from tunerd.policy import check_approved, check_automatic
-from tunerd.store import Change, Experiment, Store
+from tunerd.policy import SafetyError, check_approved, check_automatic
+from tunerd.store import Change, Experiment, Store, StoreError
 from tunerd.switchback import arm_at
 from tunerd.targets import (
+    Edit,
     InForceReader,
     ParamsFileTarget,
     Target,
@@ -42,6 +45,60 @@ from tunerd.timeparse import iso as _iso
 
 class EngineError(Exception):
     """An operation cannot be done as asked; the message says why. Nothing was changed."""
+
+
+TELL_EACH: Final = 10
+"""More experiments than this started at once are told in one notification."""
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """An experiment to start: the change, why, and who decided it."""
+
+    cron: str
+    param: str
+    control: int
+    treatment: int
+    reason: str
+    evidence: dict[str, Any]
+    actor: str
+    rate_limited: bool = False
+    verify_after: float | None = None
+
+
+class Item(NamedTuple):
+    """One change of a write: its history row, its experiment row (a start), its edit."""
+
+    change: dict[str, Any]
+    experiment: dict[str, Any] | None
+    edit: Edit
+
+
+def check_state(store: Store, targets: Targets) -> None:
+    """Refuse a state store that remembers no experiment beside a params file that holds
+    some (``StoreError``): the database was deleted, truncated or never restored, and Level 1
+    still follows blocks tunerd would otherwise forget, verify never, and overwrite when it
+    reused their ids."""
+    if store.db.execute("SELECT 1 FROM experiments LIMIT 1").fetchone() is not None:
+        return
+    target = targets.params_file
+    try:
+        blocks = target.load(read_target(target.path))["experiments"]
+    except TargetError:
+        return  # said by every command that reads it
+    if not isinstance(blocks, dict) or not blocks:
+        return
+    from tunerd.report import safe_text
+
+    names = ", ".join(repr(safe_text(str(cron))[:40]) for cron in list(blocks)[:3])
+    more = f" and {len(blocks) - 3} more" if len(blocks) > 3 else ""
+    raise StoreError(
+        f"the state store {store.path} remembers no experiment, but the params file"
+        f" {target.path} holds {len(blocks)} experiment blocks ({names}{more}) that Level 1"
+        f" still follows: restore {store.path.name} from a backup; or, to start afresh, delete"
+        f' the "experiments" entries of {target.path} (those crons then run with their own'
+        " values). tunerd changes nothing until then."
+    )
 
 
 class Engine:
@@ -79,50 +136,56 @@ class Engine:
 
     # --- the write protocol ----------------------------------------------------------------
 
-    def _apply(
-        self,
-        target: Target,
-        change: dict[str, Any],
-        render: Callable[[bytes | None], bytes],
-        experiment: dict[str, Any] | None,
-        now: float,
-    ) -> tuple[int, int | None]:
-        """Write one change; returns (change id, experiment id). TargetError: nothing written."""
+    def _apply(self, target: Target, items: list[Item], now: float) -> list[tuple[int, int | None]]:
+        """Write changes to one target in one atomic write (a cycle starting experiments on
+        5,000 crons of the params file writes it once); returns (change id, experiment id) of
+        each. TargetError: nothing written."""
         old = read_target(target.path)
-        new = render(old)
+        new, excerpts = target.apply(old, [item.edit for item in items])
+        before, after = sha256(old), sha256(new)
+        ids: list[tuple[int, int | None]] = []
         with self.store.transaction() as db:
-            experiment_id = change.get("experiment")
-            if experiment is not None:
-                experiment_id = _insert(db, "experiments", experiment)
-            point = _insert(
-                db,
-                "rollback_points",
-                {"target": target.name, "content": old, "sha256": sha256(old), "created_at": now},
-            )
-            change_id = _insert(
-                db,
-                "changes",
-                {
-                    **change,
-                    "state": "applying",
-                    "target": target.name,
-                    "rollback_point": point,
-                    "new_sha256": sha256(new),
-                    "experiment": experiment_id,
-                    "created_at": now,
-                },
-            )
+            for item, excerpt in zip(items, excerpts, strict=True):
+                experiment_id = item.change.get("experiment")
+                if item.experiment is not None:
+                    experiment_id = _insert(db, "experiments", item.experiment)
+                point = _insert(
+                    db,
+                    "rollback_points",
+                    {
+                        "target": target.name,
+                        "content": None if old is None else excerpt,  # NULL: no file yet
+                        "sha256": before,
+                        "created_at": now,
+                    },
+                )
+                change_id = _insert(
+                    db,
+                    "changes",
+                    {
+                        **item.change,
+                        "state": "applying",
+                        "target": target.name,
+                        "rollback_point": point,
+                        "new_sha256": after,
+                        "experiment": experiment_id,
+                        "created_at": now,
+                    },
+                )
+                ids.append((change_id, experiment_id))
         crash_point("after_rollback_point")
         try:
             atomic_write(target.path, new)
         except (OSError, TargetError) as exc:
             with self.store.transaction() as db:
-                self._settle(db, change_id, "aborted", now)
+                for change_id, _ in ids:
+                    self._settle(db, change_id, "aborted", now)
             raise TargetError(f"could not write {target.name}: {exc}") from exc
         crash_point("before_history")
         with self.store.transaction() as db:
-            self._settle(db, change_id, "applied", now)
-        return change_id, experiment_id
+            for change_id, _ in ids:
+                self._settle(db, change_id, "applied", now)
+        return ids
 
     def _settle(self, db: sqlite3.Connection, change_id: int, outcome: str, now: float) -> None:
         """Record a change's outcome and what it means for its experiment (one transaction)."""
@@ -202,86 +265,143 @@ class Engine:
         rate_limited: bool = False,
         verify_after: float | None = None,
     ) -> Experiment:
-        if actor == "tunerd":
-            check_automatic(param, control, treatment, rate_limited)
-        else:
-            check_approved(param, treatment)
-        if self.store.running_experiment(cron) is not None:
-            raise EngineError(f"{cron!r} already has an experiment under way")
-        target = self.targets.for_cron(cron)
-        block = {
-            "id": None,
-            "param": param,
-            "control": control,
-            "treatment": treatment,
-            "split": self.split,
-            "started": _iso(now),
-        }
-        period = verify_after or self.verify_after
+        """Start one experiment (``start_experiments``); its error is raised."""
+        start = Start(
+            cron, param, control, treatment, reason, evidence, actor, rate_limited, verify_after
+        )
+        (result,) = self.start_experiments([start], now)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def start_experiments(
+        self, starts: list[Start], now: float
+    ) -> list[Experiment | TargetError | EngineError | SafetyError]:
+        """Start experiments, each target written once for all of its crons; each start's
+        experiment, or why it did not start (the others start anyway). The safety checks run
+        for each before anything is written."""
+        results: dict[int, Experiment | TargetError | EngineError | SafetyError] = {}
+        groups: dict[str, list[int]] = {}
+        taken: set[str] = set()
+        for i, start in enumerate(starts):
+            try:
+                if start.actor == "tunerd":
+                    check_automatic(start.param, start.control, start.treatment, start.rate_limited)
+                else:
+                    check_approved(start.param, start.treatment)
+                if start.cron in taken or self.store.running_experiment(start.cron) is not None:
+                    raise EngineError(f"{start.cron!r} already has an experiment under way")
+            except (EngineError, SafetyError) as exc:
+                results[i] = exc
+                continue
+            taken.add(start.cron)
+            groups.setdefault(self.targets.for_cron(start.cron).name, []).append(i)
         next_id = self._next_experiment_id()
-        block["id"] = str(next_id)
-        seed = None
-        written = treatment
+        for name, indexes in groups.items():
+            target = self.targets.by_name(name)
+            items = []
+            for i in indexes:
+                items.append(self._start_item(starts[i], target, next_id, now))
+                next_id += 1
+            try:
+                ids = self._apply(target, items, now)
+            except TargetError as exc:
+                results.update(dict.fromkeys(indexes, exc))
+                continue
+            told = []
+            for i, (change_id, experiment_id) in zip(indexes, ids, strict=True):
+                started = self.store.experiment(experiment_id or -1)
+                assert started is not None and started.state == "running"
+                results[i] = started
+                told.append((starts[i], started, change_id))
+            self._tell_started(told)
+        return [results[i] for i in range(len(starts))]
+
+    def _start_item(self, start: Start, target: Target, experiment_id: int, now: float) -> Item:
+        period = start.verify_after or self.verify_after
+        seed, written = None, start.treatment
+        edit = Edit(
+            "start",
+            start.cron,
+            start.param,
+            block={
+                "id": str(experiment_id),
+                "param": start.param,
+                "control": start.control,
+                "treatment": start.treatment,
+                "split": self.split,
+                "started": _iso(now),
+            },
+        )
         if target.mode == "switchback":
             # tunerd takes turns itself: the script starts on the value of the current block
-            seed = f"{next_id}:{now:.0f}"
-            written = treatment if arm_at(seed, now) == "treatment" else control
-
-        def render(content: bytes | None) -> bytes:
-            if seed is not None:
-                return target.set_value(content, cron, param, written)
-            return target.start_experiment(content, cron, block)
-
+            seed = f"{experiment_id}:{now:.0f}"
+            written = start.treatment if arm_at(seed, now) == "treatment" else start.control
+            edit = Edit("set", start.cron, start.param, written)
+        change = {
+            "cron": start.cron,
+            "param": start.param,
+            "old_value": start.control,
+            "new_value": written,
+            "action": "experiment_start",
+            "actor": start.actor,
+            "reason": start.reason,
+            "evidence": json.dumps(start.evidence, ensure_ascii=False, sort_keys=True),
+        }
         experiment = {
-            "cron": cron,
-            "param": param,
-            "control": control,
-            "treatment": treatment,
+            "id": experiment_id,
+            "cron": start.cron,
+            "param": start.param,
+            "control": start.control,
+            "treatment": start.treatment,
             "mode": target.mode,
             "split": self.split if target.mode == "ab" else 0.5,
             "target": target.name,
             "state": "starting",
-            "reason": reason,
+            "reason": start.reason,
             "started_at": now,
             "verify_at": now + period,
             "seed": seed,
             "period": period,
         }
-        change_id, experiment_id = self._apply(
-            target,
-            {
-                "cron": cron,
-                "param": param,
-                "old_value": control,
-                "new_value": written,
-                "action": "experiment_start",
-                "actor": actor,
-                "reason": reason,
-                "evidence": json.dumps(evidence, ensure_ascii=False, sort_keys=True),
-            },
-            render,
-            experiment | {"id": next_id},
-            now,
-        )
-        assert experiment_id == next_id
-        started = self.store.running_experiment(cron)
-        assert started is not None
-        self.notifier.send(
-            Notification(
-                "experiment_started",
-                f"Experiment started: {param} {control} → {treatment}",
-                cron,
-                [
-                    reason,
-                    f"experiment {started.id}, mode {started.mode}, verdict due"
-                    f" {_iso(started.verify_at)}; to undo it: tunerd rollback {change_id}",
-                    "applied automatically: an increase inside the safe range"
-                    if actor == "tunerd"
-                    else f"approved by {actor}",
-                ],
+        return Item(change, experiment, edit)
+
+    def _tell_started(self, started: list[tuple[Start, Experiment, int]]) -> None:
+        """One notification per experiment; past ``TELL_EACH`` in one go, one that sums them
+        up (5,000 messages would keep a webhook busy for hours)."""
+        if len(started) > TELL_EACH:
+            changes = Counter(
+                f"{s.param} {s.control} → {s.treatment}" for s, _, _ in started
+            ).most_common(5)
+            self.notifier.send(
+                Notification(
+                    "experiment_started",
+                    f"{len(started)} experiments started",
+                    None,
+                    [
+                        ", ".join(f"{what} on {n} crons" for what, n in changes),
+                        "each an increase inside the safe range; `tunerd status` lists them, and"
+                        " `tunerd history` the change that undoes each",
+                    ],
+                )
             )
-        )
-        return started
+            return
+        for start, experiment, change_id in started:
+            self.notifier.send(
+                Notification(
+                    "experiment_started",
+                    f"Experiment started: {start.param} {start.control} → {start.treatment}",
+                    start.cron,
+                    [
+                        start.reason,
+                        f"experiment {experiment.id}, mode {experiment.mode}, verdict due"
+                        f" {_iso(experiment.verify_at)}; to undo it: tunerd rollback {change_id}",
+                        "applied automatically: an increase inside the safe range"
+                        if start.actor == "tunerd"
+                        else f"approved by {start.actor}",
+                    ],
+                )
+            )
 
     def end_experiment(
         self,
@@ -305,26 +425,31 @@ class Engine:
             else experiment.control
         )
 
-        def render(content: bytes | None) -> bytes:
-            if outcome == "rollback" and isinstance(target, ParamsFileTarget):
-                return target.end_experiment(content, cron)
-            return target.set_value(content, cron, param, value)
-
-        change_id, _ = self._apply(
+        if outcome == "rollback" and isinstance(target, ParamsFileTarget):
+            edit = Edit("end", cron, param)  # the block goes: the cron's own value stays
+        else:
+            edit = Edit("set", cron, param, value)
+        ((change_id, _),) = self._apply(
             target,
-            {
-                "cron": cron,
-                "param": param,
-                "old_value": held,
-                "new_value": value,
-                "action": outcome,
-                "actor": "tunerd",
-                "reason": reason,
-                "evidence": None if verdict is None else json.dumps(verdict, sort_keys=True),
-                "experiment": experiment.id,
-            },
-            render,
-            None,
+            [
+                Item(
+                    {
+                        "cron": cron,
+                        "param": param,
+                        "old_value": held,
+                        "new_value": value,
+                        "action": outcome,
+                        "actor": "tunerd",
+                        "reason": reason,
+                        "evidence": None
+                        if verdict is None
+                        else json.dumps(verdict, sort_keys=True),
+                        "experiment": experiment.id,
+                    },
+                    None,
+                    edit,
+                )
+            ],
             now,
         )
         if verdict is not None:
@@ -347,28 +472,33 @@ class Engine:
         target = self.targets.by_name(experiment.target)
         held = self._held(experiment.id, experiment.control)
         arm = "treatment" if value == experiment.treatment else "control"
-        change_id, _ = self._apply(
-            target,
-            {
-                "cron": experiment.cron,
-                "param": experiment.param,
-                "old_value": held,
-                "new_value": value,
-                "action": "flip",
-                "actor": "tunerd",
-                "reason": f"switchback: the {arm} block from {_iso(now)}",
-                "evidence": None,
-                "experiment": experiment.id,
-            },
-            lambda content: target.set_value(content, experiment.cron, experiment.param, value),
-            None,
-            now,
-        )
+        change = {
+            "cron": experiment.cron,
+            "param": experiment.param,
+            "old_value": held,
+            "new_value": value,
+            "action": "flip",
+            "actor": "tunerd",
+            "reason": f"switchback: the {arm} block from {_iso(now)}",
+            "evidence": None,
+            "experiment": experiment.id,
+        }
+        edit = Edit("set", experiment.cron, experiment.param, value)
+        ((change_id, _),) = self._apply(target, [Item(change, None, edit)], now)
         return change_id
 
     def _next_experiment_id(self) -> int:
+        """After every id the store or the params file knows: a store restored from an older
+        backup must not hand out an id a block in the file still carries."""
         row = self.store.db.execute("SELECT COALESCE(MAX(id), 0) + 1 AS n FROM experiments")
-        return int(row.fetchone()["n"])
+        known = int(row.fetchone()["n"])
+        target = self.targets.params_file
+        with contextlib.suppress(TargetError):
+            for block in target.load(read_target(target.path))["experiments"].values():
+                text = str(block.get("id", "")) if isinstance(block, dict) else ""
+                if text.isdigit():
+                    known = max(known, int(text) + 1)
+        return known
 
     def manual_rollback(self, change_id: int, now: float, actor: str = "operator") -> Change:
         """Undo a change by hand: its parameter goes back to the value before it."""
@@ -410,34 +540,26 @@ class Engine:
             )
         target = self.targets.by_name(change.target or "")
         running = state in ("starting", "running")
-        old_value = change.old_value
-
-        def render(content: bytes | None) -> bytes:
-            if running and isinstance(target, ParamsFileTarget):
-                return target.end_experiment(content, change.cron)
-            return target.set_value(content, change.cron, change.param, old_value)
-
-        new_id, _ = self._apply(
-            target,
-            {
-                "cron": change.cron,
-                "param": change.param,
-                "old_value": (
-                    self._held(change.experiment, change.new_value)
-                    if running and change.experiment is not None
-                    else change.new_value
-                ),
-                "new_value": change.old_value,
-                "action": "manual_rollback",
-                "actor": actor,
-                "reason": f"manual rollback of change {change_id}",
-                "evidence": None,
-                "experiment": change.experiment,
-            },
-            render,
-            None,
-            now,
-        )
+        if running and isinstance(target, ParamsFileTarget):
+            edit = Edit("end", change.cron, change.param)
+        else:
+            edit = Edit("set", change.cron, change.param, change.old_value)
+        row = {
+            "cron": change.cron,
+            "param": change.param,
+            "old_value": (
+                self._held(change.experiment, change.new_value)
+                if running and change.experiment is not None
+                else change.new_value
+            ),
+            "new_value": change.old_value,
+            "action": "manual_rollback",
+            "actor": actor,
+            "reason": f"manual rollback of change {change_id}",
+            "evidence": None,
+            "experiment": change.experiment,
+        }
+        ((new_id, _),) = self._apply(target, [Item(row, None, edit)], now)
         self.notifier.send(
             Notification(
                 "rollback",

@@ -4,6 +4,9 @@ A tuning cycle reads the whole window of the log, a verification imports SciPy; 
 own process that memory (80 MB and more) would stay resident for the rest of its life. A child
 returns it to the system when it exits, and a crash in it is a failed job, not a dead daemon.
 
+A job that fails prints why, in one line, on stdout: the daemon says it once and runs the job
+again later (``server.Daemon._job_done``).
+
 The daemon hands the child its own validated settings (pickled, on stdin: the webhook URL is in
 them and must not travel in argv or the environment), so a configuration file edited but not yet
 reloaded with SIGHUP changes nothing. The child ignores SIGTERM and SIGINT: systemd signals the
@@ -108,7 +111,7 @@ def main(argv: list[str]) -> int:
     from tunerd import logs
     from tunerd.cycle import build_engine
     from tunerd.notify import notifier_for
-    from tunerd.store import Store
+    from tunerd.store import Store, StoreError
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -119,13 +122,19 @@ def main(argv: list[str]) -> int:
     settings = Settings.model_validate(pickle.loads(sys.stdin.buffer.read()))
     url = settings.discord.url()
     logs.configure(secrets=[url or ""])
-    store = Store(settings.state_dir)
-    notifier = notifier_for(store, url)
-    engine = build_engine(settings, notifier, store)
+    try:
+        store = Store(settings.state_dir)
+        notifier = notifier_for(store, url)
+        engine = build_engine(settings, notifier, store)
+    except StoreError as exc:
+        print(exc, flush=True)
+        return 1
     try:
         JOBS[argv[0]](engine, settings)
-    except Exception:
-        log.exception("job %s failed; it will run again at its next time", argv[0])
+    except Exception as exc:
+        # One line on stdout, for the daemon to say (once) with what it does about it.
+        log.debug("job %s", argv[0], exc_info=True)
+        print(logs.cause_of(exc), flush=True)
         return 1
     finally:
         notifier.flush(budget=5.0)  # what the job said, delivered at once

@@ -17,6 +17,13 @@ from typing import Any
 import structlog
 
 
+def cause_of(exc: BaseException) -> str:
+    """An error in one line, its kind and message: what the operator reads (a traceback is
+    for the debug log)."""
+    text = " ".join(str(exc).split()) or "no detail"
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
 def _redactor(secrets: Iterable[str]) -> Any:
     hidden = [s for s in secrets if s]
 
@@ -29,6 +36,9 @@ def _redactor(secrets: Iterable[str]) -> Any:
         return event
 
     return redact
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def wants_json() -> bool:
@@ -63,7 +73,8 @@ def configure(secrets: Iterable[str] = (), json_lines: bool | None = None) -> No
     # Our own INFO lines; only warnings from libraries (SciPy's optimiser, behind Boschloo's
     # test, logs its every step at INFO; httpx's INFO lines carry the webhook URL).
     root.setLevel(logging.WARNING)
-    logging.getLogger("tunerd").setLevel(logging.INFO)
+    level = os.environ.get("TUNERD_LOG_LEVEL", "info").upper()
+    logging.getLogger("tunerd").setLevel(level if level in _LEVELS else logging.INFO)
     for noisy in ("httpx", "httpcore", "apscheduler", "watchfiles"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(

@@ -29,17 +29,24 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from tunerd import systemd
 from tunerd.config import ConfigError, Settings, load
 from tunerd.follower import Checkpoint, Follower
+from tunerd.logs import cause_of
+from tunerd.notify import Notification
 from tunerd.stats import LogStats
-from tunerd.store import Store, load_tail, save_tail
+from tunerd.store import Store, StoreError, load_tail, save_tail
+from tunerd.timeparse import human_duration
+from tunerd.timeparse import iso as _iso
 
 log = logging.getLogger("tunerd.daemon")
 
@@ -85,51 +92,112 @@ def signal_daemon(state_dir: Path) -> bool:
     return False
 
 
+JOB_TIMEOUT = 3600.0
+"""A timer job's child still running after this long is stopped (SIGKILL; its writes are
+crash-safe) and counts as a failure: a job that hangs never holds the others."""
+RETRY_FIRST, RETRY_MAX = 60.0, 3600.0
+"""A failed job runs again after 1 min, then 2, 4, ... at most an hour apart, until its next
+scheduled time: never at once, never in a loop."""
+TELL_AFTER = 3
+"""Failures in a row after which Discord hears of it (once, and once when it works again)."""
+GIVE_UP = 600.0
+"""Seconds the state store (or a task of the daemon) may keep failing before the daemon exits
+with status 1, so that systemd restarts it: never a live process that quietly stopped."""
+STALE: Final = {"follow": 120.0, "scheduler": 120.0}
+"""Seconds without progress after which systemd's watchdog is no longer fed (the follower
+wakes at least every ``RESCAN`` seconds, the scheduler's outbox job every 15)."""
+
+
+def retry_delay(failures: int) -> float:
+    return float(min(RETRY_MAX, RETRY_FIRST * 2.0 ** (failures - 1)))
+
+
+@dataclass(slots=True)
+class Failing:
+    """A timer job that failed, until it works again."""
+
+    cause: str
+    failures: int
+    since: float
+    retry_at: float
+    told: bool = False
+
+
 class Worker:
     """The timer jobs, one at a time in a thread: each heavy one in a child process
-    (``tunerd.jobs``), the outbox in the thread itself (cheap, and every 15 s)."""
+    (``tunerd.jobs``), the outbox in the thread itself (cheap, and every 15 s). Its database
+    connection belongs to the thread."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tunerd-job")
+        self._store: Store | None = None
         self._outbox: Any = None
         self._outbox_url: str | None = None
+        self.busy_since: float | None = None
+        """When the job in flight started (monotonic), None when idle."""
         self.closing = False
 
-    def submit(self, kind: str) -> concurrent.futures.Future[None]:
-        def run() -> None:
+    def submit(self, kind: str) -> concurrent.futures.Future[str | None]:
+        """Run job ``kind``; the future holds why it failed, None when it did its work."""
+
+        def run() -> str | None:
             if self.closing:
-                return  # stopping: only the job already in flight finishes
+                return None  # stopping: only the job already in flight finishes
+            self.busy_since = time.monotonic()
             try:
-                if kind == "outbox":
-                    self._flush_outbox()
-                else:
-                    self._child(kind)
-            except Exception:
-                log.exception("job %s failed; it will run again at its next time", kind)
+                return self._flush_outbox() if kind == "outbox" else self._child(kind)
+            except Exception as exc:
+                log.debug("job %s", kind, exc_info=True)
+                return cause_of(exc)
+            finally:
+                self.busy_since = None
 
         return self.executor.submit(run)
 
-    def _child(self, kind: str) -> None:
+    def tell(self, notification: Notification) -> None:
+        """Notify from the worker's thread (the outbox is its database connection's)."""
+
+        def send() -> None:
+            from tunerd.notify import notifier_for
+
+            try:
+                notifier_for(self._db(), self.daemon.settings.discord.url()).send(notification)
+            except Exception as exc:
+                log.error("could not queue the notification %r: %s", notification.title, exc)
+
+        self.executor.submit(send)
+
+    def _db(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.daemon.settings.state_dir)
+        return self._store
+
+    def _child(self, kind: str) -> str | None:
         from tunerd.jobs import settings_payload
 
         started = time.monotonic()
-        done = subprocess.run(
-            [sys.executable, "-m", "tunerd.jobs", kind],
-            input=settings_payload(self.daemon.settings),
-            stdout=subprocess.DEVNULL,
-            check=False,
-        )
-        if done.returncode:
-            log.error(
-                "job %s ended with exit code %d; it will run again at its next time",
-                kind,
-                done.returncode,
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "tunerd.jobs", kind],
+                input=settings_payload(self.daemon.settings),
+                stdout=subprocess.PIPE,
+                timeout=JOB_TIMEOUT,
+                check=False,
             )
-        else:
+        except subprocess.TimeoutExpired:
+            return f"still running after {human_duration(JOB_TIMEOUT)}: stopped"
+        if done.returncode == 0:
             log.debug("job %s done in %.1f s", kind, time.monotonic() - started)
+            return None
+        said = done.stdout.decode("utf-8", "replace").strip().splitlines()
+        if said:
+            return said[-1]  # the child's own one-line cause
+        if done.returncode < 0:
+            return f"killed by signal {-done.returncode}"
+        return f"ended with exit status {done.returncode}"
 
-    def _flush_outbox(self) -> None:
+    def _flush_outbox(self) -> str | None:
         """Deliver what an earlier job could not (Discord down, 429): only with a webhook and
         something pending, so an idle daemon without either imports and sends nothing."""
         url = self.daemon.settings.discord.url()
@@ -137,18 +205,18 @@ class Worker:
             self._close_outbox()
             self._outbox_url = url
         if url is None:
-            return
+            return None
         if self._outbox is None:
             from tunerd.discord import DiscordNotifier
 
-            self._outbox = DiscordNotifier(Store(self.daemon.settings.state_dir), url)
+            self._outbox = DiscordNotifier(self._db(), url)
         if self._outbox.pending():
             self._outbox.flush(budget=4.0)
+        return None
 
     def _close_outbox(self) -> None:
         if self._outbox is not None:
             self._outbox.close()
-            self._outbox.store.close()
             self._outbox = None
 
     def shutdown(self) -> None:
@@ -156,9 +224,12 @@ class Worker:
         own thread: its database connection belongs to it)."""
 
         def close() -> None:
-            if self._outbox is not None:
-                self._outbox.flush(budget=2.0)
+            with contextlib.suppress(Exception):  # stopping: what is left stays in the outbox
+                if self._outbox is not None:
+                    self._outbox.flush(budget=2.0)
             self._close_outbox()
+            if self._store is not None:
+                self._store.close()
 
         self.closing = True
         self.executor.submit(close)
@@ -187,6 +258,14 @@ class Daemon:
         self._flipped_at = -math.inf
         """When the last flip job started: one that could not put a script in step is tried
         again after ``FLIP_RETRY``, never in a loop."""
+        self._failing: dict[str, Failing] = {}
+        self._beats: dict[str, float] = {}
+        """When each part the watchdog vouches for last made progress (monotonic)."""
+        self._storage_failing: float | None = None
+        """Since when (monotonic) writing the state store fails; None while it works."""
+        self._anchor = time.time()
+        """The hourly harm check counts its hours from here, whatever rebuilds the timers."""
+        self.exit_code = 0
         self.stats, self.follower = self._restore()
 
     # --- state ------------------------------------------------------------------------------
@@ -213,7 +292,44 @@ class Daemon:
     def _fresh_stats(self) -> LogStats:
         return LogStats(bucket_seconds=DAY, max_crons=self.settings.max_crons, durations=False)
 
+    def _store_write(self, write: Callable[[], None]) -> bool:
+        """Run one write of the daemon's loop (checkpoint, status). A storage error (disk full,
+        database locked too long) is said once; reading goes on in memory, and the write is
+        tried again at the next heartbeat, its data still pending. Failing for ``GIVE_UP``
+        seconds ends the daemon with status 1 (systemd restarts it from the last checkpoint:
+        nothing lost, nothing counted twice)."""
+        try:
+            write()
+        except (sqlite3.Error, OSError) as exc:
+            now = time.monotonic()
+            if self._storage_failing is None:
+                self._storage_failing = now
+                log.error(
+                    "cannot write the state store (%s): reading goes on, saved when it works again",
+                    cause_of(exc),
+                )
+            elif now - self._storage_failing > GIVE_UP:
+                self._fail(f"the state store has failed for {human_duration(GIVE_UP)}")
+            return False
+        if self._storage_failing is not None:
+            log.info(
+                "the state store works again (after %s)",
+                human_duration(time.monotonic() - self._storage_failing),
+            )
+            self._storage_failing = None
+        return True
+
+    def _fail(self, why: str) -> None:
+        """Stop with status 1, so that systemd starts tunerd again."""
+        if self.exit_code == 0:
+            log.error("%s: exiting with status 1 so that systemd restarts tunerd", why)
+            self.exit_code = 1
+        self.stopping.set()
+
     def _save(self) -> None:
+        self._store_write(self._write_tail)
+
+    def _write_tail(self) -> None:
         checkpoint = self.follower.checkpoint()
         names = self._changed_crons
         shell, changed = self.stats.dump(names)
@@ -231,7 +347,10 @@ class Daemon:
             _trim_heap()
 
     def _publish(self) -> None:
-        self._dirty_status = False
+        if self._store_write(self._write_status):
+            self._dirty_status = False
+
+    def _write_status(self) -> None:
         now = self._published_at = time.time()
         since = now - self.settings.window.total_seconds()
         crons = {name: c.counts_since(since, DAY) for name, c in self.stats.crons.items()}
@@ -295,7 +414,12 @@ class Daemon:
     async def _catch_up(self) -> None:
         """Poll until the end of the log, letting the event loop breathe between steps."""
         while self._poll():
+            self._beat("follow")
             await asyncio.sleep(0)
+        self._beat("follow")
+
+    def _beat(self, part: str) -> None:
+        self._beats[part] = time.monotonic()
 
     def _publish_later(self) -> None:
         self._publish_pending = False
@@ -366,6 +490,9 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), HEARTBEAT)
             self._changed.clear()
+            if why := self.store.replaced():
+                self._fail(f"{why} under the running daemon")
+                return
             if self._dirty:
                 self._save()
             if self._dirty_status or time.time() - self._published_at > 60:  # the window moves
@@ -380,13 +507,32 @@ class Daemon:
                     self._save()
 
     async def watchdog(self) -> None:
+        """Feed systemd's watchdog only while the follower and the scheduler make progress (and
+        no job hangs): a daemon that stopped doing its job is restarted, not kept alive."""
         interval = systemd.watchdog_interval()
         if interval is None:
             return
+        said = None
         while not self.stopping.is_set():
-            systemd.notify("WATCHDOG=1")
+            why = self._stalled()
+            if why is None:
+                systemd.notify("WATCHDOG=1")
+            elif why != said:
+                log.error("%s: the watchdog is no longer fed, systemd will restart tunerd", why)
+            said = why
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)
+
+    def _stalled(self) -> str | None:
+        """Why the daemon is not doing its job, or None."""
+        now = time.monotonic()
+        for part, limit in STALE.items():
+            if now - self._beats.get(part, now) > limit:
+                return f"the {part} has made no progress for {human_duration(limit)}"
+        busy = self.worker.busy_since
+        if busy is not None and now - busy > JOB_TIMEOUT + 300:
+            return f"a job has run for {human_duration(now - busy)}"
+        return None
 
     # --- timers -----------------------------------------------------------------------------
 
@@ -419,25 +565,31 @@ class Daemon:
                 self.store.set_meta(f"last_{kind}_at", str(now))  # counting from the first start
                 continue
             due = trigger.get_next_fire_time(None, _utc(float(last)))
-            if due is not None and due.timestamp() <= now:
+            if due is None or due.timestamp() > now:
+                continue
+            at = max(now + 1, self._not_before(kind))
+            following = trigger.get_next_fire_time(None, _utc(now))
+            if following is not None and at >= following.timestamp():
+                continue  # its next scheduled time comes first: that one runs
+            if kind not in self._failing:
                 log.info("the %s due at %s was missed while stopped: running it now", kind, due)
-                scheduler.add_job(
-                    self._job,
-                    DateTrigger(run_date=_utc(now + 1)),
-                    args=[kind],
-                    id=f"{kind}-missed",
-                    replace_existing=True,
-                )
+            scheduler.add_job(
+                self._job,
+                DateTrigger(run_date=_utc(at)),
+                args=[kind],
+                id=f"{kind}-missed",
+                replace_existing=True,
+            )
         scheduler.add_job(self._job, weekly, args=["cycle"], id="cycle")
-        scheduler.add_job(
-            self._job, IntervalTrigger(hours=1, timezone=zone), args=["harm"], id="harm"
-        )
+        hourly = IntervalTrigger(hours=1, start_date=_utc(self._anchor), timezone=zone)
+        scheduler.add_job(self._job, hourly, args=["harm"], id="harm")
         scheduler.add_job(self._job, monthly, args=["report"], id="report")
         scheduler.add_job(
             self._job, IntervalTrigger(seconds=15, timezone=zone), args=["outbox"], id="outbox"
         )
         for e in self.store.experiments("running"):
-            at = max(e.verify_at, now + 0.5)  # due while the daemon was down: at once
+            # due while the daemon was down: at once; after a failure, at its retry
+            at = max(e.verify_at, now + 0.5, self._not_before("verify"))
             scheduler.add_job(
                 self._job,
                 DateTrigger(run_date=_utc(at)),
@@ -450,26 +602,87 @@ class Daemon:
         flip_at = next_flip_at(self.store, now)
         if flip_at is not None:  # the next switchback block; the flip job sets the one after
             if flip_at <= now:  # out of step: at once, unless a flip just failed to mend it
-                flip_at = max(now + 0.5, self._flipped_at + FLIP_RETRY)
+                flip_at = max(now + 0.5, self._flipped_at + FLIP_RETRY, self._not_before("flip"))
             scheduler.add_job(
                 self._job, DateTrigger(run_date=_utc(flip_at)), args=["flip"], id="flip"
             )
 
+    def _not_before(self, kind: str) -> float:
+        """When a failed job may run again (0 when it has not failed)."""
+        failing = self._failing.get(kind)
+        return failing.retry_at if failing is not None else 0.0
+
     async def _job(self, kind: str) -> None:
-        """Run by the scheduler on the event loop: hand the work to the worker thread, and
-        rebuild the timers after anything that may start or end an experiment. The hourly harm
-        check with no experiment running has nothing to do: no child process is started for it."""
-        if kind in ("verify", "harm", "flip") and not self.store.experiments("running"):
+        """Run by the scheduler on the event loop: hand the work to the worker thread; when it
+        is done, note how it went and rebuild the timers after anything that may start or end
+        an experiment. The hourly harm check with no experiment running has nothing to do: no
+        child process is started for it."""
+        self._beat("scheduler")
+        if kind == "outbox" and time.time() < self._not_before(kind):
+            return
+        try:
+            idle = kind in ("verify", "harm", "flip") and not self.store.experiments("running")
+        except sqlite3.Error as exc:
+            idle = False
+            log.debug("cannot read the running experiments: %s", exc)
+        if idle:
             return
         if kind == "flip":
             self._flipped_at = time.time()
         future = self.worker.submit(kind)
-        if kind in ("cycle", "verify", "harm", "flip"):
-            loop = asyncio.get_running_loop()
-            future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._rebuild_soon))
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._job_done, kind, done))
 
-    def _rebuild_soon(self) -> None:
-        if not self.stopping.is_set():
+    def _job_done(self, kind: str, done: concurrent.futures.Future[str | None]) -> None:
+        """A failed job is said once with its cause and tried again after 1, 2, 4 ... minutes
+        (``retry_delay``) until its next scheduled time; Discord hears of it once it has failed
+        ``TELL_AFTER`` times in a row, and again when it works."""
+        cause = None if done.cancelled() else done.result()
+        now = time.time()
+        failing = self._failing.get(kind)
+        if cause is None:
+            if failing is not None:
+                del self._failing[kind]
+                log.info(
+                    "job %s works again, after %d failures since %s",
+                    kind,
+                    failing.failures,
+                    _iso(failing.since),
+                )
+                if failing.told:
+                    self.worker.tell(
+                        Notification("job_recovered", f"tunerd: the {kind} job works again")
+                    )
+        else:
+            if failing is None:
+                failing = self._failing[kind] = Failing(cause, 0, now, now)
+            failing.failures += 1
+            failing.retry_at = now + retry_delay(failing.failures)
+            if failing.failures == 1 or cause != failing.cause:
+                log.error(
+                    "job %s failed: %s; it runs again in %s, then less often, until its next time",
+                    kind,
+                    cause,
+                    human_duration(failing.retry_at - now),
+                )
+            else:
+                log.debug("job %s failed again (%d): %s", kind, failing.failures, cause)
+            failing.cause = cause
+            if failing.failures >= TELL_AFTER and not failing.told:
+                failing.told = True
+                self.worker.tell(
+                    Notification(
+                        "job_failing",
+                        f"tunerd: the {kind} job keeps failing",
+                        None,
+                        [
+                            cause,
+                            f"{failing.failures} failures in a row since {_iso(failing.since)};"
+                            " tunerd keeps trying, less and less often, and says when it works",
+                        ],
+                    )
+                )
+        if kind != "outbox" and not self.stopping.is_set():
             self.build_timers()
 
     # --- signals ----------------------------------------------------------------------------
@@ -531,7 +744,14 @@ class Daemon:
         self._publish()
         systemd.notify("READY=1")
         log.info("following %s", self.settings.log_path)
-        tasks = [asyncio.create_task(t) for t in (self.follow(), self.heartbeat(), self.watchdog())]
+        tasks = [
+            asyncio.create_task(self._supervise(name, run))
+            for name, run in (
+                ("follower", self.follow),
+                ("heartbeat", self.heartbeat),
+                ("watchdog", self.watchdog),
+            )
+        ]
         await self.stopping.wait()
         systemd.notify("STOPPING=1")
         log.info("stopping: finishing the job in flight")
@@ -546,7 +766,35 @@ class Daemon:
         self.follower.close()
         self.store.close()
         log.info("stopped")
-        return 0
+        return self.exit_code
+
+    async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the daemon's tasks; an error is said (its cause, once) and the task
+        started again after 1, 2, 4 ... 60 s. One that keeps failing for ``GIVE_UP`` seconds
+        ends the daemon with status 1: never a live process whose follower quietly died."""
+        failures, since, said = 0, 0.0, ""
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                await run()
+                return
+            except Exception as exc:
+                cause = cause_of(exc)
+                log.debug("the %s failed", name, exc_info=True)
+            now = time.monotonic()
+            if failures and now - started > 300:
+                failures = 0  # it ran five minutes before failing: a new streak
+            if failures == 0:
+                since = now
+            failures += 1
+            if cause != said:
+                log.error("the %s failed (%s): starting it again", name, cause)
+                said = cause
+            if now - since > GIVE_UP:
+                self._fail(f"the {name} has kept failing for {human_duration(GIVE_UP)}")
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), min(60.0, 2.0 ** (failures - 1)))
 
 
 def _trim_heap() -> None:
@@ -576,8 +824,16 @@ def run(config: str | None) -> int:
         log.error("%s", exc)
         return 2
     logs.configure(secrets=[settings.discord.url() or ""])
+    from tunerd.engine import check_state
+
     try:
         daemon = Daemon(config, settings)
+        check_state(daemon.store, settings.targets())
+    except StoreError as exc:
+        # 2: a person must act (systemd does not restart it: RestartPreventExitStatus=2)
+        log.error("%s", exc)
+        return 1 if exc.transient else 2
+    try:
         return asyncio.run(daemon.serve())
     except AlreadyRunning as exc:
         log.error("%s", exc)

@@ -20,7 +20,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from tunerd.faults import crash_point
 from tunerd.params import (
@@ -118,11 +118,52 @@ def _refuse_symlink(path: Path) -> None:
         )
 
 
+# --- edits ----------------------------------------------------------------------------------
+
+EXCERPT_MAX: Final = 16 * 1024
+"""What a rollback point keeps of the file before a change: the part the change touched, at most
+this long (the whole params file of 5,000 crons, once per change, made a 2.2 GB database)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """One change to one cron's entry in a target; ``Engine`` writes a list of them in one go."""
+
+    kind: Literal["set", "start", "end"]
+    """``set`` the parameter to ``value``; ``start`` the experiment ``block``; ``end`` it."""
+    cron: str
+    param: str
+    value: int | None = None
+    block: dict[str, Any] | None = None
+
+
+class _Edits:
+    """The one-edit forms, for the callers that make one change."""
+
+    __slots__ = ()
+
+    def apply(self, content: bytes | None, edits: list[Edit]) -> tuple[bytes, list[bytes]]:
+        raise NotImplementedError
+
+    def set_value(self, content: bytes | None, cron: str, param: str, value: int) -> bytes:
+        return self.apply(content, [Edit("set", cron, param, value)])[0]
+
+    def start_experiment(self, content: bytes | None, cron: str, block: dict[str, Any]) -> bytes:
+        return self.apply(content, [Edit("start", cron, str(block.get("param")), block=block)])[0]
+
+    def end_experiment(self, content: bytes | None, cron: str) -> bytes:
+        return self.apply(content, [Edit("end", cron, "")])[0]
+
+
+def _clip(data: bytes) -> bytes:
+    return data if len(data) <= EXCERPT_MAX else data[: EXCERPT_MAX - 3] + b"..."
+
+
 # --- the params file ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class ParamsFileTarget:
+class ParamsFileTarget(_Edits):
     """``{"defaults": {...}, "crons": {name: {...}}, "experiments": {name: {...}}}``."""
 
     path: Path
@@ -161,28 +202,36 @@ class ParamsFileTarget:
         bad = untrusted_values(doc["defaults"], overrides)
         return _distrust(found, {p: f"params file {self.path}: {why}" for p, why in bad.items()})
 
-    def start_experiment(self, content: bytes | None, cron: str, block: dict[str, Any]) -> bytes:
+    def apply(self, content: bytes | None, edits: list[Edit]) -> tuple[bytes, list[bytes]]:
+        """The file after ``edits``, parsed and written once however many there are, and what
+        each edit's rollback point keeps: its cron's entry and block, and the defaults, before.
+        ``set`` also removes an experiment block on that parameter (a commit or a rollback);
+        one on another parameter stays."""
         doc = self.load(content)
-        doc["experiments"][cron] = block
-        return _dump(doc)
+        excerpts = [self._excerpt(doc, edit.cron) for edit in edits]
+        for edit in edits:
+            if edit.kind == "start":
+                doc["experiments"][edit.cron] = edit.block
+            elif edit.kind == "end":
+                doc["experiments"].pop(edit.cron, None)
+            else:
+                overrides = doc["crons"].setdefault(edit.cron, {})
+                if not isinstance(overrides, dict):
+                    raise TargetError(f"{self.path}: the entry of a cron is not an object")
+                overrides[edit.param] = edit.value
+                block = doc["experiments"].get(edit.cron)
+                if isinstance(block, dict) and block.get("param") == edit.param:
+                    del doc["experiments"][edit.cron]
+        return _dump(doc), excerpts
 
-    def set_value(self, content: bytes | None, cron: str, param: str, value: int) -> bytes:
-        """The cron's parameter set (a commit or a rollback), and the experiment block on that
-        parameter, if any, removed (one on another parameter stays)."""
-        doc = self.load(content)
-        overrides = doc["crons"].setdefault(cron, {})
-        if not isinstance(overrides, dict):
-            raise TargetError(f"{self.path}: the entry of a cron is not an object")
-        overrides[param] = value
-        block = doc["experiments"].get(cron)
-        if isinstance(block, dict) and block.get("param") == param:
-            del doc["experiments"][cron]
-        return _dump(doc)
-
-    def end_experiment(self, content: bytes | None, cron: str) -> bytes:
-        doc = self.load(content)
-        doc["experiments"].pop(cron, None)
-        return _dump(doc)
+    @staticmethod
+    def _excerpt(doc: dict[str, Any], cron: str) -> bytes:
+        part = {
+            "defaults": doc["defaults"],
+            "crons": {cron: doc["crons"].get(cron)},
+            "experiments": {cron: doc["experiments"].get(cron)},
+        }
+        return _clip(json.dumps(part, ensure_ascii=False, sort_keys=True).encode())
 
 
 def _dump(doc: dict[str, Any]) -> bytes:
@@ -222,7 +271,7 @@ TO_ADD: Final[dict[str, str]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class ScriptTarget:
+class ScriptTarget(_Edits):
     """One cron's wrapper script: each parameter's number found by a pattern with one group."""
 
     path: Path
@@ -314,18 +363,24 @@ class ScriptTarget:
         force = self.in_force(content, cron)
         return Params().with_overrides({k: v for k, v in force.as_dict().items() if v is not None})
 
-    def set_value(self, content: bytes | None, cron: str, param: str, value: int) -> bytes:
+    def apply(self, content: bytes | None, edits: list[Edit]) -> tuple[bytes, list[bytes]]:
+        """The script after ``edits`` (each number replaced where its pattern matches exactly
+        once; ``start`` writes the treatment, ``end`` leaves the file as it is), and what each
+        edit's rollback point keeps: the lines its pattern matched, before."""
         text = self._text(content)
-        match = self._match(text, param)
-        return (text[: match.start(1)] + str(value) + text[match.end(1) :]).encode()
-
-    def start_experiment(self, content: bytes | None, cron: str, block: dict[str, Any]) -> bytes:
-        """The treatment value takes effect (a switchback experiment writes the value of its
-        first block instead: ``Engine.start_experiment``)."""
-        return self.set_value(content, cron, block["param"], int(block["treatment"]))
-
-    def end_experiment(self, content: bytes | None, cron: str) -> bytes:
-        return self._text(content).encode()
+        excerpts = [
+            _clip("\n".join(m.group(0) for m in self._matches(text, e.param)).encode())
+            if e.param in TUNABLE
+            else b""
+            for e in edits
+        ]
+        for edit in edits:
+            if edit.kind == "end":
+                continue
+            value = edit.value if edit.kind == "set" else int((edit.block or {})["treatment"])
+            match = self._match(text, edit.param)
+            text = text[: match.start(1)] + str(value) + text[match.end(1) :]
+        return text.encode(), excerpts
 
 
 Target = ParamsFileTarget | ScriptTarget
