@@ -156,32 +156,13 @@ def test_verify_sequential_by_switch_time(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(lines) + "\n")
     # Without the time before the control window, one switch cannot rule out the world:
+    switch_at = iso(start + timedelta(minutes=200))
     short = json.loads(
-        verify(
-            tmp_path,
-            log,
-            "c",
-            "maxRetries",
-            3,
-            4,
-            "--switch-at",
-            iso(start + timedelta(minutes=200)),
-            "--json",
-        ).stdout
+        verify(tmp_path, log, "c", "maxRetries", 3, 4, "--switch-at", switch_at, "--json").stdout
     )
     assert short["decision"] == "extend" and "placebo" in short["reason"]
     log.write_text("\n".join(before + lines) + "\n")
-    done = verify(
-        tmp_path,
-        log,
-        "c",
-        "maxRetries",
-        3,
-        4,
-        "--switch-at",
-        iso(start + timedelta(minutes=200)),
-        "--json",
-    )
+    done = verify(tmp_path, log, "c", "maxRetries", 3, 4, "--switch-at", switch_at, "--json")
     doc = json.loads(done.stdout)
     # The treatment runs from the switch to the last run (199 min): the control is the 199 min
     # just before the switch, not all history before it.
