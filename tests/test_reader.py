@@ -5,19 +5,31 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tunerd import reader as reader_module
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES, Batch, LogReader
 
 from .conftest import REAL_SAMPLE, run_line
 
 
-def read_all(data: bytes, chunk: int | None = None, cap: int = 1 << 20) -> tuple[Batch, LogReader]:
-    reader = LogReader(max_line_bytes=cap)
+def read_all(
+    data: bytes,
+    chunk: int | None = None,
+    cap: int = 1 << 20,
+    columnar: bool = False,
+    now: float | None = None,
+) -> tuple[Batch, LogReader]:
+    reader = LogReader(max_line_bytes=cap, columnar=columnar, now=now)
     out = Batch()
     step = chunk or max(len(data), 1)
-    for i in range(0, len(data), step):
-        batch = reader.feed(data[i : i + step])
-        out.entries += batch.entries
-        out.malformed += batch.malformed
+    # A columnar reader decodes every block whole that it can, however short (tests' logs are).
+    previous, reader_module.WHOLE_MIN_LINES = reader_module.WHOLE_MIN_LINES, 1
+    try:
+        for i in range(0, len(data), step):
+            batch = reader.feed(data[i : i + step])
+            out.entries += batch.entries
+            out.malformed += batch.malformed
+    finally:
+        reader_module.WHOLE_MIN_LINES = previous
     batch = reader.finish()
     out.entries += batch.entries
     out.malformed += batch.malformed
@@ -202,3 +214,60 @@ def test_absurd_values_are_malformed_lines_with_their_offsets() -> None:
     assert LogReader(now=NOW).feed(soon).malformed == []
     # Without a clock (an old log read for what it holds), any time is accepted.
     assert len(LogReader().feed(data).malformed) == 4
+
+
+# Shapes a block decoder could mistake for one object per line, or that must leave it.
+AWKWARD = [
+    *CORPUS,
+    run_line().encode() + run_line().encode(),  # two objects on one line
+    b'{"type": "success",',  # one object over two lines (with the next)
+    b'"attempts": []}',
+    b"\xef\xbb\xbf" + run_line().encode(),  # a byte-order mark
+    b"   " + run_line().encode() + b"  ",
+    run_line(ts="9999-12-31T00:00:00Z").encode(),  # far in the future
+    run_line(ts=1770266655848).encode(),
+    run_line(ts="2026-02-05T04:44:15").encode(),
+    b"{}",
+    b'{"type": 7}',
+    b"[]",
+    b"}",
+    b"{",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(AWKWARD), max_size=30),
+    st.integers(min_value=1, max_value=3000),
+    st.booleans(),
+    st.sampled_from([128, 256, 4096]),
+)
+def test_block_reading_equals_line_reading(
+    lines: list[bytes], chunk: int, crlf: bool, cap: int
+) -> None:
+    """Whole blocks decoded at once (a whole-log read) give the entries, malformed lines and
+    offsets that reading line by line does, whatever the blocks' edges."""
+    data = (b"\r\n" if crlf else b"\n").join(lines) + b"\n"
+    now = 1770266655.0
+    by_line, line_reader = read_all(data, chunk=chunk, cap=cap, now=now)
+    by_block, block_reader = read_all(data, chunk=chunk, cap=cap, columnar=True, now=now)
+    assert by_block.entries == by_line.entries
+    assert by_block.malformed == by_line.malformed
+    assert block_reader.offset == line_reader.offset == len(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000), st.integers(min_value=1, max_value=700))
+def test_block_reading_equals_line_reading_on_arbitrary_bytes(data: bytes, chunk: int) -> None:
+    by_line, _ = read_all(data, chunk=chunk, cap=512)
+    by_block, reader = read_all(data, chunk=chunk, cap=512, columnar=True)
+    assert (by_block.entries, by_block.malformed) == (by_line.entries, by_line.malformed)
+    assert reader.offset == len(data)
+
+
+def test_a_clean_block_is_decoded_whole() -> None:
+    """The fast path is really taken for a log of plain lines (and left for a malformed one)."""
+    data = b"".join(run_line(f"c{i}").encode() + b"\n" for i in range(600))
+    reader = LogReader(columnar=True)
+    assert reader._decode_whole(data, Batch())
+    assert not reader._decode_whole(data + b"{broken\n", Batch())

@@ -764,6 +764,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     reader = LogReader(
         max_line_bytes=settings.max_line_bytes if settings else DEFAULT_MAX_LINE_BYTES,
         now=now.timestamp(),
+        columnar=True,
     )
     malformed = 0
     try:

@@ -3,9 +3,10 @@
 Every change follows one protocol: render the new file in memory; commit the intent (history row
 ``applying``, rollback point with the part of the old file the change touched and the whole old
 file's hash, the new bytes' hash, the experiment row) in one transaction; write the file
-atomically; commit the outcome. The experiments a cycle starts in one target are one write. ``recover`` settles an intent that a
-crash interrupted by looking at what the file holds: the new bytes mean applied, the old mean
-not applied, anything else means someone else changed the file (a conflict, reported).
+atomically; commit the outcome. The experiments a cycle starts in one target are one write.
+``recover`` settles an intent that a crash interrupted by looking at what the file holds: the
+new bytes mean applied, the old mean not applied, anything else means someone else changed the
+file (a conflict, reported).
 
 All writers take one exclusive lock (``state_dir/apply.lock``), so a cycle, an approval and a
 manual rollback never interleave, whether they run in the daemon or the CLI.

@@ -160,7 +160,7 @@ def _read_range(path: Path, start: int, end: int | None, options: ReadOptions) -
     stats = LogStats(
         since=options.since, bucket_seconds=options.bucket_seconds, max_crons=options.max_crons
     )
-    reader = LogReader(start, options.max_line_bytes, options.read_at or None)
+    reader = LogReader(start, options.max_line_bytes, options.read_at or None, columnar=True)
     for batch in read_batches(path, reader, start, end):
         stats.add_entries(batch.entries, options.read_at)
         stats.add_malformed(batch.malformed)

@@ -14,6 +14,7 @@ starts.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
@@ -29,8 +30,13 @@ FUTURE_SKEW: Final = 86400.0
 """How far ahead of the reader's clock a line may be (a clock set a little wrong). A line from
 further ahead would stay in every window for years and drive proposals on its own: malformed."""
 
+WHOLE_MIN_LINES: Final = 512
+"""Blocks of this many lines or more are decoded whole by a columnar reader: a short log (or the
+end of one) never pays for importing NumPy."""
+
 _DECODER: Final = msgspec.json.Decoder(Entry)
 _BOM: Final = b"\xef\xbb\xbf"
+_TIMESTAMP: Final = operator.attrgetter("timestamp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +60,17 @@ class LogReader:
         offset: int = 0,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         now: float | None = None,
+        columnar: bool = False,
     ) -> None:
         """``now`` (epoch seconds): lines timestamped more than ``FUTURE_SKEW`` after it are
-        malformed; None accepts any time (a reader of old logs has no clock to trust)."""
+        malformed; None accepts any time (a reader of old logs has no clock to trust).
+        ``columnar``: whole blocks are framed with NumPy and decoded in one call (a whole-log
+        read, which imports NumPy anyway); the daemon's follower decodes line by line and never
+        loads it."""
         if max_line_bytes < 1:
             raise ValueError("max_line_bytes must be positive")
         self.max_line_bytes = max_line_bytes
+        self.columnar = columnar
         self._horizon: tuple[float, datetime] | None = None
         self.set_now(now)
         self._offset = offset  # file offset of the first byte not yet consumed as a whole line
@@ -143,6 +154,13 @@ class LogReader:
         The fast path decodes line after line with no bookkeeping; at the first line it cannot
         take, the careful path takes over from that line, tracking offsets for the reports.
         """
+        if (
+            self.columnar
+            and block.count(b"\n") >= WHOLE_MIN_LINES
+            and self._decode_whole(block, batch)
+        ):
+            self._offset += len(block)
+            return
         lines = block.split(b"\n")
         if block.endswith(b"\n"):
             lines.pop()
@@ -157,13 +175,51 @@ class LogReader:
             else:
                 done = len(lines)
             if self._horizon is not None:
-                self._drop_future(lines, before, batch)
+                self._drop_future(block, before, batch)
         if done < len(lines):
             offset = self._offset + sum(len(line) + 1 for line in lines[:done])
             for line in lines[done:]:
                 self._decode_line(line, offset, batch)
                 offset += len(line) + 1
         self._offset += len(block)
+
+    def _decode_whole(self, block: bytes, batch: Batch) -> bool:
+        """Decode ``block`` in one ``decode_lines`` call, if it is surely one object per line.
+
+        ``decode_lines`` alone would take two objects on one line, or one object over several,
+        as well as one per line. A raw newline cannot be inside a JSON string, so when every
+        newline is preceded by ``}`` (or ``}\\r``) and followed by ``{`` (but the last), the
+        decoder returns one item per newline, and every line is within the cap, each line was
+        exactly one object. Anything else (a blank line, a BOM, a malformed line) is left to the
+        line-by-line path, which reports it with its offset. False when not taken."""
+        import numpy as np
+
+        data = np.frombuffer(block, np.uint8)
+        ends = np.flatnonzero(data == 0x0A)
+        if not len(ends) or ends[-1] != len(data) - 1 or data[0] != 0x7B:
+            return False
+        closed = data[ends - 1] == 0x7D
+        if not closed.all():
+            closed |= (data[ends - 1] == 0x0D) & (data[np.maximum(ends - 2, 0)] == 0x7D)
+            if not closed.all():
+                return False
+        if not (data[ends[:-1] + 1] == 0x7B).all() or not _valid_utf8(block):
+            return False
+        if len(block) > self.max_line_bytes:
+            longest = int(np.diff(ends, prepend=-1).max()) - 1
+            if longest > self.max_line_bytes:
+                return False
+        try:
+            entries = _DECODER.decode_lines(block)
+        except (msgspec.DecodeError, RecursionError):
+            return False
+        if len(entries) != len(ends):
+            return False
+        first = len(batch.entries)
+        batch.entries += entries
+        if self._horizon is not None:
+            self._drop_future(block, first, batch)
+        return True
 
     def _decode_line(self, line: bytes, offset: int, batch: Batch) -> None:
         if len(line) > self.max_line_bytes:
@@ -189,13 +245,21 @@ class LogReader:
             else:
                 batch.entries.append(entry)
 
-    def _drop_future(self, lines: list[bytes], first: int, batch: Batch) -> None:
-        """Take the lines of the fast path's entries (from ``first``, one per line of ``lines``)
-        whose time is past the horizon out of the batch, as malformed. One comparison per entry;
-        the offsets are counted only when there is one to report."""
+    def _drop_future(self, block: bytes, first: int, batch: Batch) -> None:
+        """Take the entries decoded from ``block`` (from ``first`` on, one per line) whose time
+        is past the horizon out of the batch, as malformed. The usual answer, none, costs one
+        C-level ``max``; offsets are counted only when there is one to report."""
         assert self._horizon is not None
         limit_ms, limit = self._horizon
         entries = batch.entries
+        try:
+            latest = max(map(_TIMESTAMP, entries[first:]), default=None)
+            if latest is None or (
+                latest <= limit_ms if isinstance(latest, float) else _aware(latest) <= limit
+            ):
+                return
+        except TypeError:
+            pass  # times of several kinds (text, epoch, none, naive): one by one
         future = []
         for i in range(first, len(entries)):
             ts = entries[i].timestamp
@@ -204,7 +268,7 @@ class LogReader:
         if not future:
             return
         offsets = [self._offset]
-        for line in lines:
+        for line in block.split(b"\n"):
             offsets.append(offsets[-1] + len(line) + 1)
         for i in reversed(future):
             entry = entries.pop(i)

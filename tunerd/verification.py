@@ -109,7 +109,7 @@ def gather_runs(
                 else:
                     got.runs.append((run_start(entry, ended), entry))
 
-    reader = LogReader(skip_to, max_line_bytes, now)
+    reader = LogReader(skip_to, max_line_bytes, now, columnar=True)
     try:
         for batch in read_batches(log_path, reader, skip_to, stop_at):
             take(batch.entries)
