@@ -46,9 +46,9 @@ def setup(tmp_path: Path) -> dict[str, Path]:
 
 
 def tunerd(
-    setup: dict[str, Path], *args: str, crash: str | None = None
+    setup: dict[str, Path], *args: str, crash: str | None = None, **extra: str
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(ENV, HOME=str(setup["root"]))
+    env = dict(ENV, HOME=str(setup["root"]), **extra)
     if crash:
         env["TUNERD_CRASH_AT"] = crash
     return subprocess.run(

@@ -26,10 +26,13 @@ def test_an_absurd_line_is_malformed_not_a_crash(setup: dict[str, Path]) -> None
     offset = log.stat().st_size
     overflow = run_line("flaky", total=0).replace('"totalDuration": 0', '"totalDuration": 1e39')
     future = [run_line("ghost", (500, 500), ts="9999-12-31T23:59:59.000Z") for _ in range(40)]
+    # ... and a clock that was not set: one such line stretched the period to year 1
+    past = [run_line("flaky", ts="0001-01-01T00:00:00Z"), run_line("flaky", ts=0)]
     with log.open("a") as f:
-        f.write("\n".join([overflow, *future]) + "\n")
+        f.write("\n".join([overflow, *future, *past]) + "\n")
     report = as_json(setup, "analyze")
-    assert report["totals"]["malformed"] == 41
+    assert report["totals"]["malformed"] == 43
+    assert report["period"]["first"] >= "2000"
     assert report["malformed_samples"][0]["offset"] == offset
     assert "ghost" not in {c["cron"] for c in report["crons"]}
     cycle = as_json(setup, "cycle")
@@ -428,3 +431,107 @@ def test_state_that_cannot_be_trusted_is_refused_with_what_to_do(setup: dict[str
         done = tunerd(setup, command)
         assert done.returncode in (1, 2) and "is damaged" in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_values_logged_by_a_run_are_trusted_no_more_than_hand_written_ones(
+    setup: dict[str, Path],
+) -> None:
+    """A run that logs `"timeout": -5` in its params: Level 1 ran with something tunerd cannot
+    tell; the proposal read "15,000 -> 22,500" as if it were the default."""
+    log = setup["root"] / "auto-retry.jsonl"
+    bad = {"maxRetries": 3, "timeout": -5, "backoffBase": 1000}
+    log.write_text(
+        "".join(run_line("slow", (25_000,), params=bad) + "\n" for _ in range(40)),
+        encoding="utf-8",
+    )
+    setup["params"].unlink()
+    report = as_json(setup, "analyze")
+    slow = next(c for c in report["crons"] if c["cron"] == "slow")
+    assert slow["params"]["timeout"] is None and slow["params"]["maxRetries"] == 3
+    assert any(
+        a["type"] == "untrusted_value" and "timeout -5 is negative" in a["message"]
+        for a in report["advisories"]
+    )
+    assert not any(r["param"] == "timeout" for r in report["recommendations"])
+
+
+def test_a_store_older_than_the_params_file_is_refused(setup: dict[str, Path]) -> None:
+    """Restored from a backup older than an experiment: the next cycle overwrote the block
+    it no longer knew, silently."""
+    as_json(setup, "cycle")
+    doc = json.loads(setup["params"].read_bytes())
+    doc["experiments"]["newer"] = dict(next(iter(doc["experiments"].values())), id="99")
+    setup["params"].write_text(json.dumps(doc))
+    before = setup["params"].read_bytes()
+    for command in ("cycle", "status", "run"):
+        done = tunerd(setup, command)
+        assert done.returncode in (1, 2), done.stderr
+        assert "does not know 1 of its" in done.stderr and "'newer'" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert setup["params"].read_bytes() == before
+
+
+def test_a_damaged_page_or_a_full_disk_mid_command_is_one_line(setup: dict[str, Path]) -> None:
+    """A database whose header is fine but whose pages are not, and a disk that fills during a
+    cycle: raw tracebacks from every command before."""
+    flag = setup["root"] / "full"
+    flag.touch()
+    done = tunerd(setup, "cycle", TUNERD_FAULT_DISK_FULL=str(flag))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("the disk is full")
+    assert json.loads(setup["params"].read_bytes())["experiments"] == {}
+    flag.unlink()
+    as_json(setup, "cycle")
+    database = setup["root"] / "state" / "tunerd.sqlite3"
+    tunerd(setup, "status")  # checkpoints the write-ahead log into the file
+    assert database.stat().st_size > 8 * 4096
+    with database.open("r+b") as f:
+        f.seek(3 * 4096)
+        f.write(os.urandom(5 * 4096))
+    for command in ("status", "history", "cycle", "run"):
+        done = tunerd(setup, command)
+        assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
+        assert "damaged" in done.stderr and "restore it from a backup" in done.stderr
+
+
+def test_a_disk_full_at_start_is_not_called_damaged(tmp_path: Path) -> None:
+    """SQLite says "disk I/O error" when it cannot create its write-ahead log on a full disk:
+    that was reported as a damaged database, exit 2, and systemd never restarted tunerd."""
+    from .test_daemon import Daemon
+
+    state = tmp_path / "state"
+    if not small_disk(state):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        daemon = Daemon(tmp_path)
+        daemon.append("a", 5)
+        daemon.cli("status")  # the database exists, and holds a little
+        assert (state / "tunerd.sqlite3").stat().st_size > 0
+        for name in os.listdir(state):
+            if name.endswith(("-wal", "-shm")):
+                (state / name).unlink()
+        fill(state)
+        done = subprocess.run(
+            [sys.executable, "-m", "tunerd", "run", "--config", str(daemon.config)],
+            capture_output=True,
+            text=True,
+            env=dict(ENV, HOME=str(tmp_path)),
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert done.returncode == 1, done.stderr
+        assert "the disk is full" in done.stderr and "damaged" not in done.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_a_cycle_names_a_params_file_it_cannot_read(setup: dict[str, Path]) -> None:
+    """A params file that is not valid as a whole left every cron alone and the cycle said only
+    "nothing to change"."""
+    setup["params"].write_text("[1, 2, 3]\n")
+    done = tunerd(setup, "cycle")
+    assert done.returncode == 0, done.stderr
+    assert "is not a valid params file" in done.stderr and "nothing to change" in done.stdout
+    report = json.loads(tunerd(setup, "cycle", "--json").stdout)
+    assert [a["type"] for a in report["advisories"]][:1] == ["unreadable_target"]
+    assert setup["params"].read_text() == "[1, 2, 3]\n"

@@ -151,6 +151,20 @@ def test_deleted_with_a_backlog_then_recreated(tmp_path: Path) -> None:
     assert names(f) == ["c9"]
 
 
+def test_moved_away_and_back_is_not_read_twice(tmp_path: Path) -> None:
+    """`mv log away; mv away log` while the daemon runs: the same bytes go on where they were."""
+    log = tmp_path / "auto-retry.jsonl"
+    log.write_bytes(lines(3))
+    f = Follower(log)
+    assert names(f) == ["c0", "c1", "c2"]
+    away = tmp_path / "elsewhere.jsonl"
+    log.rename(away)
+    assert "deleted" in f.poll().events
+    away.rename(log)
+    append(log, lines(1, 3))
+    assert names(f) == ["c3"]
+
+
 def test_an_editors_atomic_rewrite_is_not_read_twice(tmp_path: Path) -> None:
     log = tmp_path / "auto-retry.jsonl"
     log.write_bytes(lines(4))

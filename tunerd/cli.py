@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -201,8 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("reject", cmd_reject, "reject a pending review: it is not proposed again for a while"),
         ("rollback", cmd_rollback, "undo an applied change by hand (an ID from history)"),
     ):
-        command(name, run, help).add_argument("id", metavar="ID", type=int)
+        command(name, run, help).add_argument("id", metavar="ID", type=_row_id)
     return parser
+
+
+def _row_id(text: str) -> int:
+    """A review, change or experiment number (SQLite's integers stop at 2^63 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"no such number: {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,6 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"tunerd: error: {exc}", file=sys.stderr)
         return exc.status
+    except sqlite3.Error as exc:  # met outside the store's own checks (a damaged page, a full disk)
+        from tunerd.store import OPENED, store_error
+
+        path = OPENED[-1] if OPENED else Path("tunerd.sqlite3")
+        print(f"tunerd: error: {store_error(path, exc)}", file=sys.stderr)
+        return FAILURE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `tunerd analyze | head`
@@ -396,6 +414,9 @@ def cmd_cycle(args: argparse.Namespace) -> int:
         )
     if not report.outcomes:
         lines.append("  nothing to change")
+    for advisory in report.analysis.advisories:
+        if advisory.type == "unreadable_target":
+            print(f"tunerd: warning: {safe_text(advisory.message)}", file=sys.stderr)
     return _emit(args, report.as_json(), "\n".join(lines))
 
 

@@ -127,6 +127,10 @@ def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
         )
         in_force = InForceReader(engine.targets)
         analysis = analyze(stats, in_force, since=since, changed_at=engine.store.last_changes())
+        analysis.advisories[:0] = [
+            Advisory("unreadable_target", str(path), 0, problem)
+            for path, problem in in_force.problems()
+        ]
         policy = PolicySettings(min_runs=settings.min_runs, cooldown_seconds=engine.cooldown)
         report = CycleReport(now, analysis, recovered, settled=settled)
         _supersede_unwritable(engine, in_force, now)

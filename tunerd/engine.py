@@ -77,12 +77,10 @@ class Item(NamedTuple):
 
 
 def check_state(store: Store, targets: Targets) -> None:
-    """Refuse a state store that remembers no experiment beside a params file that holds
-    some (``StoreError``): the database was deleted, truncated or never restored, and Level 1
-    still follows blocks tunerd would otherwise forget, verify never, and overwrite when it
-    reused their ids."""
-    if store.db.execute("SELECT 1 FROM experiments LIMIT 1").fetchone() is not None:
-        return
+    """Refuse a state store that does not know every experiment block of the params file
+    (``StoreError``): the database was deleted, truncated, or restored from a backup older than
+    the file, and Level 1 still follows blocks tunerd would otherwise forget, verify never, and
+    overwrite when it reused their ids or started another experiment on their crons."""
     target = targets.params_file
     try:
         blocks = target.load(read_target(target.path))["experiments"]
@@ -90,16 +88,28 @@ def check_state(store: Store, targets: Targets) -> None:
         return  # said by every command that reads it
     if not isinstance(blocks, dict) or not blocks:
         return
+    known = {str(row[0]) for row in store.db.execute("SELECT id FROM experiments")}
+    unknown = [
+        cron
+        for cron, block in blocks.items()
+        if not isinstance(block, dict) or str(block.get("id")) not in known
+    ]
+    if not unknown:
+        return
     from tunerd.report import safe_text
 
-    names = ", ".join(repr(safe_text(str(cron))[:40]) for cron in list(blocks)[:3])
-    more = f" and {len(blocks) - 3} more" if len(blocks) > 3 else ""
+    names = ", ".join(repr(safe_text(str(cron))[:40]) for cron in unknown[:3])
+    more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+    memory = (
+        "remembers no experiment"
+        if not known
+        else f"does not know {len(unknown)} of its {len(blocks)} experiment blocks"
+    )
     raise StoreError(
-        f"the state store {store.path} remembers no experiment, but the params file"
-        f" {target.path} holds {len(blocks)} experiment blocks ({names}{more}) that Level 1"
-        f" still follows: restore {store.path.name} from a backup; or, to start afresh, delete"
-        f' the "experiments" entries of {target.path} (those crons then run with their own'
-        " values). tunerd changes nothing until then."
+        f"the state store {store.path} {memory}, but the params file {target.path} holds"
+        f" them ({names}{more}) and Level 1 still follows them: restore {store.path.name} from"
+        f' a newer backup; or delete those entries of "experiments" in {target.path} (those'
+        " crons then run with their own values). tunerd changes nothing until then."
     )
 
 

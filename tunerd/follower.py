@@ -171,6 +171,8 @@ class Follower:
                 return result  # the rest of the old file first, at the next poll
             if current is None:
                 result.events.append("deleted")
+                # Moved away and back (the same bytes) goes on where it was; a new file from 0.
+                self._resume, self._mark = self.checkpoint(), None
                 self.close()
                 return result
             result.events.append("rotated")

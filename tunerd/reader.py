@@ -34,6 +34,11 @@ WHOLE_MIN_LINES: Final = 512
 """Blocks of this many lines or more are decoded whole by a columnar reader: a short log (or the
 end of one) never pays for importing NumPy."""
 
+EARLIEST: Final = datetime(2000, 1, 1, tzinfo=UTC)
+"""No run of a Level 1 wrapper is older: a line from before (a clock reset to 1970, a
+``0001-01-01``) would stretch every period it falls in and make rates meaningless."""
+EARLIEST_MS: Final = EARLIEST.timestamp() * 1000.0
+
 _DECODER: Final = msgspec.json.Decoder(Entry)
 _BOM: Final = b"\xef\xbb\xbf"
 _TIMESTAMP: Final = operator.attrgetter("timestamp")
@@ -240,39 +245,43 @@ class LogReader:
         except (msgspec.DecodeError, RecursionError) as exc:
             batch.malformed.append(Malformed(offset, f"not JSON: {exc}"))
         else:
-            if self._horizon is not None and (why := _in_future(entry, *self._horizon)):
+            if self._horizon is not None and (why := _out_of_range(entry, self._horizon[1])):
                 batch.malformed.append(Malformed(offset, why))
             else:
                 batch.entries.append(entry)
 
     def _drop_future(self, block: bytes, first: int, batch: Batch) -> None:
         """Take the entries decoded from ``block`` (from ``first`` on, one per line) whose time
-        is past the horizon out of the batch, as malformed. The usual answer, none, costs one
-        C-level ``max``; offsets are counted only when there is one to report."""
+        is out of range (past the horizon, or before ``EARLIEST``) out of the batch, as
+        malformed. The usual answer, none, costs a C-level ``min`` and ``max``; offsets are
+        counted only when there is one to report."""
         assert self._horizon is not None
         limit_ms, limit = self._horizon
         entries = batch.entries
         try:
-            latest = max(map(_TIMESTAMP, entries[first:]), default=None)
-            if latest is None or (
-                latest <= limit_ms if isinstance(latest, float) else _aware(latest) <= limit
-            ):
+            stamps = list(map(_TIMESTAMP, entries[first:]))
+            if not stamps:
                 return
-        except TypeError:
+            latest, earliest = max(stamps), min(stamps)
+            if isinstance(latest, float) and isinstance(earliest, float):
+                if earliest >= EARLIEST_MS and latest <= limit_ms:
+                    return
+            elif _aware(earliest) >= EARLIEST and _aware(latest) <= limit:
+                return
+        except (TypeError, AttributeError):
             pass  # times of several kinds (text, epoch, none, naive): one by one
-        future = []
-        for i in range(first, len(entries)):
-            ts = entries[i].timestamp
-            if ts is not None and (ts > limit_ms if isinstance(ts, float) else _aware(ts) > limit):
-                future.append(i)
-        if not future:
+        wrong = [
+            (i, why)
+            for i in range(first, len(entries))
+            if (why := _out_of_range(entries[i], limit)) is not None
+        ]
+        if not wrong:
             return
         offsets = [self._offset]
         for line in block.split(b"\n"):
             offsets.append(offsets[-1] + len(line) + 1)
-        for i in reversed(future):
-            entry = entries.pop(i)
-            why = _in_future(entry, limit_ms, limit) or "timestamp in the future"
+        for i, why in reversed(wrong):
+            entries.pop(i)
             batch.malformed.append(Malformed(offsets[i - first], why))
         batch.malformed.sort(key=lambda m: m.offset)
 
@@ -281,17 +290,18 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _in_future(entry: Entry, limit_ms: float, limit: datetime) -> str | None:
+def _out_of_range(entry: Entry, limit: datetime) -> str | None:
+    """Why the entry's time cannot be a run's (None when it can)."""
     ts = entry.timestamp
     if ts is None:
         return None
     moment = datetime.fromtimestamp(ts / 1000.0, UTC) if isinstance(ts, float) else _aware(ts)
-    if moment <= limit:
-        return None
-    return (
-        f"timestamp {moment.isoformat(timespec='seconds').replace('+00:00', 'Z')} is more than"
-        f" a day after the time it was read"
-    )
+    text = moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    if moment > limit:
+        return f"timestamp {text} is more than a day after the time it was read"
+    if moment < EARLIEST:
+        return f"timestamp {text} is before {EARLIEST.year}: a clock that was not set"
+    return None
 
 
 def _valid_utf8(data: bytes) -> bool:

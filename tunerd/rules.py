@@ -71,6 +71,7 @@ AdvisoryType = Literal[
     "cannot_apply",
     "rate_limit_not_retried",
     "untrusted_value",
+    "unreadable_target",
 ]
 
 

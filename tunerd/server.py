@@ -44,7 +44,7 @@ from tunerd.follower import Checkpoint, Follower
 from tunerd.logs import cause_of
 from tunerd.notify import Notification
 from tunerd.stats import LogStats
-from tunerd.store import Store, StoreError, load_tail, save_tail
+from tunerd.store import Store, StoreError, load_tail, save_tail, store_error
 from tunerd.timeparse import human_duration
 from tunerd.timeparse import iso as _iso
 
@@ -308,6 +308,7 @@ class Daemon:
                     "cannot write the state store (%s): reading goes on, saved when it works again",
                     cause_of(exc),
                 )
+                systemd.notify(f"STATUS=cannot write the state store ({cause_of(exc)})")
             elif now - self._storage_failing > GIVE_UP:
                 self._fail(f"the state store has failed for {human_duration(GIVE_UP)}")
             return False
@@ -827,8 +828,11 @@ def run(config: str | None) -> int:
     from tunerd.engine import check_state
 
     try:
-        daemon = Daemon(config, settings)
-        check_state(daemon.store, settings.targets())
+        try:
+            daemon = Daemon(config, settings)
+            check_state(daemon.store, settings.targets())
+        except sqlite3.Error as exc:
+            raise store_error(settings.state_dir / "tunerd.sqlite3", exc) from None
     except StoreError as exc:
         # 2: a person must act (systemd does not restart it: RestartPreventExitStatus=2)
         log.error("%s", exc)

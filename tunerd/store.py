@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -258,19 +259,39 @@ class StoreError(Exception):
         self.transient = transient
 
 
-def _unusable(path: Path, exc: Exception) -> str:
-    """One line for a database that opened but cannot be used, with what to do."""
+def store_error(path: Path, exc: Exception) -> StoreError:
+    """One line for a database that cannot be used, with what to do, and whether it may pass
+    on its own. SQLite says ``disk I/O error`` or ``unable to open database file`` for a full
+    disk or a read-only mount as well as for a real fault: the directory is asked which."""
     text = str(exc)
-    if "readonly" in text or isinstance(exc, PermissionError):
-        return f"cannot write the state store {path} ({text}): check its owner and mode"
-    if "full" in text:
-        return f"cannot write the state store {path}: the disk is full"
+    try:
+        room = os.statvfs(path.parent)
+        full = room.f_bavail * room.f_frsize < 64 * 1024
+    except OSError:
+        full = False
+    if "full" in text or (full and isinstance(exc, sqlite3.OperationalError | OSError)):
+        return StoreError(f"cannot write the state store {path}: the disk is full", True)
+    unwritable = not os.access(path.parent, os.W_OK) or (
+        path.exists() and not os.access(path, os.W_OK)
+    )
+    if "readonly" in text or isinstance(exc, PermissionError) or unwritable:
+        return StoreError(
+            f"cannot write the state store {path} ({text}): check its owner and mode, and that"
+            " its file system is mounted read-write"
+        )
+    if isinstance(exc, sqlite3.OperationalError | OSError):
+        return StoreError(f"cannot use the state store {path}: {text} (check the disk)", True)
     if isinstance(exc, sqlite3.DatabaseError):
-        return (
+        return StoreError(
             f"the state store {path} is damaged ({text}): restore it from a backup, or move it"
             " aside to start afresh (tunerd then checks its targets for experiments it forgot)"
         )
-    return f"cannot open the state store {path}: {text}"
+    return StoreError(f"cannot use the state store {path}: {text}")
+
+
+OPENED: list[Path] = []
+"""The state stores this process opened: a command that meets an SQLite error outside the
+store's own code names the database with ``store_error``."""
 
 
 class Store:
@@ -285,7 +306,7 @@ class Store:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the state store in {state_dir}: {exc}") from exc
+            raise store_error(self.path, exc) from None
         try:
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -295,8 +316,9 @@ class Store:
             st = self.path.stat()
         except (OSError, sqlite3.Error) as exc:
             self.db.close()
-            raise StoreError(_unusable(self.path, exc), "full" in str(exc)) from None
+            raise store_error(self.path, exc) from None
         self.identity = (st.st_dev, st.st_ino)
+        OPENED.append(self.path)
 
     def replaced(self) -> str | None:
         """Whether the database file this store opened is still the one at its path: deleted

@@ -443,8 +443,31 @@ class InForceReader:
                     assumed=True,
                 )
         if logged:
-            return InForce.of(Params().with_overrides(logged), "logged by its latest run")
+            source = "logged by its latest run"
+            bad: dict[str, str] = {
+                param: f"{param} {why} ({source})"
+                for param in TUNABLE
+                if param in logged and (why := untrusted(param, logged[param])) is not None
+            }
+            return _distrust(InForce.of(Params().with_overrides(logged), source), bad)
         return InForce(assumed=True)
+
+    def problems(self) -> list[tuple[Path, str]]:
+        """The targets that cannot be read or trusted as a whole (a params file that is not
+        valid, a script that cannot be read): every cron in them is left alone until a person
+        fixes them, and a cycle says so rather than only "nothing to change"."""
+        targets = self.targets
+        if targets is None:
+            return []
+        found = []
+        doc = self._params_doc(targets.params_file)
+        if isinstance(doc, TargetError):
+            found.append((targets.params_file.path, str(doc)))
+        for script in {script.path: script for script in targets.scripts.values()}.values():
+            content = self._content(script.path)
+            if isinstance(content, TargetError):
+                found.append((script.path, str(content)))
+        return found
 
     def _content(self, path: Path) -> bytes | TargetError | None:
         if path not in self._contents:
