@@ -535,3 +535,16 @@ def test_a_cycle_names_a_params_file_it_cannot_read(setup: dict[str, Path]) -> N
     report = json.loads(tunerd(setup, "cycle", "--json").stdout)
     assert [a["type"] for a in report["advisories"]][:1] == ["unreadable_target"]
     assert setup["params"].read_text() == "[1, 2, 3]\n"
+
+
+def test_a_log_that_fails_half_way_is_one_line(setup: dict[str, Path]) -> None:
+    """A read that fails after the open (an I/O error; here a special file) printed a
+    traceback."""
+    if not Path("/proc/self/mem").exists():
+        pytest.skip("no /proc here")
+    done = tunerd(setup, "analyze", "/proc/self/mem")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert (
+        done.stderr.strip()
+        == "tunerd: error: cannot read the log /proc/self/mem: Input/output error"
+    )

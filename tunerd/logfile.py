@@ -73,7 +73,14 @@ _KINDS: Final = {
 
 
 def read_log(path: Path, options: ReadOptions) -> LogStats:
-    """Statistics of the whole file at ``path``."""
+    """Statistics of the whole file at ``path`` (``LogFileError`` when it cannot be read)."""
+    try:
+        return _read_whole(path, options)
+    except OSError as exc:  # a read that fails half-way: an I/O error, a special file
+        raise LogFileError(f"cannot read the log {path}: {exc.strerror or exc}") from exc
+
+
+def _read_whole(path: Path, options: ReadOptions) -> LogStats:
     with open_log(path) as f:
         size = os.fstat(f.fileno()).st_size
     workers = options.workers or min(os.cpu_count() or 1, 4)
