@@ -22,14 +22,14 @@ def read_all(
     out = Batch()
     step = chunk or max(len(data), 1)
     # A columnar reader decodes every block whole that it can, however short (tests' logs are).
-    previous, reader_module.WHOLE_MIN_LINES = reader_module.WHOLE_MIN_LINES, 1
+    previous, reader_module.WHOLE_MIN_BYTES = reader_module.WHOLE_MIN_BYTES, 1
     try:
         for i in range(0, len(data), step):
             batch = reader.feed(data[i : i + step])
             out.entries += batch.entries
             out.malformed += batch.malformed
     finally:
-        reader_module.WHOLE_MIN_LINES = previous
+        reader_module.WHOLE_MIN_BYTES = previous
     batch = reader.finish()
     out.entries += batch.entries
     out.malformed += batch.malformed

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import random
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from tunerd import logfile
-from tunerd import stats as stats_module
 from tunerd.logfile import LogFileError, ReadOptions, read_log
 from tunerd.reader import LogReader
 from tunerd.stats import LogStats
@@ -155,101 +149,3 @@ def test_timed_out_attempts_tell_a_killed_attempt_from_a_short_one() -> None:
     assert a.count_at_least(0.9 * 15_000) == 1
     assert a.count_at_least(0) == 7
     assert pickle.loads(pickle.dumps(a)).bins == a.bins
-
-
-def _state(stats: LogStats) -> object:
-    """Everything a ``LogStats`` says, in comparable form."""
-    crons = {}
-    for name, cron in stats.crons.items():
-        buckets = {}
-        for key, b in cron.buckets.items():
-            sketches = (b.duration, b.first_attempt, b.success_attempt)
-            buckets[key] = (
-                (b.runs, b.successes, b.retried, b.attempts, b.exhausted, b.non_retryable),
-                (b.non_retryable_first, b.first_at, b.last_at),
-                [(s.count, round(s.total, 3), s.quantiles((0, 0.5, 0.99, 1))) for s in sketches],
-                sorted(
-                    (k, v.count, v.retries, v.kind, v.retryable)
-                    for k, v in b.errors.signatures.items()
-                ),
-                sorted(b.timeout_attempt.bins.items()) if b.timeout_attempt else None,
-            )
-        crons[name] = (buckets, cron.params, cron.params_at, cron.schedule)
-    return crons, stats.totals, stats.tasks
-
-
-RUN = st.fixed_dictionaries(
-    {
-        "cron": st.sampled_from(["a", "b", "크론", "", None, "c", "d"]),
-        "task": st.sampled_from([None, "test", "fetch"]),
-        "durations": st.lists(st.integers(0, 40_000), min_size=0, max_size=4),
-        "ok": st.booleans(),
-        "type": st.sampled_from(["ok", "ok", None, "weird"]),
-        "error": st.sampled_from([ERR_429, ERR_TIMEOUT, ERR_OTHER, "plain text", None]),
-        "ts": st.one_of(
-            st.integers(1_770_000_000, 1_770_400_000).map(
-                lambda s: datetime.fromtimestamp(s, UTC).isoformat().replace("+00:00", "Z")
-            ),
-            st.integers(1_770_000_000_000, 1_770_400_000_000),
-            st.just("2026-02-05T04:44:15"),
-            st.none(),
-        ),
-        "total": st.one_of(st.none(), st.integers(0, 90_000)),
-        "params": st.one_of(st.none(), st.fixed_dictionaries({"maxRetries": st.integers(1, 9)})),
-        "reason": st.sampled_from([None, None, "Non-retryable error"]),
-    }
-)
-
-
-def _line(run: dict[str, Any]) -> str:
-    attempts = []
-    for i, d in enumerate(run["durations"], 1):
-        ok = run["ok"] and i == len(run["durations"])
-        attempt: dict[str, Any] = {"attempt": i, "success": ok, "duration": d}
-        if not ok and run["error"] is not None:
-            attempt["error"] = run["error"]
-        attempts.append(attempt)
-    line: dict[str, Any] = {"attempts": attempts}
-    if run["ts"] is not None:
-        line["timestamp"] = run["ts"]
-    if run["type"] == "ok":
-        line["type"] = "success" if run["ok"] else "failure"
-    elif run["type"] is not None:
-        line["type"] = run["type"]
-    context = {k: run[k] for k in ("cron", "task") if run[k] is not None}
-    if context:
-        line["context"] = context
-    for key in ("total", "params", "reason"):
-        if run[key] is not None:
-            line[{"total": "totalDuration"}.get(key, key)] = run[key]
-    if not run["ok"] and run["error"] is not None:
-        line["finalError"] = run["error"]
-    return json.dumps(line)
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    st.lists(RUN, max_size=60),
-    st.sampled_from([None, 1_770_200_000.0]),
-    st.sampled_from([None, 3600.0, 86400.0]),
-    st.integers(1, 5),
-    st.integers(1, 40),
-)
-def test_columns_count_what_the_entry_loop_counts(
-    runs: list[dict[str, Any]], since: float | None, bucket: float | None, cap: int, batch: int
-) -> None:
-    """Whole-log reads count column-wise; the daemon entry by entry: the same statistics."""
-    data = "".join(_line(r) + "\n" for r in runs).encode()
-    entries = LogReader().feed(data).entries
-    read_at = 1_770_300_000.0
-    results = []
-    for columns_min in (1, 10**9):
-        stats = LogStats(since=since, bucket_seconds=bucket, max_crons=cap)
-        previous, stats_module.COLUMNS_MIN = stats_module.COLUMNS_MIN, columns_min
-        try:
-            for i in range(0, len(entries), batch):
-                stats.add_entries(entries[i : i + batch], read_at)
-        finally:
-            stats_module.COLUMNS_MIN = previous
-        results.append(_state(stats))
-    assert results[0] == results[1]

@@ -21,7 +21,6 @@ from typing import Any, Final
 
 import msgspec
 
-from tunerd.columns import Columns
 from tunerd.reader import Malformed
 from tunerd.records import (
     Entry,
@@ -80,10 +79,10 @@ class ErrorTally:
         self._retry: dict[bytes, int] = {}
         self._signatures: dict[str, Signature] = {}
 
-    def add(self, error: msgspec.Raw | bytes, retry: bool, count: int = 1) -> None:
+    def add(self, error: msgspec.Raw, retry: bool) -> None:
         counts = self._retry if retry else self._first
         key = bytes(error)
-        counts[key] = counts.get(key, 0) + count
+        counts[key] = counts.get(key, 0) + 1
         if len(counts) > MAX_RAW_ERRORS:
             self._compact()
 
@@ -418,8 +417,6 @@ class Totals:
 
 FOLD_RUNS = 1 << 15
 """Clean runs buffered column-wise before they are folded into their crons in one pass."""
-COLUMNS_MIN = 512
-"""Entries at a time from which a batch is counted column-wise (a whole-log read's blocks)."""
 NUMPY_FOLD_MIN = 4096
 """From this many buffered runs on, NumPy sorts them (below, Python's sort is as quick)."""
 
@@ -472,8 +469,6 @@ class LogStats:
         Python. The daemon's way: a tuning cycle reads durations from the log in a child
         process, and what the daemon holds (NumPy's 12 MB included) stays resident for good."""
         self._since = None if since is None else datetime.fromtimestamp(since, UTC)
-        self.since_at = -math.inf if self._since is None else self._since.timestamp()
-        """``since`` as the columnar path compares it (at the datetimes' microseconds)."""
         self.bucket_seconds = bucket_seconds
         self.max_crons = max_crons
         self.max_tasks = max_tasks
@@ -486,7 +481,6 @@ class LogStats:
         self._slot_of: dict[str | tuple[str, int], int] = {}
         self._slots: list[RunStats] = []
         self._clean = _CleanRuns()
-        self._columns = Columns()
 
     @property
     def crons(self) -> dict[str, CronStats]:
@@ -504,13 +498,9 @@ class LogStats:
     def add_entries(self, entries: Sequence[Entry], read_at: float) -> None:
         """Count each entry once; ``read_at`` (epoch seconds) dates lines that carry no time.
 
-        A whole-log read's blocks are counted column-wise (``tunerd.columns``); a few lines at a
-        time (the daemon's, a short log's) in one pass over locals, no call for a clean run, times
-        kept as the decoded datetimes (converted per cron and batch, not per line), and no NumPy.
+        The hot path of every read: one pass over locals, no call for a clean run, and times kept
+        as the decoded datetimes (converted to epoch seconds per cron and batch, not per line).
         """
-        if self.durations and len(entries) >= COLUMNS_MIN:
-            self._columns.add(self, entries, read_at)
-            return
         totals = self.totals
         since = self._since
         bucket_seconds = self.bucket_seconds
@@ -539,7 +529,7 @@ class LogStats:
                     totals.untracked_crons += 1
                     continue
             if entry.params is not None:
-                self._remember_params(name, entry.params, when.timestamp())
+                self._remember_params(name, entry.params, when)
             attempts = entry.attempts
             if len(attempts) == 1 and entry.type == "success":
                 first = attempts[0]
@@ -575,8 +565,9 @@ class LogStats:
         self._slots.append(bucket)
         return self._slot_of[key]
 
-    def _remember_params(self, name: str, params: dict[str, Any], at: float) -> None:
+    def _remember_params(self, name: str, params: dict[str, Any], when: datetime) -> None:
         cron = self._crons[name]
+        at = when.timestamp()
         if at >= cron.params_at:
             cron.params, cron.params_at = params, at
 
@@ -586,7 +577,6 @@ class LogStats:
         A large buffer is sorted by NumPy; a small one (a short log, the daemon's latest lines)
         in Python, so that reading a few lines never pays for importing NumPy.
         """
-        self._columns.fold(self)
         clean = self._clean
         n = len(clean)
         if not n:
@@ -693,15 +683,13 @@ class LogStats:
     def __getstate__(self) -> dict[str, Any]:
         self._fold()
         state = dict(self.__dict__)
-        del state["_clean"], state["_columns"]
+        del state["_clean"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.durations = True  # checkpoints written before the setting existed
         self.__dict__.update(state)
-        self.since_at = -math.inf if self._since is None else self._since.timestamp()
         self._clean = _CleanRuns()
-        self._columns = Columns()
 
     def dump(self, names: Iterable[str]) -> tuple[bytes, dict[str, bytes]]:
         """Everything but the crons as one pickle, and the named crons one pickle each: a
