@@ -13,7 +13,7 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,9 @@ from tunerd.timeparse import iso as _iso
 if TYPE_CHECKING:
     from tunerd.config import Settings
     from tunerd.engine import Engine
+    from tunerd.params import InForce
+    from tunerd.rules import Advisory
+    from tunerd.stats import LogStats
     from tunerd.store import Experiment, Review
     from tunerd.targets import InForceReader
 
@@ -70,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", action="store_true", help="one JSON document on stdout")
     analyze.add_argument(
         "--jobs", type=int, metavar="N", help="processes for a large log (default: CPUs, max 4)"
+    )
+    analyze.add_argument(
+        "--openclaw",
+        metavar="STATE",
+        help="OpenClaw's state database (or its cron folder): its native jobs' runs too"
+        " (default: [openclaw] state when it exists)",
     )
     analyze.add_argument("--config", metavar="F", help="configuration file (TOML)")
     analyze.set_defaults(run=cmd_analyze)
@@ -293,6 +302,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tunerd.logfile import LogFileError, ReadOptions, read_log
     from tunerd.reader import DEFAULT_MAX_LINE_BYTES
     from tunerd.report import analysis_json, analysis_text, malformed_text
+    from tunerd.stats import LogStats
     from tunerd.store import last_changes_of
     from tunerd.timeparse import parse_since
 
@@ -323,12 +333,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         bucket_seconds=86400.0 if changed else None,
         workers=args.jobs,
     )
+    native = _native_state(args, settings)
     try:
-        stats = read_log(log, options)
+        if native is not None and args.log is None and not log.exists():
+            stats = LogStats(options.since, options.bucket_seconds, options.max_crons)
+            log = native  # the native history alone
+        else:
+            stats = read_log(log, options)
     except LogFileError as exc:
         hint = "" if args.log else " (set log_path in the configuration or pass LOG)"
         raise CommandError(f"{exc}{hint}") from None
-    result = analyze(stats, in_force, since=options.since, changed_at=changed)
+    lookup: Callable[[str, dict[str, Any] | None], InForce] = in_force
+    warnings: list[Advisory] = []
+    if native is not None:
+        explicit = args.openclaw is not None
+        lookup, warnings = _with_native(stats, native, in_force, options.read_at, explicit)
+    result = analyze(stats, lookup, since=options.since, changed_at=changed)
+    result.advisories[:0] = warnings
     for line in malformed_text(stats.totals.malformed, stats.malformed_samples):
         print(line, file=sys.stderr)
     if args.json:
@@ -337,6 +358,46 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     else:
         print(analysis_text(result, str(log), since))
     return 0
+
+
+def _native_state(args: argparse.Namespace, settings: Settings | None) -> Path | None:
+    """OpenClaw's state to read native runs from: ``--openclaw``, else the configured one when
+    it exists."""
+    if args.openclaw is not None:
+        return Path(args.openclaw).expanduser()
+    if settings is not None and settings.openclaw.history and settings.openclaw.state.exists():
+        return settings.openclaw.state
+    return None
+
+
+def _with_native(
+    stats: LogStats, state: Path, in_force: InForceReader, now: float, explicit: bool
+) -> tuple[Callable[[str, dict[str, Any] | None], InForce], list[Advisory]]:
+    """Count the native jobs' runs into ``stats``; what each runs with, by name, first; the
+    jobs the gateway is about to disable. A configured state that cannot be read is said and
+    left out; one named by ``--openclaw`` is an error."""
+    from tunerd.inputs.openclaw import (
+        OpenClawError,
+        advisories,
+        in_force_of,
+        native_runs,
+        read_history,
+    )
+
+    try:
+        history = read_history(state)
+    except OpenClawError as exc:
+        if explicit:
+            raise CommandError(str(exc)) from None
+        print(f"tunerd: warning: native cron runs not read: {exc}", file=sys.stderr)
+        return in_force, []
+    stats.add_entries(native_runs(history, now), now)
+    jobs = {job.name: in_force_of(job) for job in history.jobs.values()}
+
+    def lookup(cron: str, logged: dict[str, Any] | None = None) -> InForce:
+        return jobs[cron] if cron in jobs else in_force(cron, logged)
+
+    return lookup, advisories(history)
 
 
 # --- the commands that act (issue 3) ------------------------------------------------------------

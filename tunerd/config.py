@@ -178,6 +178,21 @@ class DiscordSettings(BaseModel):
 _SAID: set[str] = set()
 
 
+class OpenClawSettings(BaseModel):
+    model_config = {"extra": "ignore"}
+
+    state: Path = Path("~/.openclaw/state/openclaw.sqlite")
+    """OpenClaw's state database (before 2026.6: its ``~/.openclaw/cron`` folder), where the
+    gateway keeps its native cron jobs' history; read-only, and only when it exists."""
+    history: bool = True
+    """Analyse the native jobs' runs beside the wrapper's log (false: the log only)."""
+
+    @field_validator("state")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
 class Settings(BaseSettings):
     """Every key of the configuration file (SPEC section 6)."""
 
@@ -216,6 +231,7 @@ class Settings(BaseSettings):
     timezone: str | None = None
     """IANA time zone of ``schedule`` (default: the machine's)."""
     discord: DiscordSettings = DiscordSettings()
+    openclaw: OpenClawSettings = OpenClawSettings()
 
     @field_validator("log_path", "state_dir", "params_file")
     @classmethod

@@ -72,6 +72,7 @@ AdvisoryType = Literal[
     "rate_limit_not_retried",
     "untrusted_value",
     "unreadable_target",
+    "disabled_soon",
 ]
 
 

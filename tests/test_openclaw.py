@@ -1,0 +1,270 @@
+"""OpenClaw's native cron as an input (issue 14): the real sample a 2026.9.6 gateway wrote, the
+older layouts, runs rebuilt from the gateway's own retries, and never in the gateway's way."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tunerd.inputs.gateway import BACKOFF_MS, RETRY_NOT_RUN, Execution, Job, runs
+from tunerd.inputs.openclaw import (
+    RECEIPTS,
+    RUN_FILES,
+    RUN_LOGS,
+    OpenClawError,
+    native_runs,
+    read_history,
+)
+from tunerd.records import NON_RETRYABLE, failure_cause
+
+from .conftest import ROOT
+from .test_engine_cli import ENV
+
+SAMPLE = ROOT / "tests" / "data" / "openclaw-cron.sqlite"
+"""The cron tables a real OpenClaw 2026.9.6 gateway wrote (shared/data/openclaw-native)."""
+NOW = time.time()
+
+
+def independent_counts(path: Path) -> dict[str, tuple[int, int]]:
+    """Per job name: finished executions, and those that were the gateway's retries, counted
+    in SQL alone: the one before it (same job) was scheduled and failed, the gateway planned
+    its next run one backoff after that failure, and this one is scheduled and started then."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    rows = db.execute(
+        """
+        WITH e AS (
+          SELECT j.name, r.started_at_ms AS started, r.finished_at_ms AS finished, r.status,
+                 r.request_run_id IS NULL AS scheduled,
+                 json_extract(t.detail_json, '$.nextRunAtMs') AS planned
+          FROM cron_run_receipts r JOIN cron_jobs j USING (job_id)
+          LEFT JOIN task_runs t ON t.run_id = 'cron:' || r.job_id || ':' || r.started_at_ms
+               || ':' || r.receipt_id || COALESCE(':' || r.request_run_id, '')
+          WHERE r.status IN ('ok', 'error')
+        ), ordered AS (
+          SELECT *, LAG(status) OVER w AS p_status, LAG(scheduled) OVER w AS p_scheduled,
+                 LAG(finished) OVER w AS p_finished, LAG(planned) OVER w AS p_planned
+          FROM e WINDOW w AS (PARTITION BY name ORDER BY started)
+        )
+        SELECT name, COUNT(*),
+               SUM(p_status = 'error' AND p_scheduled AND scheduled
+                   AND p_planned - p_finished IN (30000, 60000, 300000)
+                   AND ABS(started - p_planned) < 5000)
+        FROM ordered GROUP BY name
+        """
+    ).fetchall()
+    return {name: (executions, retries) for name, executions, retries in rows}
+
+
+def test_every_run_of_the_real_sample_is_read() -> None:
+    history = read_history(SAMPLE)
+    assert history.version == RECEIPTS
+    expected = independent_counts(SAMPLE)
+    assert expected == {"flaky-cmd": (37, 0), "slow-cmd": (32, 3), "script-test": (6, 0)}
+    entries = native_runs(history, NOW)
+    by_job: dict[str, list] = {}
+    for entry in entries:
+        by_job.setdefault(entry.cron or "", []).append(entry)
+    for name, (executions, retries) in expected.items():
+        found = by_job[name]
+        assert len(found) == executions - retries, name
+        assert sum(len(e.attempts) for e in found) == executions, name
+    # The gateway's own jobs (heartbeat, memory, skills) never ran: no runs, no noise.
+    assert set(by_job) == set(expected)
+    slow = by_job["slow-cmd"]
+    retried = [e for e in slow if len(e.attempts) > 1]
+    assert [len(e.attempts) for e in retried] == [2, 3]
+    # The first was cut short by an edit (a manual run came instead of the retry), the second
+    # by the end of the history, with the job disabled: neither was exhausted.
+    assert {e.reason for e in retried} == {RETRY_NOT_RUN}
+    assert all(failure_cause(e) == "other" for e in retried)
+    flaky_failures = [e for e in by_job["flaky-cmd"] if e.type == "failure"]
+    assert len(flaky_failures) == 13 and {e.reason for e in flaky_failures} == {NON_RETRYABLE}
+
+
+def analyze_json(*args: str, home: Path) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "tunerd", "analyze", *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(home)),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_timeouts_of_slow_cmd_are_found_and_a_longer_timeout_proposed(tmp_path: Path) -> None:
+    report = analyze_json("--openclaw", str(SAMPLE), home=tmp_path)
+    crons = {c["cron"]: c for c in report["crons"]}
+    assert set(crons) == {"flaky-cmd", "slow-cmd", "script-test"}
+    assert crons["slow-cmd"]["params"]["timeout"] == 3000
+    assert crons["slow-cmd"]["runs"] == 29 and crons["flaky-cmd"]["runs"] == 37
+    db = sqlite3.connect(f"file:{SAMPLE}?mode=ro", uri=True)
+    (timed_out,) = db.execute(
+        "SELECT COUNT(*) FROM cron_run_receipts r JOIN cron_jobs USING (job_id)"
+        " WHERE name = 'slow-cmd' AND error_text LIKE '%timed out%'"
+    ).fetchone()
+    assert crons["slow-cmd"]["errors"]["timeout"] == timed_out == 15
+    proposed = [
+        r for r in report["recommendations"] if r["cron"] == "slow-cmd" and r["param"] == "timeout"
+    ]
+    assert len(proposed) == 1 and proposed[0]["proposed"] > 3000
+    # The gateway's retries cannot be set: never proposed, and said why.
+    assert not any(r["param"] in ("maxRetries", "backoffBase") for r in report["recommendations"])
+    assert "cron.retry" in crons["slow-cmd"]["params_unwritable"]["maxRetries"]
+
+
+def test_the_gateway_is_never_blocked_nor_written(tmp_path: Path) -> None:
+    """A writer holds a transaction open while tunerd reads (WAL, as the gateway runs, and the
+    old rollback journal): tunerd reads what was committed, the writer commits after, and the
+    file's bytes are what the gateway wrote."""
+    for mode in ("wal", "delete"):
+        state = tmp_path / mode / "openclaw.sqlite"
+        state.parent.mkdir()
+        shutil.copy(SAMPLE, state)
+        gateway = sqlite3.connect(state, isolation_level=None)
+        gateway.execute(f"PRAGMA journal_mode={mode}")
+        gateway.execute("BEGIN IMMEDIATE")
+        gateway.execute("UPDATE cron_jobs SET name = 'renamed' WHERE name = 'flaky-cmd'")
+        started = time.monotonic()
+        history = read_history(state)
+        assert time.monotonic() - started < 2
+        assert "flaky-cmd" in {job.name for job in history.jobs.values()}
+        gateway.execute("COMMIT")  # not blocked by the reader
+        before = hashlib.sha256(state.read_bytes()).hexdigest()
+        read_history(state)
+        assert hashlib.sha256(state.read_bytes()).hexdigest() == before
+        assert "renamed" in {job.name for job in read_history(state).jobs.values()}
+        gateway.close()
+
+
+def test_an_unknown_schema_is_refused_with_a_message(tmp_path: Path) -> None:
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE things (id INTEGER)")
+    with pytest.raises(OpenClawError, match="no cron history tunerd knows"):
+        read_history(other)
+    odd = tmp_path / "odd.sqlite"
+    db = sqlite3.connect(odd)
+    db.execute("CREATE TABLE cron_jobs (job_id TEXT, name TEXT)")
+    db.execute("CREATE TABLE cron_run_receipts (receipt_id TEXT)")
+    db.commit()
+    with pytest.raises(OpenClawError, match="has no column"):
+        read_history(odd)
+    done = subprocess.run(
+        [sys.executable, "-m", "tunerd", "analyze", "--openclaw", str(other)],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(tmp_path)),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "no cron history tunerd knows" in done.stderr
+
+
+def finished(job: str, at: int, ok: bool, planned: int | None, error: str = "") -> dict:
+    entry = {"ts": at + 500, "jobId": job, "action": "finished", "status": "ok" if ok else "error"}
+    entry |= {"runAtMs": at, "durationMs": 500, "nextRunAtMs": planned}
+    return entry | ({} if ok else {"error": error, "errorReason": "timeout"})
+
+
+T0 = 1_780_000_000_000
+RETRIED = [  # a timeout, its retry 30 s after the end, which succeeds; then a clean run
+    finished("j1", T0, False, T0 + 500 + 30_000, "cron: job execution timed out"),
+    finished("j1", T0 + 30_500, True, T0 + 60_000),
+    finished("j1", T0 + 60_000, True, T0 + 120_000),
+]
+
+
+def test_the_2026_6_table_and_the_older_files_are_read(tmp_path: Path) -> None:
+    state = tmp_path / "openclaw.sqlite"
+    db = sqlite3.connect(state)
+    db.execute(
+        "CREATE TABLE cron_jobs (store_key TEXT, job_id TEXT, name TEXT, enabled INTEGER,"
+        " job_json TEXT, state_json TEXT)"
+    )
+    db.execute(
+        "CREATE TABLE cron_run_logs (store_key TEXT, job_id TEXT, seq INTEGER, entry_json TEXT)"
+    )
+    job = {"id": "j1", "name": "nightly", "payload": {"kind": "command", "timeoutSeconds": 60}}
+    db.execute(
+        "INSERT INTO cron_jobs VALUES ('s', 'j1', 'nightly', 1, ?, '{}')", (json.dumps(job),)
+    )
+    for seq, entry in enumerate(RETRIED):
+        db.execute("INSERT INTO cron_run_logs VALUES ('s', 'j1', ?, ?)", (seq, json.dumps(entry)))
+    db.commit()
+    history = read_history(state)
+    assert history.version == RUN_LOGS and history.jobs["j1"].timeout_ms == 60_000
+    entries = native_runs(history, NOW)
+    assert [(e.cron, e.type, len(e.attempts)) for e in entries] == [
+        ("nightly", "success", 2),
+        ("nightly", "success", 1),
+    ]
+    folder = tmp_path / "cron"
+    (folder / "runs").mkdir(parents=True)
+    (folder / "jobs.json").write_text(json.dumps({"version": 1, "jobs": [job]}))
+    (folder / "runs" / "j1.jsonl").write_text("".join(json.dumps(e) + "\n" for e in RETRIED))
+    old = read_history(folder)
+    assert old.version == RUN_FILES
+    assert [(e.cron, len(e.attempts)) for e in native_runs(old, NOW)] == [
+        ("nightly", 2),
+        ("nightly", 1),
+    ]
+
+
+def test_retries_are_told_by_their_timing() -> None:
+    """Without the planned next run (older history), a transient failure's retry is the
+    scheduled execution one backoff after it; a permanent failure is never retried."""
+    jobs = {"j": Job("j", "job", enabled=True)}
+    at = T0
+    chain = []
+    for delay in (0, *BACKOFF_MS):  # a failure and its three retries, all timing out
+        at += delay
+        chain.append(Execution("j", at, at + 1000, False, "cron: job execution timed out"))
+        at += 1000
+    permanent = Execution("j", at + 60_000, at + 61_000, False, "command exited with code 1")
+    after = Execution("j", at + 90_000, at + 91_000, True)  # 29 s later: not a retry of it
+    found = list(runs(jobs, [*chain, permanent, after], int(NOW * 1000)))
+    assert [len(e.attempts) for e in found] == [4, 1, 1]
+    assert [failure_cause(e) for e in found[:2]] == ["exhausted", "non_retryable"]
+    # A transient failure whose retry is still due is in flight: not counted yet.
+    pending = Execution("j", T0, T0 + 1000, False, "HTTP 429 rate limited")
+    assert list(runs(jobs, [pending], T0 + 2000)) == []
+    assert len(list(runs(jobs, [pending], T0 + 1000 + 60_000))) == 1  # its retry never came
+
+
+def test_both_inputs_at_once_from_the_configuration(tmp_path: Path) -> None:
+    """The wrapper's log and the gateway's history in one analysis; a configured history that
+    cannot be read is said and left out, never the end of the analysis."""
+    from .conftest import REAL_SAMPLE
+
+    config = tmp_path / "tunerd.toml"
+    config.write_text(
+        f'log_path = "{REAL_SAMPLE}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[openclaw]\nstate = "{SAMPLE}"\n'
+    )
+    report = analyze_json("--config", str(config), home=tmp_path)
+    names = {c["cron"] for c in report["crons"]}
+    assert {"slow-cmd", "flaky-cmd", "TQQQ 15분 모니터링"} <= names
+    broken = tmp_path / "broken.sqlite"
+    sqlite3.connect(broken).execute("CREATE TABLE x (y)")
+    config.write_text(config.read_text().replace(str(SAMPLE), str(broken)))
+    done = subprocess.run(
+        [sys.executable, "-m", "tunerd", "analyze", "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(tmp_path)),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "native cron runs not read" in done.stderr
+    assert "TQQQ 15분 모니터링" in {c["cron"] for c in json.loads(done.stdout)["crons"]}

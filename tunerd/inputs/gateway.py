@@ -1,0 +1,189 @@
+"""Runs of OpenClaw's native cron, rebuilt from the gateway's executions (pure).
+
+The gateway logs one execution per row and retries a transient failure on its own, at most
+``len(BACKOFF_MS)`` times, at the end of the failed execution plus 30 s, 60 s, then 5 min. A retry
+is just another execution, with no attempt number and no link to the run it retries: the timing
+tells. An execution continues the run of the one before when that one failed, both were
+scheduled (a manual run is never retried), and either the gateway planned its next run exactly
+one backoff after the failure (``next_ms``, when the history records it) and the execution
+started then, or (without ``next_ms``) the failure reads as transient and the execution started
+one backoff after it. So a run here is what a run of the wrapper is: its attempts, its final
+outcome, and why it failed (``exhausted`` after every retry, ``non_retryable`` for an error the
+gateway does not retry).
+
+A run whose retry is still due is in flight and left out; one whose retry never came (the job
+was edited, disabled, or the gateway stopped) failed with the reason ``RETRY_NOT_RUN``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+import msgspec
+
+from tunerd.records import NON_RETRYABLE, Attempt, Context, Entry
+
+BACKOFF_MS: Final = (30_000, 60_000, 300_000)
+"""The gateway's fixed retry delays after a transient failure (OpenClaw 2026.8)."""
+PLANNED_SLACK_MS: Final = 1_500
+"""How far the planned next run may be from failure + backoff (the gateway rounds nothing, but
+it writes the plan a moment after the execution's end)."""
+START_SLACK_MS: Final = 5_000
+"""How late after its planned time a retry may start (a busy gateway)."""
+RETRY_NOT_RUN: Final = "Retry did not run"
+MANUAL: Final = "Manual run, not retried"
+
+_TRANSIENT: Final = re.compile(
+    r"rate.?limit|429|overloaded|network|ECONN|ETIMEDOUT|EAI_AGAIN|socket|timed? ?out|timeout"
+    r"|server.?error|\b5\d\d\b",
+    re.IGNORECASE,
+)
+_CLASS: Final = (
+    (re.compile(r"rate.?limit|429", re.IGNORECASE), "rate_limit"),
+    (re.compile(r"timed? ?out|timeout", re.IGNORECASE), "timeout"),
+    (re.compile(r"overloaded", re.IGNORECASE), "overloaded"),
+    (re.compile(r"network|ECONN|EAI_AGAIN|socket", re.IGNORECASE), "network"),
+    (re.compile(r"server.?error|\b5\d\d\b", re.IGNORECASE), "server_error"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """One execution of a native job, as the gateway's history records it."""
+
+    job: str
+    started_ms: int
+    finished_ms: int
+    ok: bool
+    error: str | None = None
+    reason: str | None = None
+    """The gateway's classification of the error (``errorReason``: ``timeout``, ...), if kept."""
+    manual: bool | None = None
+    """Started by hand (``openclaw cron run``); None when the history does not say."""
+    next_ms: int | None = None
+    """When the gateway planned the job's next run, as it finished this one."""
+    revision: str | None = None
+    """The job's settings when it ran (``config_revision``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A native job: its name (what tunerd calls the cron), schedule and per-run timeout."""
+
+    id: str
+    name: str
+    schedule: str | None = None
+    timeout_ms: int | None = None
+    enabled: bool = True
+    consecutive_errors: int = 0
+
+
+def transient(execution: Execution) -> bool:
+    """Whether the gateway retries this failure: its own classification when kept, else the
+    text (``command exited with code 1`` is permanent)."""
+    if execution.reason is not None:
+        return execution.reason in {
+            "rate_limit",
+            "overloaded",
+            "network",
+            "timeout",
+            "server_error",
+        }
+    return bool(_TRANSIENT.search(execution.error or ""))
+
+
+def _continues(previous: Execution, execution: Execution, retries: int) -> bool:
+    if previous.ok or retries >= len(BACKOFF_MS) or previous.manual or execution.manual:
+        return False
+    due = previous.finished_ms + BACKOFF_MS[retries]
+    if previous.next_ms is not None:
+        planned = abs(previous.next_ms - due) <= PLANNED_SLACK_MS
+        return planned and -START_SLACK_MS <= execution.started_ms - previous.next_ms <= (
+            START_SLACK_MS
+        )
+    return transient(previous) and abs(execution.started_ms - due) <= START_SLACK_MS
+
+
+def runs(jobs: dict[str, Job], executions: Iterable[Execution], now_ms: int) -> Iterator[Entry]:
+    """The runs of ``executions`` (any order), job by job, each as the wrapper would log it."""
+    by_job: dict[str, list[Execution]] = {}
+    for execution in executions:
+        by_job.setdefault(execution.job, []).append(execution)
+    for job_id, found in by_job.items():
+        found.sort(key=lambda e: (e.started_ms, e.finished_ms))
+        job = jobs.get(job_id) or Job(job_id, job_id)
+        chain: list[Execution] = []
+        for execution in found:
+            if chain and not _continues(chain[-1], execution, len(chain) - 1):
+                if (entry := _entry(job, chain, now_ms, followed=True)) is not None:
+                    yield entry
+                chain = []
+            chain.append(execution)
+        if chain and (entry := _entry(job, chain, now_ms, followed=False)) is not None:
+            yield entry
+
+
+def _entry(job: Job, chain: list[Execution], now_ms: int, followed: bool) -> Entry | None:
+    """The run of ``chain``; None while its retry is still due (``followed``: another
+    execution of the job came after it)."""
+    last = chain[-1]
+    retrying = _retry_due(last, len(chain) - 1)
+    reason = None
+    if not last.ok:
+        if last.manual and transient(last):
+            reason = MANUAL
+        elif len(chain) > len(BACKOFF_MS) and transient(last):
+            reason = None  # every retry failed: exhausted
+        elif retrying is None:
+            reason = NON_RETRYABLE
+        elif followed or not job.enabled or now_ms > retrying + START_SLACK_MS:
+            reason = RETRY_NOT_RUN  # superseded by an edit, a manual run, a stop
+        else:
+            return None
+    attempts = [
+        Attempt(
+            success=e.ok,
+            duration=float(max(e.finished_ms - e.started_ms, 0)),
+            error=msgspec.Raw(b"") if e.ok else _error(e),
+        )
+        for e in chain
+    ]
+    schedule = msgspec.Raw(json.dumps(job.schedule).encode()) if job.schedule else msgspec.Raw()
+    return Entry(
+        timestamp=datetime.fromtimestamp(last.finished_ms / 1000, UTC),
+        type="success" if last.ok else "failure",
+        context=Context(cron=job.name, schedule=schedule),
+        attempts=attempts,
+        total_duration=float(max(last.finished_ms - chain[0].started_ms, 0)),
+        final_error=msgspec.Raw(b"") if last.ok else _error(last),
+        reason=reason,
+    )
+
+
+def _retry_due(execution: Execution, retries: int) -> int | None:
+    """When the gateway will retry this execution's failure, or None if it will not."""
+    if execution.ok or execution.manual or retries >= len(BACKOFF_MS):
+        return None
+    due = execution.finished_ms + BACKOFF_MS[retries]
+    if execution.next_ms is not None:
+        return due if abs(execution.next_ms - due) <= PLANNED_SLACK_MS else None
+    return due if transient(execution) else None
+
+
+def _error(execution: Execution) -> msgspec.Raw:
+    """The wrapper's error object for a failed execution: its text, its class, and whether the
+    gateway retries it."""
+    text = execution.error or "(no error text)"
+    kind = execution.reason or next((k for p, k in _CLASS if p.search(text)), None)
+    error = {
+        "type": kind or "Error",
+        "message": text,
+        "retryable": transient(execution),
+        "category": kind or "other",
+    }
+    return msgspec.Raw(json.dumps(error, ensure_ascii=False).encode())
