@@ -17,12 +17,13 @@ was edited, disabled, or the gateway stopped) failed with the reason ``RETRY_NOT
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, NamedTuple
 
 import msgspec
 
@@ -37,6 +38,7 @@ START_SLACK_MS: Final = 5_000
 """How late after its planned time a retry may start (a busy gateway)."""
 RETRY_NOT_RUN: Final = "Retry did not run"
 MANUAL: Final = "Manual run, not retried"
+_NONE: Final = msgspec.Raw(b"")
 
 _TRANSIENT: Final = re.compile(
     r"rate.?limit|429|overloaded|network|ECONN|ETIMEDOUT|EAI_AGAIN|socket|timed? ?out|timeout"
@@ -52,9 +54,9 @@ _CLASS: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Execution:
-    """One execution of a native job, as the gateway's history records it."""
+class Execution(NamedTuple):
+    """One execution of a native job, as the gateway's history records it (a tuple: a
+    history holds up to 2,000 a job, built straight from database rows)."""
 
     job: str
     started_ms: int
@@ -86,15 +88,14 @@ class Job:
 def transient(execution: Execution) -> bool:
     """Whether the gateway retries this failure: its own classification when kept, else the
     text (``command exited with code 1`` is permanent)."""
-    if execution.reason is not None:
-        return execution.reason in {
-            "rate_limit",
-            "overloaded",
-            "network",
-            "timeout",
-            "server_error",
-        }
-    return bool(_TRANSIENT.search(execution.error or ""))
+    return _transient(execution.error, execution.reason)
+
+
+@functools.lru_cache(maxsize=4096)
+def _transient(text: str | None, reason: str | None) -> bool:
+    if reason is not None:
+        return reason in {"rate_limit", "overloaded", "network", "timeout", "server_error"}
+    return bool(_TRANSIENT.search(text or ""))
 
 
 def _continues(previous: Execution, execution: Execution, retries: int) -> bool:
@@ -117,18 +118,22 @@ def runs(jobs: dict[str, Job], executions: Iterable[Execution], now_ms: int) -> 
     for job_id, found in by_job.items():
         found.sort(key=lambda e: (e.started_ms, e.finished_ms))
         job = jobs.get(job_id) or Job(job_id, job_id)
+        schedule = json.dumps(job.schedule).encode() if job.schedule else b""
+        context = Context(cron=job.name, schedule=msgspec.Raw(schedule))
         chain: list[Execution] = []
         for execution in found:
             if chain and not _continues(chain[-1], execution, len(chain) - 1):
-                if (entry := _entry(job, chain, now_ms, followed=True)) is not None:
+                if (entry := _entry(job, context, chain, now_ms, followed=True)) is not None:
                     yield entry
                 chain = []
             chain.append(execution)
-        if chain and (entry := _entry(job, chain, now_ms, followed=False)) is not None:
+        if chain and (entry := _entry(job, context, chain, now_ms, followed=False)) is not None:
             yield entry
 
 
-def _entry(job: Job, chain: list[Execution], now_ms: int, followed: bool) -> Entry | None:
+def _entry(
+    job: Job, context: Context, chain: list[Execution], now_ms: int, followed: bool
+) -> Entry | None:
     """The run of ``chain``; None while its retry is still due (``followed``: another
     execution of the job came after it)."""
     last = chain[-1]
@@ -147,20 +152,19 @@ def _entry(job: Job, chain: list[Execution], now_ms: int, followed: bool) -> Ent
             return None
     attempts = [
         Attempt(
-            success=e.ok,
+            success=bool(e.ok),
             duration=float(max(e.finished_ms - e.started_ms, 0)),
-            error=msgspec.Raw(b"") if e.ok else _error(e),
+            error=_NONE if e.ok else _error(e.error, e.reason),
         )
         for e in chain
     ]
-    schedule = msgspec.Raw(json.dumps(job.schedule).encode()) if job.schedule else msgspec.Raw()
     return Entry(
         timestamp=datetime.fromtimestamp(last.finished_ms / 1000, UTC),
         type="success" if last.ok else "failure",
-        context=Context(cron=job.name, schedule=schedule),
+        context=context,
         attempts=attempts,
         total_duration=float(max(last.finished_ms - chain[0].started_ms, 0)),
-        final_error=msgspec.Raw(b"") if last.ok else _error(last),
+        final_error=_NONE if last.ok else _error(last.error, last.reason),
         reason=reason,
     )
 
@@ -175,15 +179,16 @@ def _retry_due(execution: Execution, retries: int) -> int | None:
     return due if transient(execution) else None
 
 
-def _error(execution: Execution) -> msgspec.Raw:
+@functools.lru_cache(maxsize=4096)
+def _error(text: str | None, reason: str | None) -> msgspec.Raw:
     """The wrapper's error object for a failed execution: its text, its class, and whether the
-    gateway retries it."""
-    text = execution.error or "(no error text)"
-    kind = execution.reason or next((k for p, k in _CLASS if p.search(text)), None)
+    gateway retries it (the same few errors recur: each is built once)."""
+    text = text or "(no error text)"
+    kind = reason or next((k for p, k in _CLASS if p.search(text)), None)
     error = {
         "type": kind or "Error",
         "message": text,
-        "retryable": transient(execution),
+        "retryable": _transient(text, reason),
         "category": kind or "other",
     }
     return msgspec.Raw(json.dumps(error, ensure_ascii=False).encode())

@@ -128,42 +128,34 @@ def _has_details(db: sqlite3.Connection) -> bool:
 
 
 def _receipts(db: sqlite3.Connection, details: bool) -> list[Execution]:
-    """Finished executions, with what ``task_runs`` adds (the error's class, the next run the
-    gateway planned). SQLite extracts the two fields: no JSON is parsed in Python per row."""
-    select = (
-        "SELECT r.job_id, r.started_at_ms, r.finished_at_ms, r.status, r.error_text,"
-        " r.request_run_id, r.config_revision"
-    )
+    """Finished executions, with what ``task_runs`` adds to a failure (the error's class, the
+    next run the gateway planned). SQLite does the work: each row comes out as an
+    ``Execution``, no JSON parsed nor value converted in Python."""
+    reason = planned = "NULL"
+    joined = ""
     if details:
-        query = (
-            f"{select}, json_extract(t.detail_json, '$.errorReason'),"
-            " json_extract(t.detail_json, '$.nextRunAtMs')"
-            " FROM cron_run_receipts r LEFT JOIN task_runs t ON t.run_id = 'cron:' || r.job_id"
+        # Only a failure's details matter: the join and the JSON are skipped for the others.
+        joined = (
+            " LEFT JOIN task_runs t ON r.status != 'ok' AND t.run_id = 'cron:' || r.job_id"
             " || ':' || r.started_at_ms || ':' || r.receipt_id"
             " || COALESCE(':' || r.request_run_id, '')"
         )
-    else:
-        query = f"{select}, NULL, NULL FROM cron_run_receipts r"
-    found = []
-    for job, started, finished, status, error, request, revision, reason, planned in db.execute(
-        f"{query} WHERE r.status IN ('ok', 'error', 'interrupted')"
-    ):
-        if finished is None:
-            continue
-        found.append(
-            Execution(
-                job,
-                int(started),
-                int(finished),
-                status == "ok",
-                error if status != "interrupted" else error or "interrupted",
-                reason if isinstance(reason, str) else None,
-                request is not None,
-                int(planned) if isinstance(planned, int | float) else None,
-                revision,
-            )
+        reason = (
+            "CASE WHEN json_type(t.detail_json, '$.errorReason') = 'text'"
+            " THEN json_extract(t.detail_json, '$.errorReason') END"
         )
-    return found
+        planned = (
+            "CASE WHEN json_type(t.detail_json, '$.nextRunAtMs') IN ('integer', 'real')"
+            " THEN CAST(json_extract(t.detail_json, '$.nextRunAtMs') AS INTEGER) END"
+        )
+    query = (
+        "SELECT r.job_id, r.started_at_ms, r.finished_at_ms, r.status = 'ok',"
+        " CASE WHEN r.status = 'interrupted' THEN COALESCE(r.error_text, 'interrupted')"
+        f" ELSE r.error_text END, {reason}, r.request_run_id IS NOT NULL, {planned},"
+        f" r.config_revision FROM cron_run_receipts r{joined}"
+        " WHERE r.status IN ('ok', 'error', 'interrupted') AND r.finished_at_ms IS NOT NULL"
+    )
+    return list(map(Execution._make, db.execute(query)))
 
 
 def _finished(job: str, entry: Any) -> Execution | None:
