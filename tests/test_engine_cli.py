@@ -45,6 +45,18 @@ def setup(tmp_path: Path) -> dict[str, Path]:
     return {"root": tmp_path, "config": config, "params": params}
 
 
+def cli(*args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``tunerd ARGS`` as a user runs it: its own HOME, no TUNERD_ variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "tunerd", *args],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(home)),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
 def tunerd(
     setup: dict[str, Path], *args: str, crash: str | None = None, **extra: str
 ) -> subprocess.CompletedProcess[str]:

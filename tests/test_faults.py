@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT, run_line
-from .test_engine_cli import ENV, as_json, setup, tunerd, write_log
+from .test_engine_cli import ENV, as_json, cli, setup, tunerd, write_log
 
 __all__ = ["setup"]  # the fixture, shared
 
@@ -511,14 +511,7 @@ def test_a_disk_full_at_start_is_not_called_damaged(tmp_path: Path) -> None:
             if name.endswith(("-wal", "-shm")):
                 (state / name).unlink()
         fill(state)
-        done = subprocess.run(
-            [sys.executable, "-m", "tunerd", "run", "--config", str(daemon.config)],
-            capture_output=True,
-            text=True,
-            env=dict(ENV, HOME=str(tmp_path)),
-            cwd=ROOT,
-            timeout=60,
-        )
+        done = cli("run", "--config", str(daemon.config), home=tmp_path)
         assert done.returncode == 1, done.stderr
         assert "the disk is full" in done.stderr and "damaged" not in done.stderr
     finally:

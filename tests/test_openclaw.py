@@ -7,8 +7,6 @@ import hashlib
 import json
 import shutil
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from tunerd.inputs.openclaw import (
 from tunerd.records import NON_RETRYABLE, failure_cause
 
 from .conftest import ROOT
-from .test_engine_cli import ENV
+from .test_engine_cli import cli
 
 SAMPLE = ROOT / "tests" / "data" / "openclaw-cron.sqlite"
 """The cron tables a real OpenClaw 2026.9.6 gateway wrote (shared/data/openclaw-native)."""
@@ -90,14 +88,7 @@ def test_every_run_of_the_real_sample_is_read() -> None:
 
 
 def analyze_json(*args: str, home: Path) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", "tunerd", "analyze", *args, "--json"],
-        capture_output=True,
-        text=True,
-        env=dict(ENV, HOME=str(home)),
-        cwd=ROOT,
-        timeout=60,
-    )
+    done = cli("analyze", *args, "--json", home=home)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -159,14 +150,7 @@ def test_an_unknown_schema_is_refused_with_a_message(tmp_path: Path) -> None:
     db.commit()
     with pytest.raises(OpenClawError, match="has no column"):
         read_history(odd)
-    done = subprocess.run(
-        [sys.executable, "-m", "tunerd", "analyze", "--openclaw", str(other)],
-        capture_output=True,
-        text=True,
-        env=dict(ENV, HOME=str(tmp_path)),
-        cwd=ROOT,
-        timeout=60,
-    )
+    done = cli("analyze", "--openclaw", str(other), home=tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "no cron history tunerd knows" in done.stderr
 
@@ -258,13 +242,6 @@ def test_both_inputs_at_once_from_the_configuration(tmp_path: Path) -> None:
     broken = tmp_path / "broken.sqlite"
     sqlite3.connect(broken).execute("CREATE TABLE x (y)")
     config.write_text(config.read_text().replace(str(SAMPLE), str(broken)))
-    done = subprocess.run(
-        [sys.executable, "-m", "tunerd", "analyze", "--config", str(config), "--json"],
-        capture_output=True,
-        text=True,
-        env=dict(ENV, HOME=str(tmp_path)),
-        cwd=ROOT,
-        timeout=60,
-    )
+    done = cli("analyze", "--config", str(config), "--json", home=tmp_path)
     assert done.returncode == 0 and "native cron runs not read" in done.stderr
     assert "TQQQ 15분 모니터링" in {c["cron"] for c in json.loads(done.stdout)["crons"]}
