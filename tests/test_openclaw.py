@@ -233,12 +233,19 @@ def test_both_inputs_at_once_from_the_configuration(tmp_path: Path) -> None:
 
     config = tmp_path / "tunerd.toml"
     config.write_text(
-        f'log_path = "{REAL_SAMPLE}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'log_path = "{REAL_SAMPLE}"\nstate_dir = "{tmp_path / "state"}"\nwindow = "3650d"\n'
         f'[openclaw]\nstate = "{SAMPLE}"\n'
     )
     report = analyze_json("--config", str(config), home=tmp_path)
     names = {c["cron"] for c in report["crons"]}
     assert {"slow-cmd", "flaky-cmd", "TQQQ 15분 모니터링"} <= names
+    status = cli("status", "--config", str(config), "--json", home=tmp_path)
+    assert status.returncode == 0, status.stderr
+    rows = {c["cron"]: c for c in json.loads(status.stdout)["crons"]}
+    assert (
+        rows["slow-cmd"]["params"]["timeout"] == 3000
+        and "native cron" in (rows["slow-cmd"]["params_source"])
+    )
     broken = tmp_path / "broken.sqlite"
     sqlite3.connect(broken).execute("CREATE TABLE x (y)")
     config.write_text(config.read_text().replace(str(SAMPLE), str(broken)))

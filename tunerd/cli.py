@@ -13,7 +13,7 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from tunerd import __version__
 from tunerd.timeparse import iso as _iso
 
 if TYPE_CHECKING:
+    from tunerd.analysis import ParamsLookup
     from tunerd.config import Settings
     from tunerd.engine import Engine
     from tunerd.params import InForce
@@ -343,7 +344,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except LogFileError as exc:
         hint = "" if args.log else " (set log_path in the configuration or pass LOG)"
         raise CommandError(f"{exc}{hint}") from None
-    lookup: Callable[[str, dict[str, Any] | None], InForce] = in_force
+    lookup: ParamsLookup = in_force
     warnings: list[Advisory] = []
     if native is not None:
         explicit = args.openclaw is not None
@@ -363,7 +364,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def _native_state(args: argparse.Namespace, settings: Settings | None) -> Path | None:
     """OpenClaw's state to read native runs from: ``--openclaw``, else the configured one when
     it exists."""
-    if args.openclaw is not None:
+    if getattr(args, "openclaw", None) is not None:
         return Path(args.openclaw).expanduser()
     if settings is not None and settings.openclaw.history and settings.openclaw.state.exists():
         return settings.openclaw.state
@@ -371,8 +372,8 @@ def _native_state(args: argparse.Namespace, settings: Settings | None) -> Path |
 
 
 def _with_native(
-    stats: LogStats, state: Path, in_force: InForceReader, now: float, explicit: bool
-) -> tuple[Callable[[str, dict[str, Any] | None], InForce], list[Advisory]]:
+    stats: LogStats, state: Path, in_force: ParamsLookup, now: float, explicit: bool
+) -> tuple[ParamsLookup, list[Advisory]]:
     """Count the native jobs' runs into ``stats``; what each runs with, by name, first; the
     jobs the gateway is about to disable. A configured state that cannot be read is said and
     left out; one named by ``--openclaw`` is an error."""
@@ -486,6 +487,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from tunerd.records import causes
     from tunerd.report import params_text, safe_text
     from tunerd.server import daemon_pid
+    from tunerd.stats import LogStats
     from tunerd.targets import InForceReader
     from tunerd.timeparse import human_duration
 
@@ -535,13 +537,20 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "malformed": 0,
                 "error": str(exc),
             }
+    in_force: ParamsLookup = InForceReader(engine.targets)
+    native = _native_state(args, settings)
+    if native is not None:  # the gateway's own jobs, read from its history (not the daemon's)
+        since = now - settings.window.total_seconds()
+        native_stats = LogStats(since=since, bucket_seconds=86400.0)
+        in_force, _ = _with_native(native_stats, native, in_force, now, explicit=False)
+        for name, c in native_stats.crons.items():
+            counts[name] = [*c.counts_since(since, native_stats.bucket_seconds)]
     experiments = store.experiments("starting", "running")
     pending = store.reviews("pending")
     for e in experiments:
         counts.setdefault(e.cron, [0, 0, 0, 0, 0])
     for values in counts.values():
         values += [None] * (5 - len(values))
-    in_force = InForceReader(engine.targets)
     outbox = dict.fromkeys(("pending", "dead"), 0) | {
         row["state"]: row["n"]
         for row in store.db.execute(
