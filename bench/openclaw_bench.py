@@ -134,7 +134,7 @@ def main() -> None:
             f" {time.perf_counter() - started:.0f} s, {state.stat().st_size / 1e6:.0f} MB"
         )
         started = time.perf_counter()
-        history = read_history(state)
+        history = read_history(state, time.time())
         read = time.perf_counter() - started
         entries = native_runs(history, time.time())
         rebuilt = time.perf_counter() - started - read

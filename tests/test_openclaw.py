@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tunerd.inputs.gateway import BACKOFF_MS, RETRY_NOT_RUN, Execution, Job, runs
+from tunerd.inputs.gateway import BACKOFF_MS, MANUAL, RETRY_NOT_RUN, Execution, Job, runs
 from tunerd.inputs.openclaw import (
     RECEIPTS,
     RUN_FILES,
@@ -33,8 +33,9 @@ NOW = time.time()
 
 def independent_counts(path: Path) -> dict[str, tuple[int, int]]:
     """Per job name: finished executions, and those that were the gateway's retries, counted
-    in SQL alone: the one before it (same job) was scheduled and failed, the gateway planned
-    its next run one backoff after that failure, and this one is scheduled and started then."""
+    in SQL alone: it is scheduled, the scheduled one before it (same job; manual runs come
+    between) failed, the gateway planned its next run one backoff after that failure, and
+    this one started then."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     rows = db.execute(
         """
@@ -47,12 +48,12 @@ def independent_counts(path: Path) -> dict[str, tuple[int, int]]:
                || ':' || r.receipt_id || COALESCE(':' || r.request_run_id, '')
           WHERE r.status IN ('ok', 'error')
         ), ordered AS (
-          SELECT *, LAG(status) OVER w AS p_status, LAG(scheduled) OVER w AS p_scheduled,
-                 LAG(finished) OVER w AS p_finished, LAG(planned) OVER w AS p_planned
-          FROM e WINDOW w AS (PARTITION BY name ORDER BY started)
+          SELECT *, LAG(status) OVER w AS p_status, LAG(finished) OVER w AS p_finished,
+                 LAG(planned) OVER w AS p_planned
+          FROM e WINDOW w AS (PARTITION BY name, scheduled ORDER BY started)
         )
-        SELECT name, COUNT(*),
-               SUM(p_status = 'error' AND p_scheduled AND scheduled
+        SELECT name || ' (OpenClaw)', COUNT(*),
+               SUM(scheduled AND p_status = 'error'
                    AND p_planned - p_finished IN (30000, 60000, 300000)
                    AND ABS(started - p_planned) < 5000)
         FROM ordered GROUP BY name
@@ -62,10 +63,14 @@ def independent_counts(path: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_every_run_of_the_real_sample_is_read() -> None:
-    history = read_history(SAMPLE)
+    history = read_history(SAMPLE, NOW)
     assert history.version == RECEIPTS
     expected = independent_counts(SAMPLE)
-    assert expected == {"flaky-cmd": (37, 0), "slow-cmd": (32, 3), "script-test": (6, 0)}
+    assert expected == {
+        "flaky-cmd (OpenClaw)": (37, 0),
+        "slow-cmd (OpenClaw)": (32, 4),
+        "script-test (OpenClaw)": (6, 0),
+    }
     entries = native_runs(history, NOW)
     by_job: dict[str, list] = {}
     for entry in entries:
@@ -76,14 +81,15 @@ def test_every_run_of_the_real_sample_is_read() -> None:
         assert sum(len(e.attempts) for e in found) == executions, name
     # The gateway's own jobs (heartbeat, memory, skills) never ran: no runs, no noise.
     assert set(by_job) == set(expected)
-    slow = by_job["slow-cmd"]
-    retried = [e for e in slow if len(e.attempts) > 1]
-    assert [len(e.attempts) for e in retried] == [2, 3]
-    # The first was cut short by an edit (a manual run came instead of the retry), the second
-    # by the end of the history, with the job disabled: neither was exhausted.
-    assert {e.reason for e in retried} == {RETRY_NOT_RUN}
-    assert all(failure_cause(e) == "other" for e in retried)
-    flaky_failures = [e for e in by_job["flaky-cmd"] if e.type == "failure"]
+    slow = by_job["slow-cmd (OpenClaw)"]
+    retried = sorted((e for e in slow if len(e.attempts) > 1), key=lambda e: e.timestamp)
+    assert [len(e.attempts) for e in retried] == [3, 3]
+    # The first: two timeouts, then six manual runs and an edit while its second retry was
+    # due; the retry still came, and succeeded. The second: three timeouts, and the history
+    # ends with its last retry due and the job disabled: it never came.
+    assert [e.type for e in retried] == ["success", "failure"]
+    assert retried[1].reason == RETRY_NOT_RUN and failure_cause(retried[1]) == "other"
+    flaky_failures = [e for e in by_job["flaky-cmd (OpenClaw)"] if e.type == "failure"]
     assert len(flaky_failures) == 13 and {e.reason for e in flaky_failures} == {NON_RETRYABLE}
 
 
@@ -96,22 +102,25 @@ def analyze_json(*args: str, home: Path) -> dict:
 def test_the_timeouts_of_slow_cmd_are_found_and_a_longer_timeout_proposed(tmp_path: Path) -> None:
     report = analyze_json("--openclaw", str(SAMPLE), home=tmp_path)
     crons = {c["cron"]: c for c in report["crons"]}
-    assert set(crons) == {"flaky-cmd", "slow-cmd", "script-test"}
-    assert crons["slow-cmd"]["params"]["timeout"] == 3000
-    assert crons["slow-cmd"]["runs"] == 29 and crons["flaky-cmd"]["runs"] == 37
+    slow, flaky = crons["slow-cmd (OpenClaw)"], crons["flaky-cmd (OpenClaw)"]
+    assert set(crons) == {"flaky-cmd (OpenClaw)", "slow-cmd (OpenClaw)", "script-test (OpenClaw)"}
+    assert slow["params"]["timeout"] == 3000
+    assert slow["runs"] == 28 and flaky["runs"] == 37
     db = sqlite3.connect(f"file:{SAMPLE}?mode=ro", uri=True)
     (timed_out,) = db.execute(
         "SELECT COUNT(*) FROM cron_run_receipts r JOIN cron_jobs USING (job_id)"
         " WHERE name = 'slow-cmd' AND error_text LIKE '%timed out%'"
     ).fetchone()
-    assert crons["slow-cmd"]["errors"]["timeout"] == timed_out == 15
+    assert slow["errors"]["timeout"] == timed_out == 15
     proposed = [
-        r for r in report["recommendations"] if r["cron"] == "slow-cmd" and r["param"] == "timeout"
+        r
+        for r in report["recommendations"]
+        if r["cron"] == "slow-cmd (OpenClaw)" and r["param"] == "timeout"
     ]
     assert len(proposed) == 1 and proposed[0]["proposed"] > 3000
     # The gateway's retries cannot be set: never proposed, and said why.
     assert not any(r["param"] in ("maxRetries", "backoffBase") for r in report["recommendations"])
-    assert "cron.retry" in crons["slow-cmd"]["params_unwritable"]["maxRetries"]
+    assert "cron.retry" in slow["params_unwritable"]["maxRetries"]
 
 
 def test_the_gateway_is_never_blocked_nor_written(tmp_path: Path) -> None:
@@ -127,14 +136,14 @@ def test_the_gateway_is_never_blocked_nor_written(tmp_path: Path) -> None:
         gateway.execute("BEGIN IMMEDIATE")
         gateway.execute("UPDATE cron_jobs SET name = 'renamed' WHERE name = 'flaky-cmd'")
         started = time.monotonic()
-        history = read_history(state)
+        history = read_history(state, NOW)
         assert time.monotonic() - started < 2
-        assert "flaky-cmd" in {job.name for job in history.jobs.values()}
+        assert "flaky-cmd (OpenClaw)" in {job.name for job in history.jobs.values()}
         gateway.execute("COMMIT")  # not blocked by the reader
         before = hashlib.sha256(state.read_bytes()).hexdigest()
-        read_history(state)
+        read_history(state, NOW)
         assert hashlib.sha256(state.read_bytes()).hexdigest() == before
-        assert "renamed" in {job.name for job in read_history(state).jobs.values()}
+        assert "renamed (OpenClaw)" in {job.name for job in read_history(state, NOW).jobs.values()}
         gateway.close()
 
 
@@ -142,14 +151,14 @@ def test_an_unknown_schema_is_refused_with_a_message(tmp_path: Path) -> None:
     other = tmp_path / "other.sqlite"
     sqlite3.connect(other).execute("CREATE TABLE things (id INTEGER)")
     with pytest.raises(OpenClawError, match="no cron history tunerd knows"):
-        read_history(other)
+        read_history(other, NOW)
     odd = tmp_path / "odd.sqlite"
     db = sqlite3.connect(odd)
     db.execute("CREATE TABLE cron_jobs (job_id TEXT, name TEXT)")
     db.execute("CREATE TABLE cron_run_receipts (receipt_id TEXT)")
     db.commit()
     with pytest.raises(OpenClawError, match="has no column"):
-        read_history(odd)
+        read_history(odd, NOW)
     done = cli("analyze", "--openclaw", str(other), home=tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "no cron history tunerd knows" in done.stderr
@@ -186,22 +195,22 @@ def test_the_2026_6_table_and_the_older_files_are_read(tmp_path: Path) -> None:
     for seq, entry in enumerate(RETRIED):
         db.execute("INSERT INTO cron_run_logs VALUES ('s', 'j1', ?, ?)", (seq, json.dumps(entry)))
     db.commit()
-    history = read_history(state)
+    history = read_history(state, NOW)
     assert history.version == RUN_LOGS and history.jobs["j1"].timeout_ms == 60_000
     entries = native_runs(history, NOW)
     assert [(e.cron, e.type, len(e.attempts)) for e in entries] == [
-        ("nightly", "success", 2),
-        ("nightly", "success", 1),
+        ("nightly (OpenClaw)", "success", 2),
+        ("nightly (OpenClaw)", "success", 1),
     ]
     folder = tmp_path / "cron"
     (folder / "runs").mkdir(parents=True)
     (folder / "jobs.json").write_text(json.dumps({"version": 1, "jobs": [job]}))
     (folder / "runs" / "j1.jsonl").write_text("".join(json.dumps(e) + "\n" for e in RETRIED))
-    old = read_history(folder)
+    old = read_history(folder, NOW)
     assert old.version == RUN_FILES
     assert [(e.cron, len(e.attempts)) for e in native_runs(old, NOW)] == [
-        ("nightly", 2),
-        ("nightly", 1),
+        ("nightly (OpenClaw)", 2),
+        ("nightly (OpenClaw)", 1),
     ]
 
 
@@ -238,17 +247,121 @@ def test_both_inputs_at_once_from_the_configuration(tmp_path: Path) -> None:
     )
     report = analyze_json("--config", str(config), home=tmp_path)
     names = {c["cron"] for c in report["crons"]}
-    assert {"slow-cmd", "flaky-cmd", "TQQQ 15분 모니터링"} <= names
+    assert {"slow-cmd (OpenClaw)", "flaky-cmd (OpenClaw)", "TQQQ 15분 모니터링"} <= names
     status = cli("status", "--config", str(config), "--json", home=tmp_path)
     assert status.returncode == 0, status.stderr
     rows = {c["cron"]: c for c in json.loads(status.stdout)["crons"]}
-    assert (
-        rows["slow-cmd"]["params"]["timeout"] == 3000
-        and "native cron" in (rows["slow-cmd"]["params_source"])
-    )
+    slow = rows["slow-cmd (OpenClaw)"]
+    assert slow["params"]["timeout"] == 3000 and "native cron" in slow["params_source"]
     broken = tmp_path / "broken.sqlite"
     sqlite3.connect(broken).execute("CREATE TABLE x (y)")
     config.write_text(config.read_text().replace(str(SAMPLE), str(broken)))
     done = cli("analyze", "--config", str(config), "--json", home=tmp_path)
     assert done.returncode == 0 and "native cron runs not read" in done.stderr
     assert "TQQQ 15분 모니터링" in {c["cron"] for c in json.loads(done.stdout)["crons"]}
+
+
+def hostile_copy(tmp_path: Path) -> Path:
+    """The sample with what a damaged or hand-edited state holds: absurd times, an end before
+    its start, a failure's details that are not JSON, an error text cut inside a character,
+    impossible timeouts, and a job of the same name as the wrapper's cron."""
+    state = tmp_path / "hostile.sqlite"
+    shutil.copy(SAMPLE, state)
+    db = sqlite3.connect(state)
+    row = db.execute("SELECT * FROM cron_run_receipts WHERE status = 'error' LIMIT 1").fetchone()
+    for n, (started, finished) in enumerate(
+        [(row[9], 9223372036854775807), (-5_000_000_000_000_000, row[10]), (row[10], row[9])]
+    ):
+        db.execute(
+            "INSERT INTO cron_run_receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (f"bad-{n}", *row[1:9], started, finished, row[11]),
+        )
+    db.execute("UPDATE task_runs SET detail_json = '{not json' WHERE status = 'failed'")
+    db.execute(
+        "UPDATE cron_run_receipts SET error_text = CAST(x'ff41' AS TEXT) WHERE receipt_id ="
+        " (SELECT receipt_id FROM cron_run_receipts WHERE status = 'error' LIMIT 1 OFFSET 1)"
+    )
+    for name, seconds in (("flaky-cmd", "1e999"), ("script-test", "0.0001")):
+        db.execute(
+            "UPDATE cron_jobs SET job_json = json_set(job_json, '$.payload.timeoutSeconds',"
+            f" json('{seconds}')) WHERE name = ?",
+            (name,),
+        )
+    db.execute("UPDATE cron_jobs SET name = 'TQQQ 15분 모니터링' WHERE name = 'slow-cmd'")
+    db.commit()
+    return state
+
+
+def test_a_damaged_history_loses_no_good_run_and_merges_nothing(tmp_path: Path) -> None:
+    from .conftest import REAL_SAMPLE
+
+    state = hostile_copy(tmp_path)
+    done = cli("analyze", str(REAL_SAMPLE), "--openclaw", str(state), "--json", home=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "3 native executions skipped" in done.stderr
+    report = json.loads(done.stdout)
+    crons = {c["cron"]: c for c in report["crons"]}
+    # The wrapper's cron and the native job of the same name stay two crons.
+    assert crons["TQQQ 15분 모니터링"]["runs"] == 51
+    assert crons["TQQQ 15분 모니터링 (OpenClaw)"]["runs"] == 28
+    assert crons["flaky-cmd (OpenClaw)"]["runs"] == 37  # the cut error text did not lose it
+    for name in ("flaky-cmd (OpenClaw)", "script-test (OpenClaw)"):
+        assert crons[name]["params"]["timeout"] is None
+    untrusted = {a["subject"] for a in report["advisories"] if a["type"] == "untrusted_value"}
+    assert {"flaky-cmd (OpenClaw)", "script-test (OpenClaw)"} <= untrusted
+
+
+def test_a_retry_running_now_is_not_a_final_failure(tmp_path: Path) -> None:
+    """The last chain of slow-cmd waits for its retry; with the job enabled and that retry
+    running, the run is in flight: not counted yet."""
+    state = tmp_path / "running.sqlite"
+    shutil.copy(SAMPLE, state)
+    db = sqlite3.connect(state)
+    db.execute("UPDATE cron_jobs SET enabled = 1 WHERE name = 'slow-cmd'")
+    (job, last) = db.execute(
+        "SELECT job_id, MAX(finished_at_ms) FROM cron_run_receipts JOIN cron_jobs USING (job_id)"
+        " WHERE name = 'slow-cmd'"
+    ).fetchone()
+    db.execute(
+        "INSERT INTO cron_run_receipts (receipt_id, store_key, job_id, config_revision, agent_id,"
+        " status, owner_pid, started_at_ms) VALUES ('now', 's', ?, 'r', 'main', 'running', 1, ?)",
+        (job, last + 300_000),
+    )
+    db.commit()
+    runs_now = [e for e in native_runs(read_history(state, NOW), NOW) if "slow" in (e.cron or "")]
+    assert len(runs_now) == 27  # 28 less the one whose retry runs
+
+
+def test_a_regular_run_after_a_permanent_failure_is_not_its_retry() -> None:
+    """A job every 30 s fails for good; its next regular run falls where a retry would, and
+    the history says the gateway planned it: still two runs (the gateway retries only
+    transient failures)."""
+    jobs = {"j": Job("j", "job")}
+    failed = Execution(
+        "j", T0, T0 + 40, False, "command exited with code 1", None, False, T0 + 30_040
+    )
+    regular = Execution("j", T0 + 30_040, T0 + 30_080, True, None, None, False)
+    found = list(runs(jobs, [failed, regular], int(NOW * 1000)))
+    assert [(e.type, len(e.attempts)) for e in found] == [("failure", 1), ("success", 1)]
+
+
+def test_manual_runs_in_the_older_layouts_are_told_by_their_run_id(tmp_path: Path) -> None:
+    folder = tmp_path / "cron"
+    (folder / "runs").mkdir(parents=True)
+    manual = [e | {"runId": f"manual:j1:{e['runAtMs']}:1"} for e in RETRIED]
+    (folder / "runs" / "j1.jsonl").write_text("".join(json.dumps(e) + "\n" for e in manual))
+    found = native_runs(read_history(folder, NOW), NOW)
+    assert [len(e.attempts) for e in found] == [1, 1, 1]
+    assert found[0].reason == MANUAL
+
+
+def test_a_missing_log_is_not_hidden_by_a_history_that_cannot_be_read(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.sqlite"
+    sqlite3.connect(broken).execute("CREATE TABLE x (y)")
+    config = tmp_path / "tunerd.toml"
+    config.write_text(
+        f'log_path = "{tmp_path / "missing.jsonl"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[openclaw]\nstate = "{broken}"\n'
+    )
+    done = cli("analyze", "--config", str(config), home=tmp_path)
+    assert done.returncode == 1 and "missing.jsonl" in done.stderr

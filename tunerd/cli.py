@@ -336,9 +336,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     )
     native = _native_state(args, settings)
     try:
-        if native is not None and args.log is None and not log.exists():
+        if native is not None and args.openclaw and args.log is None and not log.exists():
             stats = LogStats(options.since, options.bucket_seconds, options.max_crons)
-            log = native  # the native history alone
+            log = native  # the native history alone, as asked
         else:
             stats = read_log(log, options)
     except LogFileError as exc:
@@ -386,12 +386,18 @@ def _with_native(
     )
 
     try:
-        history = read_history(state)
+        history = read_history(state, now)
     except OpenClawError as exc:
         if explicit:
             raise CommandError(str(exc)) from None
         print(f"tunerd: warning: native cron runs not read: {exc}", file=sys.stderr)
         return in_force, []
+    if history.skipped:
+        print(
+            f"tunerd: warning: {history.skipped:,} native executions skipped: times out of"
+            " range, an end before the start, or fields of the wrong type",
+            file=sys.stderr,
+        )
     stats.add_entries(native_runs(history, now), now)
     jobs = {job.name: in_force_of(job) for job in history.jobs.values()}
 

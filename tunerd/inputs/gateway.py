@@ -38,6 +38,8 @@ START_SLACK_MS: Final = 5_000
 """How late after its planned time a retry may start (a busy gateway)."""
 RETRY_NOT_RUN: Final = "Retry did not run"
 MANUAL: Final = "Manual run, not retried"
+INTERRUPTED: Final = "interrupted:"
+"""How an execution the gateway did not finish (it stopped) starts its error text."""
 _NONE: Final = msgspec.Raw(b"")
 
 _TRANSIENT: Final = re.compile(
@@ -83,6 +85,9 @@ class Job:
     timeout_ms: int | None = None
     enabled: bool = True
     consecutive_errors: int = 0
+    timeout_problem: str | None = None
+    """Why the job's ``timeoutSeconds`` cannot be taken as a number (then ``timeout_ms`` is
+    None: unknown, not tuned, said to a person)."""
 
 
 def transient(execution: Execution) -> bool:
@@ -99,19 +104,19 @@ def _transient(text: str | None, reason: str | None) -> bool:
 
 
 def _continues(previous: Execution, execution: Execution, retries: int) -> bool:
-    if previous.ok or retries >= len(BACKOFF_MS) or previous.manual or execution.manual:
-        return False
-    due = previous.finished_ms + BACKOFF_MS[retries]
-    if previous.next_ms is not None:
-        planned = abs(previous.next_ms - due) <= PLANNED_SLACK_MS
-        return planned and -START_SLACK_MS <= execution.started_ms - previous.next_ms <= (
-            START_SLACK_MS
-        )
-    return transient(previous) and abs(execution.started_ms - due) <= START_SLACK_MS
+    """Whether ``execution`` is the gateway's retry of ``previous`` (both scheduled)."""
+    due = _retry_due(previous, retries)
+    return due is not None and abs(execution.started_ms - due) <= START_SLACK_MS
 
 
-def runs(jobs: dict[str, Job], executions: Iterable[Execution], now_ms: int) -> Iterator[Entry]:
-    """The runs of ``executions`` (any order), job by job, each as the wrapper would log it."""
+def runs(
+    jobs: dict[str, Job],
+    executions: Iterable[Execution],
+    now_ms: int,
+    running: dict[str, int] | None = None,
+) -> Iterator[Entry]:
+    """The runs of ``executions`` (any order), job by job, each as the wrapper would log it.
+    ``running``: when each job's execution in progress started (its retry may be it)."""
     by_job: dict[str, list[Execution]] = {}
     for execution in executions:
         by_job.setdefault(execution.job, []).append(execution)
@@ -122,34 +127,49 @@ def runs(jobs: dict[str, Job], executions: Iterable[Execution], now_ms: int) -> 
         context = Context(cron=job.name, schedule=msgspec.Raw(schedule))
         chain: list[Execution] = []
         for execution in found:
+            if execution.manual:  # one attempt, never retried, never a retry: a run of its own
+                if (entry := _entry(job, context, [execution], now_ms, True)) is not None:
+                    yield entry
+                continue
             if chain and not _continues(chain[-1], execution, len(chain) - 1):
-                if (entry := _entry(job, context, chain, now_ms, followed=True)) is not None:
+                if (entry := _entry(job, context, chain, now_ms, True)) is not None:
                     yield entry
                 chain = []
             chain.append(execution)
-        if chain and (entry := _entry(job, context, chain, now_ms, followed=False)) is not None:
+        started = (running or {}).get(job_id)
+        if chain and (entry := _entry(job, context, chain, now_ms, False, started)) is not None:
             yield entry
 
 
 def _entry(
-    job: Job, context: Context, chain: list[Execution], now_ms: int, followed: bool
+    job: Job,
+    context: Context,
+    chain: list[Execution],
+    now_ms: int,
+    followed: bool,
+    running: int | None = None,
 ) -> Entry | None:
-    """The run of ``chain``; None while its retry is still due (``followed``: another
-    execution of the job came after it)."""
+    """The run of ``chain``; None while its retry is still due or running (``followed``:
+    another scheduled execution of the job came after it; ``running``: when the job's
+    execution in progress started)."""
     last = chain[-1]
     retrying = _retry_due(last, len(chain) - 1)
     reason = None
     if not last.ok:
-        if last.manual and transient(last):
+        if (last.error or "").startswith(INTERRUPTED):
+            reason = "Interrupted"
+        elif last.manual and transient(last):
             reason = MANUAL
         elif len(chain) > len(BACKOFF_MS) and transient(last):
             reason = None  # every retry failed: exhausted
         elif retrying is None:
             reason = NON_RETRYABLE
+        elif not followed and running is not None and running >= last.finished_ms:
+            return None  # its retry is running now
         elif followed or not job.enabled or now_ms > retrying + START_SLACK_MS:
-            reason = RETRY_NOT_RUN  # superseded by an edit, a manual run, a stop
+            reason = RETRY_NOT_RUN  # superseded by an edit, a stop
         else:
-            return None
+            return None  # in flight: its retry is still due
     attempts = [
         Attempt(
             success=bool(e.ok),
@@ -170,13 +190,17 @@ def _entry(
 
 
 def _retry_due(execution: Execution, retries: int) -> int | None:
-    """When the gateway will retry this execution's failure, or None if it will not."""
+    """When the gateway retries this execution's failure, or None if it does not: only a
+    scheduled run's transient failure, one backoff after it (as planned, when the history
+    says what the gateway planned: a regular run that happens to fall there is not a retry)."""
     if execution.ok or execution.manual or retries >= len(BACKOFF_MS):
         return None
+    if not transient(execution):
+        return None
     due = execution.finished_ms + BACKOFF_MS[retries]
-    if execution.next_ms is not None:
-        return due if abs(execution.next_ms - due) <= PLANNED_SLACK_MS else None
-    return due if transient(execution) else None
+    if execution.next_ms is not None and abs(execution.next_ms - due) > PLANNED_SLACK_MS:
+        return None
+    return due
 
 
 @functools.lru_cache(maxsize=4096)

@@ -15,14 +15,17 @@ Anything else is refused with a message, never guessed at.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
 
-from tunerd.inputs.gateway import BACKOFF_MS, Execution, Job, runs
-from tunerd.params import InForce
+from tunerd.inputs.gateway import BACKOFF_MS, INTERRUPTED, Execution, Job, runs
+from tunerd.params import InForce, untrusted
 from tunerd.records import Entry
 from tunerd.rules import Advisory
 
@@ -36,35 +39,57 @@ class OpenClawError(Exception):
     """The history cannot be read: one line that says why."""
 
 
+EARLIEST_MS: Final = 946_684_800_000
+"""2000-01-01: an execution from before is a clock that was not set (as for the wrapper's log)."""
+FUTURE_MS: Final = 86_400_000
+"""How far after the time of reading an execution may end (a clock a little wrong)."""
+LONGEST_MS: Final = 30 * 86_400_000
+"""An execution longer than 30 days is not one (the same bound as a wrapper's run)."""
+
+
 @dataclass(frozen=True, slots=True)
 class History:
     version: str
     """Which of the gateway's layouts it was read from."""
     jobs: dict[str, Job]
     executions: list[Execution]
+    running: dict[str, int]
+    """Job id -> when its execution in progress started."""
+    skipped: int = 0
+    """Executions that cannot be real (times out of range, ending before they start, a field
+    of the wrong type): left out, like malformed lines of the wrapper's log."""
 
 
-def read_history(path: Path) -> History:
+def read_history(path: Path, now: float) -> History:
     """The native jobs and their executions at ``path``: the gateway's state database, or
-    (before 2026.6) its ``cron`` folder."""
+    (before 2026.6) its ``cron`` folder. ``now`` bounds the times that can be real."""
     path = path.expanduser()
+    horizon = int(now * 1000) + FUTURE_MS
     if path.is_dir():
-        return _read_folder(path)
+        return _read_folder(path, horizon)
     if not path.is_file():
         raise OpenClawError(f"OpenClaw's state {path} does not exist")
     try:
         db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as exc:
         raise OpenClawError(f"cannot open OpenClaw's state {path}: {exc}") from None
+    # An error text cut inside a character (a command's output) must not lose the history.
+    db.text_factory = lambda data: data.decode("utf-8", "replace")
     try:
         db.execute("PRAGMA query_only = ON")
         db.execute("BEGIN")  # one snapshot, released at once
         try:
-            return _read_database(db, path)
+            return _read_database(db, path, horizon)
         finally:
             db.execute("COMMIT")
     except sqlite3.Error as exc:
-        raise OpenClawError(f"cannot read OpenClaw's state {path}: {exc}") from None
+        hint = ""
+        if "readonly" in str(exc):  # SQLite could not create the -shm file a WAL reader needs
+            hint = (
+                ": SQLite needs to create its shared-memory file beside it; run tunerd as the"
+                " gateway's user"
+            )
+        raise OpenClawError(f"cannot read OpenClaw's state {path}: {exc}{hint}") from None
     finally:
         db.close()
 
@@ -89,7 +114,7 @@ _NEEDS: Final = {
 }
 
 
-def _read_database(db: sqlite3.Connection, path: Path) -> History:
+def _read_database(db: sqlite3.Connection, path: Path, horizon: int) -> History:
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if "cron_run_receipts" in tables and "cron_jobs" in tables:
         version = RECEIPTS
@@ -108,85 +133,129 @@ def _read_database(db: sqlite3.Connection, path: Path) -> History:
                 f"{path}: table {table} has no column {', '.join(sorted(missing))}: a layout of"
                 " OpenClaw's that tunerd does not know"
             )
-    jobs = {
-        row[0]: _job(row[0], row[1], row[2], row[3], row[4])
+    jobs = _named(
+        _job(str(row[0]), row[1], row[2], row[3], row[4])
         for row in db.execute("SELECT job_id, name, enabled, job_json, state_json FROM cron_jobs")
-    }
+    )
+    running: dict[str, int] = {}
     if version == RECEIPTS:
-        executions = _receipts(db, "task_runs" in tables and _has_details(db))
+        executions, skipped = _receipts(db, "task_runs" in tables and _has_details(db), horizon)
+        running = dict(
+            db.execute(
+                "SELECT job_id, MIN(started_at_ms) FROM cron_run_receipts WHERE status ="
+                " 'running' AND typeof(started_at_ms) = 'integer' GROUP BY job_id"
+            ).fetchall()
+        )
     else:
-        executions = [
-            e
-            for job, entry in db.execute("SELECT job_id, entry_json FROM cron_run_logs")
-            if (e := _finished(job, _loads(entry))) is not None
-        ]
-    return History(version, jobs, executions)
+        executions, skipped = [], 0
+        for job, entry in db.execute("SELECT job_id, entry_json FROM cron_run_logs"):
+            found = _finished(str(job), _loads(entry), horizon)
+            if isinstance(found, Execution):
+                executions.append(found)
+            else:
+                skipped += found
+    return History(version, jobs, executions, running, skipped)
 
 
 def _has_details(db: sqlite3.Connection) -> bool:
     return {"run_id", "detail_json"} <= _columns(db, "task_runs")
 
 
-def _receipts(db: sqlite3.Connection, details: bool) -> list[Execution]:
-    """Finished executions, with what ``task_runs`` adds to a failure (the error's class, the
-    next run the gateway planned). SQLite does the work: each row comes out as an
-    ``Execution``, no JSON parsed nor value converted in Python."""
-    reason = planned = "NULL"
-    joined = ""
+def _receipts(db: sqlite3.Connection, details: bool, horizon: int) -> tuple[list[Execution], int]:
+    """Finished executions that can be real, with what ``task_runs`` adds to a failure (the
+    error's class, the next run the gateway planned), and how many could not. SQLite does the
+    work: each row comes out as an ``Execution``, no JSON parsed nor value converted in
+    Python."""
+    detail = "NULL"
     if details:
-        # Only a failure's details matter: the join and the JSON are skipped for the others.
-        joined = (
-            " LEFT JOIN task_runs t ON r.status != 'ok' AND t.run_id = 'cron:' || r.job_id"
-            " || ':' || r.started_at_ms || ':' || r.receipt_id"
-            " || COALESCE(':' || r.request_run_id, '')"
+        # Only a failure's details matter: looked up for failures alone, the first if the
+        # gateway ever kept two, and only when its JSON is valid.
+        detail = (
+            "CASE WHEN r.status != 'ok' THEN (SELECT t.detail_json FROM task_runs t WHERE"
+            " t.run_id = 'cron:' || r.job_id || ':' || r.started_at_ms || ':' || r.receipt_id"
+            " || COALESCE(':' || r.request_run_id, '') AND json_valid(t.detail_json) LIMIT 1)"
+            " END"
         )
-        reason = (
-            "CASE WHEN json_type(t.detail_json, '$.errorReason') = 'text'"
-            " THEN json_extract(t.detail_json, '$.errorReason') END"
-        )
-        planned = (
-            "CASE WHEN json_type(t.detail_json, '$.nextRunAtMs') IN ('integer', 'real')"
-            " THEN CAST(json_extract(t.detail_json, '$.nextRunAtMs') AS INTEGER) END"
-        )
-    query = (
-        "SELECT r.job_id, r.started_at_ms, r.finished_at_ms, r.status = 'ok',"
-        " CASE WHEN r.status = 'interrupted' THEN COALESCE(r.error_text, 'interrupted')"
-        f" ELSE r.error_text END, {reason}, r.request_run_id IS NOT NULL, {planned},"
-        f" r.config_revision FROM cron_run_receipts r{joined}"
-        " WHERE r.status IN ('ok', 'error', 'interrupted') AND r.finished_at_ms IS NOT NULL"
+    real = (
+        "typeof(r.job_id) = 'text' AND typeof(r.started_at_ms) = 'integer'"
+        " AND typeof(r.finished_at_ms) = 'integer' AND r.started_at_ms >= :earliest"
+        " AND r.finished_at_ms <= :horizon AND r.finished_at_ms >= r.started_at_ms"
+        " AND r.finished_at_ms - r.started_at_ms <= :longest"
     )
-    return list(map(Execution._make, db.execute(query)))
+    finished = "r.status IN ('ok', 'error', 'interrupted')"
+    query = (
+        "SELECT job_id, started_at_ms, finished_at_ms, ok, error,"
+        " CASE WHEN json_type(detail, '$.errorReason') = 'text'"
+        "  THEN json_extract(detail, '$.errorReason') END,"
+        " manual,"
+        " CASE WHEN json_type(detail, '$.nextRunAtMs') IN ('integer', 'real')"
+        "  AND json_extract(detail, '$.nextRunAtMs') BETWEEN :earliest AND :far"
+        "  THEN CAST(json_extract(detail, '$.nextRunAtMs') AS INTEGER) END,"
+        " revision FROM ("
+        "  SELECT r.job_id, r.started_at_ms, r.finished_at_ms, r.status = 'ok' AS ok,"
+        "  CASE WHEN r.status = 'interrupted' THEN :interrupted"
+        "   WHEN typeof(r.error_text) = 'text' THEN r.error_text END AS error,"
+        "  r.request_run_id IS NOT NULL AS manual, r.config_revision AS revision,"
+        f"  {detail} AS detail FROM cron_run_receipts r WHERE {finished} AND {real})"
+    )
+    bounds = {
+        "earliest": EARLIEST_MS,
+        "horizon": horizon,
+        "far": horizon + LONGEST_MS,
+        "longest": LONGEST_MS,
+        "interrupted": f"{INTERRUPTED} the gateway stopped during the run",
+    }
+    found = list(map(Execution._make, db.execute(query, bounds)))
+    (skipped,) = db.execute(
+        f"SELECT COUNT(*) FROM cron_run_receipts r WHERE {finished} AND NOT ({real})", bounds
+    ).fetchone()
+    return found, skipped
 
 
-def _finished(job: str, entry: Any) -> Execution | None:
+def _finished(job: str, entry: Any, horizon: int) -> Execution | int:
     """One finished entry of a ``cron_run_logs`` row or a ``runs/*.jsonl`` line (``ts,
-    status, error, errorReason, runAtMs, durationMs, nextRunAtMs``); None for anything else."""
+    status, error, errorReason, runAtMs, durationMs, nextRunAtMs, runId``): its execution, 0
+    for an entry of another kind, 1 for one that cannot be real."""
     if not isinstance(entry, dict) or entry.get("action", "finished") != "finished":
-        return None
+        return 0
     status = entry.get("status")
-    started, duration = entry.get("runAtMs"), entry.get("durationMs")
-    if status not in ("ok", "error") or not isinstance(started, int | float):
-        return None
-    duration = duration if isinstance(duration, int | float) and duration >= 0 else 0
-    planned = entry.get("nextRunAtMs")
-    error, reason = entry.get("error"), entry.get("errorReason")
+    if status not in ("ok", "error"):
+        return 0
+    started, duration = _millis(entry.get("runAtMs")), _millis(entry.get("durationMs"))
+    if duration is None and entry.get("durationMs") is None:
+        duration = 0
+    if started is None or duration is None or not EARLIEST_MS <= started <= horizon:
+        return 1
+    if duration > LONGEST_MS or started + duration > horizon:
+        return 1
+    planned = _millis(entry.get("nextRunAtMs"))
+    error, reason, run = entry.get("error"), entry.get("errorReason"), entry.get("runId")
     return Execution(
         str(entry.get("jobId") or job),
-        int(started),
-        int(started + duration),
+        started,
+        started + duration,
         status == "ok",
         error if isinstance(error, str) else None,
         reason if isinstance(reason, str) else None,
-        None,
-        int(planned) if isinstance(planned, int | float) else None,
+        run.startswith("manual:") if isinstance(run, str) else None,
+        planned if planned is not None and planned >= EARLIEST_MS else None,
     )
 
 
-def _read_folder(folder: Path) -> History:
+def _millis(value: Any) -> int | None:
+    """A whole, finite, non-negative number of milliseconds, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value < 0 or value > 2**62:
+        return None
+    return int(value)
+
+
+def _read_folder(folder: Path, horizon: int) -> History:
     runs = folder / "runs"
     if not runs.is_dir():
         raise OpenClawError(f"{folder} has no runs/ folder: not OpenClaw's cron folder")
-    jobs: dict[str, Job] = {}
+    found: list[Job] = []
     try:
         listed = _loads((folder / "jobs.json").read_bytes())
     except OSError:
@@ -195,19 +264,24 @@ def _read_folder(folder: Path) -> History:
         listed = listed.get("jobs")
     for job in listed if isinstance(listed, list) else []:
         if isinstance(job, dict) and isinstance(job.get("id"), str):
-            jobs[job["id"]] = _job(
-                job["id"], job.get("name"), job.get("enabled", True), job, job.get("state")
+            found.append(
+                _job(job["id"], job.get("name"), job.get("enabled", True), job, job.get("state"))
             )
-    executions = []
+    jobs = _named(found)
+    executions: list[Execution] = []
+    skipped = 0
     for file in sorted(runs.glob("*.jsonl")):
         try:
             lines = file.read_bytes().splitlines()
         except OSError as exc:
             raise OpenClawError(f"cannot read {file}: {exc.strerror or exc}") from None
         for line in lines:
-            if (e := _finished(file.stem, _loads(line))) is not None:
-                executions.append(e)
-    return History(RUN_FILES, jobs, executions)
+            execution = _finished(file.stem, _loads(line), horizon)
+            if isinstance(execution, Execution):
+                executions.append(execution)
+            else:
+                skipped += execution
+    return History(RUN_FILES, jobs, executions, {}, skipped)
 
 
 def _loads(text: str | bytes | None) -> Any:
@@ -225,16 +299,44 @@ def _job(job_id: str, name: Any, enabled: Any, job: Any, state: Any) -> Job:
     status = status if isinstance(status, dict) else {}
     payload = _object(doc.get("payload"))
     seconds = payload.get("timeoutSeconds")
+    timeout_ms, problem = None, None
+    if "timeoutSeconds" in payload:
+        milliseconds: Any = seconds
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+            milliseconds = seconds * 1000 if math.isfinite(seconds) else seconds
+        why = untrusted("timeout", milliseconds)
+        if why is None:
+            timeout_ms = int(milliseconds)
+        else:
+            shown = json.dumps(seconds)[:40]
+            problem = f"timeoutSeconds {shown}: {why.split(' is ', 1)[-1]}"
     schedule = _object(doc.get("schedule"))
     errors = status.get("consecutiveErrors")
     return Job(
         job_id,
         str(name) if name else job_id,
         _schedule_text(schedule),
-        int(seconds * 1000) if isinstance(seconds, int | float) and seconds > 0 else None,
-        bool(enabled),
-        errors if isinstance(errors, int) else 0,
+        timeout_ms,
+        enabled is True or enabled == 1,
+        errors if isinstance(errors, int) and not isinstance(errors, bool) else 0,
+        problem,
     )
+
+
+def _named(jobs: Iterable[Job]) -> dict[str, Job]:
+    """Jobs by id, each named ``NAME (OpenClaw)``: a wrapper's cron of the same name (often
+    the one the job runs) stays a cron of its own; two jobs of one name get their ids."""
+    found = list(jobs)
+    names = Counter(job.name for job in found)
+    return {
+        job.id: replace(
+            job,
+            name=f"{job.name} (OpenClaw)"
+            if names[job.name] == 1
+            else f"{job.name} (OpenClaw {job.id[:8]})",
+        )
+        for job in found
+    }
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -266,18 +368,25 @@ FIXED_RETRIES: Final = (
 
 def native_runs(history: History, now: float) -> list[Entry]:
     """The history's runs, rebuilt from its executions (``inputs.gateway``)."""
-    return list(runs(history.jobs, history.executions, int(now * 1000)))
+    return list(runs(history.jobs, history.executions, int(now * 1000), history.running))
 
 
 def in_force_of(job: Job) -> InForce:
     """What a native job runs with: its timeout, and the gateway's fixed retries."""
+    fixed = [("maxRetries", FIXED_RETRIES), ("backoffBase", FIXED_RETRIES)]
+    untrusted_: tuple[tuple[str, str], ...] = ()
+    if job.timeout_problem is not None:
+        advice = "set a whole number of seconds (`openclaw cron edit --timeout-seconds`)"
+        fixed.append(("timeout", f"{job.timeout_problem}: {advice}"))
+        untrusted_ = (("timeout", f"{job.timeout_problem} (in OpenClaw job {job.id})"),)
     return InForce(
         maxRetries=len(BACKOFF_MS),
         timeout=job.timeout_ms,
         backoffBase=BACKOFF_MS[0],
         backoff="fixed",
         source=f"OpenClaw job {job.id} (native cron)",
-        fixed=(("maxRetries", FIXED_RETRIES), ("backoffBase", FIXED_RETRIES)),
+        fixed=tuple(fixed),
+        untrusted=untrusted_,
     )
 
 
