@@ -73,8 +73,6 @@ def read_history(path: Path, now: float) -> History:
         db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as exc:
         raise OpenClawError(f"cannot open OpenClaw's state {path}: {exc}") from None
-    # An error text cut inside a character (a command's output) must not lose the history.
-    db.text_factory = lambda data: data.decode("utf-8", "replace")
     try:
         db.execute("PRAGMA query_only = ON")
         db.execute("BEGIN")  # one snapshot, released at once
@@ -205,7 +203,15 @@ def _receipts(db: sqlite3.Connection, details: bool, horizon: int) -> tuple[list
         "longest": LONGEST_MS,
         "interrupted": f"{INTERRUPTED} the gateway stopped during the run",
     }
-    found = list(map(Execution._make, db.execute(query, bounds)))
+    try:
+        found = list(map(Execution._make, db.execute(query, bounds)))
+    except sqlite3.OperationalError as exc:
+        if "decode" not in str(exc):
+            raise
+        # An error text cut inside a character (a command's output) must not lose the
+        # history: read again, each text decoded in Python, with a replacement character.
+        db.text_factory = lambda data: data.decode("utf-8", "replace")
+        found = list(map(Execution._make, db.execute(query, bounds)))
     (skipped,) = db.execute(
         f"SELECT COUNT(*) FROM cron_run_receipts r WHERE {finished} AND NOT ({real})", bounds
     ).fetchone()
