@@ -365,3 +365,31 @@ def test_a_missing_log_is_not_hidden_by_a_history_that_cannot_be_read(tmp_path: 
     )
     done = cli("analyze", "--config", str(config), home=tmp_path)
     assert done.returncode == 1 and "missing.jsonl" in done.stderr
+
+
+def test_the_cycle_advises_a_native_change_and_writes_nothing(tmp_path: Path) -> None:
+    """The weekly cycle sees the native jobs too; no target writes a native job yet, so the
+    timeout it finds is advised with the command that sets it, and nothing is written."""
+    from .conftest import REAL_SAMPLE
+
+    params = tmp_path / "params.json"
+    params.write_text('{"defaults": {}, "crons": {}, "experiments": {}}\n')
+    before = params.read_bytes()
+    config = tmp_path / "tunerd.toml"
+    config.write_text(
+        f'log_path = "{REAL_SAMPLE}"\nstate_dir = "{tmp_path / "state"}"\nwindow = "3650d"\n'
+        f'params_file = "{params}"\nmin_runs = 5\n[openclaw]\nstate = "{SAMPLE}"\n'
+    )
+    done = cli("cycle", "--config", str(config), "--json", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert not [a for a in report["actions"] if "(OpenClaw)" in a["cron"]]
+    advised = [
+        a
+        for a in report["advisories"]
+        if a["type"] == "cannot_apply" and a["subject"] == "slow-cmd (OpenClaw)"
+    ]
+    assert len(advised) == 1 and "openclaw cron edit c1366be8" in advised[0]["message"]
+    assert params.read_bytes() == before
+    history = cli("history", "--config", str(config), "--json", home=tmp_path)
+    assert "(OpenClaw)" not in history.stdout

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from tunerd.analysis import ParamsLookup
     from tunerd.config import Settings
     from tunerd.engine import Engine
-    from tunerd.params import InForce
     from tunerd.rules import Advisory
     from tunerd.stats import LogStats
     from tunerd.store import Experiment, Review
@@ -374,16 +373,9 @@ def _native_state(args: argparse.Namespace, settings: Settings | None) -> Path |
 def _with_native(
     stats: LogStats, state: Path, in_force: ParamsLookup, now: float, explicit: bool
 ) -> tuple[ParamsLookup, list[Advisory]]:
-    """Count the native jobs' runs into ``stats``; what each runs with, by name, first; the
-    jobs the gateway is about to disable. A configured state that cannot be read is said and
+    """``count_native`` for a command: a configured state that cannot be read is said and
     left out; one named by ``--openclaw`` is an error."""
-    from tunerd.inputs.openclaw import (
-        OpenClawError,
-        advisories,
-        in_force_of,
-        native_runs,
-        read_history,
-    )
+    from tunerd.inputs.openclaw import OpenClawError, count_native, read_history, skipped_text
 
     try:
         history = read_history(state, now)
@@ -393,18 +385,8 @@ def _with_native(
         print(f"tunerd: warning: native cron runs not read: {exc}", file=sys.stderr)
         return in_force, []
     if history.skipped:
-        print(
-            f"tunerd: warning: {history.skipped:,} native executions skipped: times out of"
-            " range, an end before the start, or fields of the wrong type",
-            file=sys.stderr,
-        )
-    stats.add_entries(native_runs(history, now), now)
-    jobs = {job.name: in_force_of(job) for job in history.jobs.values()}
-
-    def lookup(cron: str, logged: dict[str, Any] | None = None) -> InForce:
-        return jobs[cron] if cron in jobs else in_force(cron, logged)
-
-    return lookup, advisories(history)
+        print(f"tunerd: warning: {skipped_text(history.skipped)}", file=sys.stderr)
+    return count_native(stats, history, now, in_force)
 
 
 # --- the commands that act (issue 3) ------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from tunerd.analysis import Analysis, analyze
+from tunerd.analysis import Analysis, ParamsLookup, analyze
 from tunerd.engine import TELL_EACH, Engine, EngineError, Start, check_state
 from tunerd.logfile import ReadOptions, read_window
 from tunerd.notify import Notification, Notifier
@@ -22,6 +22,7 @@ from tunerd.verification import Settled, settle
 
 if TYPE_CHECKING:
     from tunerd.config import Settings
+    from tunerd.stats import LogStats
 
 
 DAY = 86400.0
@@ -125,11 +126,15 @@ def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
                 bucket_seconds=DAY,
             ),
         )
-        in_force = InForceReader(engine.targets)
+        reader = InForceReader(engine.targets)
+        in_force, warnings = _native(settings, stats, reader, now)
         analysis = analyze(stats, in_force, since=since, changed_at=engine.store.last_changes())
         analysis.advisories[:0] = [
-            Advisory("unreadable_target", str(path), 0, problem)
-            for path, problem in in_force.problems()
+            *(
+                Advisory("unreadable_target", str(path), 0, problem)
+                for path, problem in reader.problems()
+            ),
+            *warnings,
         ]
         policy = PolicySettings(min_runs=settings.min_runs, cooldown_seconds=engine.cooldown)
         report = CycleReport(now, analysis, recovered, settled=settled)
@@ -338,11 +343,36 @@ def planned(
     return power, words
 
 
-def _supersede_unwritable(engine: Engine, in_force: InForceReader, now: float) -> None:
+def _native(
+    settings: Settings, stats: LogStats, in_force: ParamsLookup, now: float
+) -> tuple[ParamsLookup, list[Advisory]]:
+    """The gateway's native jobs in the cycle's analysis, when its history is configured and
+    there: their changes are advised, never applied (no target writes them yet). A history
+    that cannot be read is an advisory, never a failed cycle."""
+    state = settings.openclaw.state
+    if not settings.openclaw.history or not state.exists():
+        return in_force, []
+    from tunerd.inputs.openclaw import OpenClawError, count_native, read_history, skipped_text
+
+    try:
+        history = read_history(state, now)
+    except OpenClawError as exc:
+        return in_force, [Advisory("unreadable_target", str(state), 0, str(exc))]
+    lookup, warnings = count_native(stats, history, now, in_force)
+    if history.skipped:
+        warnings.append(
+            Advisory(
+                "unreadable_target", str(state), history.skipped, skipped_text(history.skipped)
+            )
+        )
+    return lookup, warnings
+
+
+def _supersede_unwritable(engine: Engine, in_force: ParamsLookup, now: float) -> None:
     """Pending reviews of a change the cron's target cannot be written for (queued before its
     script was known to lack the line) are withdrawn: approving them could only fail."""
     for review in engine.store.reviews("pending"):
-        if in_force(review.cron).unwritable(review.param) is not None:
+        if in_force(review.cron, None).unwritable(review.param) is not None:
             engine.store.decide_review(review.id, "superseded", "tunerd", now)
 
 

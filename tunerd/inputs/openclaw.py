@@ -21,13 +21,17 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 from tunerd.inputs.gateway import BACKOFF_MS, INTERRUPTED, Execution, Job, runs
 from tunerd.params import InForce, untrusted
 from tunerd.records import Entry
 from tunerd.rules import Advisory
+
+if TYPE_CHECKING:
+    from tunerd.analysis import ParamsLookup
+    from tunerd.stats import LogStats
 
 DEFAULT_STATE: Final = Path("~/.openclaw/state/openclaw.sqlite")
 RECEIPTS: Final = "2026.8 or later (cron_run_receipts)"
@@ -365,11 +369,37 @@ def _schedule_text(schedule: dict[str, Any]) -> str | None:
     return None
 
 
+NOT_YET: Final = (
+    "tunerd does not change a native job yet: set it by hand with `openclaw cron edit {id}"
+    " --timeout-seconds N`"
+)
 FIXED_RETRIES: Final = (
     "the gateway's retries are built in (3, after 30 s, 60 s and 5 min) and cannot be set"
     " (`cron.retry` was removed in 2026.8): where they are not enough, run the command"
     " through `tunerd exec`, which retries as the wrapper does"
 )
+
+
+def count_native(
+    stats: LogStats, history: History, now: float, in_force: ParamsLookup
+) -> tuple[ParamsLookup, list[Advisory]]:
+    """Count the native jobs' runs into ``stats``; what each runs with, looked up by name
+    before ``in_force``; the jobs the gateway is about to disable. The one way ``analyze``,
+    ``status`` and the cycle take native jobs in."""
+    stats.add_entries(native_runs(history, now), now)
+    jobs = {job.name: in_force_of(job) for job in history.jobs.values()}
+
+    def lookup(cron: str, logged: dict[str, Any] | None = None) -> InForce:
+        return jobs[cron] if cron in jobs else in_force(cron, logged)
+
+    return lookup, advisories(history)
+
+
+def skipped_text(skipped: int) -> str:
+    return (
+        f"{skipped:,} native executions skipped: times out of range, an end before the start,"
+        " or fields of the wrong type"
+    )
 
 
 def native_runs(history: History, now: float) -> list[Entry]:
@@ -382,9 +412,11 @@ def in_force_of(job: Job) -> InForce:
     fixed = [("maxRetries", FIXED_RETRIES), ("backoffBase", FIXED_RETRIES)]
     untrusted_: tuple[tuple[str, str], ...] = ()
     if job.timeout_problem is not None:
-        advice = "set a whole number of seconds (`openclaw cron edit --timeout-seconds`)"
+        advice = f"set a whole number of seconds (`openclaw cron edit {job.id} --timeout-seconds`)"
         fixed.append(("timeout", f"{job.timeout_problem}: {advice}"))
         untrusted_ = (("timeout", f"{job.timeout_problem} (in OpenClaw job {job.id})"),)
+    else:
+        fixed.append(("timeout", NOT_YET.format(id=job.id)))
     return InForce(
         maxRetries=len(BACKOFF_MS),
         timeout=job.timeout_ms,
