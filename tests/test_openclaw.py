@@ -101,6 +101,7 @@ def analyze_json(*args: str, home: Path) -> dict:
 
 def test_the_timeouts_of_slow_cmd_are_found_and_a_longer_timeout_proposed(tmp_path: Path) -> None:
     report = analyze_json("--openclaw", str(SAMPLE), home=tmp_path)
+    assert "2026.8 or later, cron_run_receipts: 75 executions of 6 jobs" in report["openclaw"]
     crons = {c["cron"]: c for c in report["crons"]}
     slow, flaky = crons["slow-cmd (OpenClaw)"], crons["flaky-cmd (OpenClaw)"]
     assert set(crons) == {"flaky-cmd (OpenClaw)", "slow-cmd (OpenClaw)", "script-test (OpenClaw)"}

@@ -345,18 +345,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise CommandError(f"{exc}{hint}") from None
     lookup: ParamsLookup = in_force
     warnings: list[Advisory] = []
+    source = None
     if native is not None:
         explicit = args.openclaw is not None
-        lookup, warnings = _with_native(stats, native, in_force, options.read_at, explicit)
+        lookup, warnings, source = _with_native(stats, native, in_force, options.read_at, explicit)
     result = analyze(stats, lookup, since=options.since, changed_at=changed)
     result.advisories[:0] = warnings
     for line in malformed_text(stats.totals.malformed, stats.malformed_samples):
         print(line, file=sys.stderr)
     if args.json:
         document = analysis_json(result, str(log), since, stats.malformed_samples)
-        print(json.dumps(document, ensure_ascii=False, indent=2))
+        print(json.dumps(document | {"openclaw": source}, ensure_ascii=False, indent=2))
     else:
-        print(analysis_text(result, str(log), since))
+        label = str(log) if source is None else source if log == native else f"{log} and {source}"
+        print(analysis_text(result, label, since))
     return 0
 
 
@@ -372,9 +374,9 @@ def _native_state(args: argparse.Namespace, settings: Settings | None) -> Path |
 
 def _with_native(
     stats: LogStats, state: Path, in_force: ParamsLookup, now: float, explicit: bool
-) -> tuple[ParamsLookup, list[Advisory]]:
-    """``count_native`` for a command: a configured state that cannot be read is said and
-    left out; one named by ``--openclaw`` is an error."""
+) -> tuple[ParamsLookup, list[Advisory], str | None]:
+    """``count_native`` for a command, and what was read (for a person); a configured state
+    that cannot be read is said and left out; one named by ``--openclaw`` is an error."""
     from tunerd.inputs.openclaw import OpenClawError, count_native, read_history, skipped_text
 
     try:
@@ -383,10 +385,14 @@ def _with_native(
         if explicit:
             raise CommandError(str(exc)) from None
         print(f"tunerd: warning: native cron runs not read: {exc}", file=sys.stderr)
-        return in_force, []
+        return in_force, [], None
     if history.skipped:
         print(f"tunerd: warning: {skipped_text(history.skipped)}", file=sys.stderr)
-    return count_native(stats, history, now, in_force)
+    source = (
+        f"OpenClaw {state} ({history.version}: {len(history.executions):,} executions of"
+        f" {len(history.jobs):,} jobs)"
+    )
+    return (*count_native(stats, history, now, in_force), source)
 
 
 # --- the commands that act (issue 3) ------------------------------------------------------------
@@ -530,7 +536,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if native is not None:  # the gateway's own jobs, read from its history (not the daemon's)
         since = now - settings.window.total_seconds()
         native_stats = LogStats(since=since, bucket_seconds=86400.0)
-        in_force, _ = _with_native(native_stats, native, in_force, now, explicit=False)
+        in_force, _, _ = _with_native(native_stats, native, in_force, now, explicit=False)
         for name, c in native_stats.crons.items():
             counts[name] = [*c.counts_since(since, native_stats.bucket_seconds)]
     experiments = store.experiments("starting", "running")

@@ -34,9 +34,9 @@ if TYPE_CHECKING:
     from tunerd.stats import LogStats
 
 DEFAULT_STATE: Final = Path("~/.openclaw/state/openclaw.sqlite")
-RECEIPTS: Final = "2026.8 or later (cron_run_receipts)"
-RUN_LOGS: Final = "2026.6-2026.7 (cron_run_logs)"
-RUN_FILES: Final = "before 2026.6 (cron/runs/*.jsonl)"
+RECEIPTS: Final = "2026.8 or later, cron_run_receipts"
+RUN_LOGS: Final = "2026.6-2026.7, cron_run_logs"
+RUN_FILES: Final = "before 2026.6, cron/runs/*.jsonl"
 
 
 class OpenClawError(Exception):
