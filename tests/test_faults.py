@@ -306,6 +306,9 @@ def test_a_full_disk_stalls_nothing(tmp_path: Path) -> None:
         time.sleep(3)  # a few heartbeats, each failing
         assert daemon.proc is not None and daemon.proc.poll() is None
         assert daemon.errors().count("cannot write the state store") == 1
+        time.sleep(8)  # status then says the daemon's figures are behind the log, and why
+        behind = daemon.cli("status")["daemon"]["behind"]
+        assert behind["bytes"] > 0 and behind["seconds"] > 10
         filler.unlink()  # space returns
         eventually(lambda: daemon.runs().get("a") == 4620, timeout=15, show=daemon.runs)
         assert "works again" in daemon.errors()
@@ -423,7 +426,8 @@ def test_state_that_cannot_be_trusted_is_refused_with_what_to_do(setup: dict[str
     for command in ("cycle", "status", "run"):
         done = tunerd(setup, command)
         assert done.returncode in (1, 2), done.stderr
-        assert "remembers no experiment" in done.stderr and "restore" in done.stderr
+        assert "the state store" in done.stderr and "does not know" in done.stderr
+        assert "restore" in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert setup["params"].read_bytes() == before
     database.write_bytes(b"this is not a database" * 100)
@@ -466,9 +470,24 @@ def test_a_store_older_than_the_params_file_is_refused(setup: dict[str, Path]) -
     for command in ("cycle", "status", "run"):
         done = tunerd(setup, command)
         assert done.returncode in (1, 2), done.stderr
-        assert "does not know 1 of its" in done.stderr and "'newer'" in done.stderr
+        assert "1 of experiments the state store" in done.stderr and "'newer'" in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert setup["params"].read_bytes() == before
+
+
+def test_a_params_file_older_than_the_store_is_refused(setup: dict[str, Path]) -> None:
+    """The mirror case: a params file restored from before a rollback still holds the block of
+    an experiment that ended; Level 1 kept splitting runs onto its treatment, unverified."""
+    as_json(setup, "cycle")
+    with_blocks = setup["params"].read_bytes()
+    status = as_json(setup, "status")
+    experiment = status["experiments"][0]
+    done = tunerd(setup, "rollback", str(experiment["change"]))
+    assert done.returncode == 0, done.stderr
+    setup["params"].write_bytes(with_blocks)  # the old file back
+    done = tunerd(setup, "status")
+    assert done.returncode == 1 and "of experiments that ended" in done.stderr, done.stderr
+    assert repr(experiment["cron"]) in done.stderr or experiment["cron"] in done.stderr
 
 
 def test_a_damaged_page_or_a_full_disk_mid_command_is_one_line(setup: dict[str, Path]) -> None:

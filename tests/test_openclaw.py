@@ -394,3 +394,34 @@ def test_the_cycle_advises_a_native_change_and_writes_nothing(tmp_path: Path) ->
     assert params.read_bytes() == before
     history = cli("history", "--config", str(config), "--json", home=tmp_path)
     assert "(OpenClaw)" not in history.stdout
+
+
+def test_the_default_state_is_read_when_it_is_there(tmp_path: Path) -> None:
+    """`[openclaw] state` left out: ~/.openclaw/state/openclaw.sqlite (expanded, not taken as
+    a relative path)."""
+    from .conftest import REAL_SAMPLE
+
+    default = tmp_path / ".openclaw" / "state" / "openclaw.sqlite"
+    default.parent.mkdir(parents=True)
+    shutil.copy(SAMPLE, default)
+    config = tmp_path / "tunerd.toml"
+    config.write_text(f'log_path = "{REAL_SAMPLE}"\nstate_dir = "{tmp_path / "state"}"\n')
+    report = analyze_json("--config", str(config), home=tmp_path)
+    assert report["openclaw"] is not None and str(default) in report["openclaw"]
+
+
+def test_a_state_tunerd_may_not_look_at_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's folder belongs to another user: Python 3.11 raises PermissionError where
+    it cannot look (root here can look anywhere, so the refusal is simulated)."""
+    from tunerd.inputs import openclaw
+
+    def denied(self: Path, *args: object, **kwargs: object) -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "exists", denied)
+    monkeypatch.setattr(Path, "is_dir", denied)
+    assert openclaw.there(tmp_path / "x")
+    with pytest.raises(OpenClawError, match="cannot look at OpenClaw's state"):
+        read_history(tmp_path / "x", NOW)

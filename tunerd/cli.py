@@ -362,13 +362,32 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+BEHIND_AFTER = 10.0
+"""Seconds after which a daemon's snapshot that has not caught up with the log is said to be
+behind (it publishes within a second of reading; an idle one has nothing to catch up)."""
+
+
+def _behind(log: Path, offset: int, age: float) -> dict[str, Any]:
+    """``{"behind": {"bytes", "seconds"}}`` when the log has grown past what the daemon last
+    published, long ago: it reads but cannot save (its state store is failing)."""
+    try:
+        size = log.stat().st_size
+    except OSError:
+        return {}
+    if size > offset and age > BEHIND_AFTER:
+        return {"behind": {"bytes": size - offset, "seconds": round(age, 1)}}
+    return {}
+
+
 def _native_state(args: argparse.Namespace, settings: Settings | None) -> Path | None:
     """OpenClaw's state to read native runs from: ``--openclaw``, else the configured one when
     it exists."""
+    from tunerd.inputs.openclaw import there
+
     if getattr(args, "openclaw", None) is not None:
         return Path(args.openclaw).expanduser()
-    if settings is not None and settings.openclaw.history and settings.openclaw.state.exists():
-        return settings.openclaw.state
+    if settings is not None and settings.openclaw.history:
+        return settings.openclaw.state if there(settings.openclaw.state) else None
     return None
 
 
@@ -490,7 +509,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = engine.store
     pid = daemon_pid(settings.state_dir)
     snapshot = store.db.execute("SELECT * FROM daemon_status WHERE id = 1").fetchone()
-    daemon = None
+    daemon: dict[str, Any] | None = None
     counts: dict[str, list[int | None]]
     logged: dict[str, dict[str, Any]]
     if pid is not None and snapshot is not None and snapshot["pid"] == pid:
@@ -504,6 +523,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         }
         logged = published.get("logged", {})
         daemon = {"pid": pid, "published_at": _iso(snapshot["updated_at"])}
+        daemon |= _behind(settings.log_path, tail.get("offset", 0), now - snapshot["updated_at"])
     else:
         since = now - settings.window.total_seconds()
         try:
@@ -582,6 +602,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"Log: {safe_text(str(tail['path']))} ({tail['entries']:,} entries, "
         f"{tail['malformed']:,} malformed, offset {tail['offset']:,})"
     ]
+    if "error" in tail:
+        lines.append(f"  ! {safe_text(str(tail['error']))}")
+    if daemon is not None and "behind" in daemon:
+        lag = daemon["behind"]
+        lines.append(
+            f"  ! the daemon's figures are {human_duration(lag['seconds'])} old and"
+            f" {lag['bytes']:,} bytes of the log behind: it is not saving what it reads (a full"
+            " disk? see its log: `journalctl -u tunerd`)"
+        )
     lines.append(f"Crons ({len(crons)}):")
     for row in crons:
         failed, retries, by = row["final_failure_rate"], row["retry_rate"], row["final_failures"]

@@ -179,7 +179,7 @@ _SAID: set[str] = set()
 
 
 class OpenClawSettings(BaseModel):
-    model_config = {"extra": "ignore"}
+    model_config = {"extra": "ignore", "validate_default": True}
 
     state: Path = Path("~/.openclaw/state/openclaw.sqlite")
     """OpenClaw's state database (before 2026.6: its ``~/.openclaw/cron`` folder), where the

@@ -41,7 +41,7 @@ def build_engine(settings: Settings, notifier: Notifier, store: Store | None = N
         split=settings.split,
         cooldown=settings.cooldown.total_seconds(),
     )
-    check_state(engine.store, engine.targets)
+    check_state(engine.store, engine.targets, engine.lock_path)
     return engine
 
 
@@ -349,10 +349,17 @@ def _native(
     """The gateway's native jobs in the cycle's analysis, when its history is configured and
     there: their changes are advised, never applied (no target writes them yet). A history
     that cannot be read is an advisory, never a failed cycle."""
+    from tunerd.inputs.openclaw import (
+        OpenClawError,
+        count_native,
+        read_history,
+        skipped_text,
+        there,
+    )
+
     state = settings.openclaw.state
-    if not settings.openclaw.history or not state.exists():
+    if not settings.openclaw.history or not there(state):
         return in_force, []
-    from tunerd.inputs.openclaw import OpenClawError, count_native, read_history, skipped_text
 
     try:
         history = read_history(state, now)

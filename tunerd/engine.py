@@ -76,41 +76,63 @@ class Item(NamedTuple):
     edit: Edit
 
 
-def check_state(store: Store, targets: Targets) -> None:
-    """Refuse a state store that does not know every experiment block of the params file
-    (``StoreError``): the database was deleted, truncated, or restored from a backup older than
-    the file, and Level 1 still follows blocks tunerd would otherwise forget, verify never, and
-    overwrite when it reused their ids or started another experiment on their crons."""
+def check_state(store: Store, targets: Targets, lock_path: Path | None = None) -> None:
+    """Refuse a state store that does not match the experiment blocks of the params file
+    (``StoreError``): a block of an experiment the store does not know (the database was
+    deleted, truncated, or restored from a backup older than the file) or of one that ended
+    (the file restored from a backup older than the database). Level 1 follows such a block
+    and nothing would ever verify or end it. A mismatch is looked at again under the writers'
+    lock (``lock_path``) before it is refused: a writer between its two steps is not one."""
+    found = _mismatched(store, targets)
+    if found and lock_path is not None:
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            try:
+                found = _mismatched(store, targets)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    if not found:
+        return
+    target = targets.params_file
+    unknown, ended, total = found
+    from tunerd.report import safe_text
+
+    names = ", ".join(repr(safe_text(str(cron))[:40]) for cron in [*unknown, *ended][:3])
+    count = len(unknown) + len(ended)
+    more = f" and {count - 3} more" if count > 3 else ""
+    what = []
+    if unknown:
+        what.append(f"{len(unknown)} of experiments the state store {store.path} does not know")
+    if ended:
+        what.append(f"{len(ended)} of experiments that ended")
+    raise StoreError(
+        f"the params file {target.path} holds {total} experiment blocks, {' and '.join(what)}"
+        f" ({names}{more}); Level 1 still follows them: restore the newer of"
+        f" {store.path.name} and the params file from a backup, or delete those entries of"
+        ' "experiments" in the params file (those crons then run with their own values).'
+        " tunerd changes nothing until then."
+    )
+
+
+def _mismatched(store: Store, targets: Targets) -> tuple[list[str], list[str], int] | None:
+    """(crons whose block's experiment the store does not know, crons whose block's
+    experiment ended, blocks in all), or None when the file and the store agree."""
     target = targets.params_file
     try:
         blocks = target.load(read_target(target.path))["experiments"]
     except TargetError:
-        return  # said by every command that reads it
+        return None  # said by every command that reads it
     if not isinstance(blocks, dict) or not blocks:
-        return
-    known = {str(row[0]) for row in store.db.execute("SELECT id FROM experiments")}
-    unknown = [
-        cron
-        for cron, block in blocks.items()
-        if not isinstance(block, dict) or str(block.get("id")) not in known
-    ]
-    if not unknown:
-        return
-    from tunerd.report import safe_text
-
-    names = ", ".join(repr(safe_text(str(cron))[:40]) for cron in unknown[:3])
-    more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-    memory = (
-        "remembers no experiment"
-        if not known
-        else f"does not know {len(unknown)} of its {len(blocks)} experiment blocks"
-    )
-    raise StoreError(
-        f"the state store {store.path} {memory}, but the params file {target.path} holds"
-        f" them ({names}{more}) and Level 1 still follows them: restore {store.path.name} from"
-        f' a newer backup; or delete those entries of "experiments" in {target.path} (those'
-        " crons then run with their own values). tunerd changes nothing until then."
-    )
+        return None
+    states = {str(row[0]): row[1] for row in store.db.execute("SELECT id, state FROM experiments")}
+    unknown, ended = [], []
+    for cron, block in blocks.items():
+        state = states.get(str(block.get("id"))) if isinstance(block, dict) else None
+        if state is None:
+            unknown.append(cron)
+        elif state not in ("starting", "running"):
+            ended.append(cron)
+    return (unknown, ended, len(blocks)) if unknown or ended else None
 
 
 class Engine:

@@ -830,7 +830,7 @@ def run(config: str | None) -> int:
     try:
         try:
             daemon = Daemon(config, settings)
-            check_state(daemon.store, settings.targets())
+            check_state(daemon.store, settings.targets(), settings.state_dir / "apply.lock")
         except sqlite3.Error as exc:
             raise store_error(settings.state_dir / "tunerd.sqlite3", exc) from None
     except StoreError as exc:

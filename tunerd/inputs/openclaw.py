@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable
@@ -69,10 +70,15 @@ def read_history(path: Path, now: float) -> History:
     (before 2026.6) its ``cron`` folder. ``now`` bounds the times that can be real."""
     path = path.expanduser()
     horizon = int(now * 1000) + FUTURE_MS
-    if path.is_dir():
+    try:
+        folder, file = path.is_dir(), path.is_file()
+    except OSError as exc:  # a folder on the way tunerd may not look into
+        raise OpenClawError(f"cannot look at OpenClaw's state {path}: {exc.strerror}") from None
+    if folder:
         return _read_folder(path, horizon)
-    if not path.is_file():
-        raise OpenClawError(f"OpenClaw's state {path} does not exist")
+    if not file:
+        what = "is not a file" if there(path) else "does not exist"
+        raise OpenClawError(f"OpenClaw's state {path} {what}")
     try:
         db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as exc:
@@ -86,7 +92,9 @@ def read_history(path: Path, now: float) -> History:
             db.execute("COMMIT")
     except sqlite3.Error as exc:
         hint = ""
-        if "readonly" in str(exc):  # SQLite could not create the -shm file a WAL reader needs
+        writable = os.access(path.parent, os.W_OK)
+        if "readonly" in str(exc) or (not writable and "unable to open" in str(exc)):
+            # SQLite could not create the -shm file a WAL reader needs
             hint = (
                 ": SQLite needs to create its shared-memory file beside it; run tunerd as the"
                 " gateway's user"
@@ -94,6 +102,15 @@ def read_history(path: Path, now: float) -> History:
         raise OpenClawError(f"cannot read OpenClaw's state {path}: {exc}{hint}") from None
     finally:
         db.close()
+
+
+def there(path: Path) -> bool:
+    """Whether something is at ``path``; True when tunerd may not even look (a folder of the
+    gateway's user): reading it then says why, rather than skipping it in silence."""
+    try:
+        return path.exists()
+    except OSError:
+        return True
 
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
@@ -374,7 +391,8 @@ NOT_YET: Final = (
     " --timeout-seconds N`"
 )
 FIXED_RETRIES: Final = (
-    "the gateway's retries are built in (3, after 30 s, 60 s and 5 min) and cannot be set"
+    "the gateway's retries are built in (4 attempts: 3 retries, after 30 s, 60 s and 5 min) and"
+    " cannot be set"
     " (`cron.retry` was removed in 2026.8): where they are not enough, run the command"
     " through `tunerd exec`, which retries as the wrapper does"
 )
@@ -418,7 +436,7 @@ def in_force_of(job: Job) -> InForce:
     else:
         fixed.append(("timeout", NOT_YET.format(id=job.id)))
     return InForce(
-        maxRetries=len(BACKOFF_MS),
+        maxRetries=len(BACKOFF_MS) + 1,  # attempts in all, as the wrapper counts them
         timeout=job.timeout_ms,
         backoffBase=BACKOFF_MS[0],
         backoff="fixed",
