@@ -122,6 +122,8 @@ def test_the_timeouts_of_slow_cmd_are_found_and_a_longer_timeout_proposed(tmp_pa
     # The gateway's retries cannot be set: never proposed, and said why.
     assert not any(r["param"] in ("maxRetries", "backoffBase") for r in report["recommendations"])
     assert "cron.retry" in slow["params_unwritable"]["maxRetries"]
+    permanent = [a for a in report["advisories"] if a["type"] == "non_retryable"]
+    assert permanent and all("the gateway does not retry" in a["message"] for a in permanent)
 
 
 def test_the_gateway_is_never_blocked_nor_written(tmp_path: Path) -> None:

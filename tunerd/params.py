@@ -141,6 +141,9 @@ class InForce:
     untrusted: tuple[tuple[str, str], ...] = ()
     """(parameter, where and why) for each value its target holds that tunerd cannot take as
     the number Level 1 runs with (``untrusted``): unknown, not written, said to a person."""
+    retrier: str = "the wrapper"
+    """Who retries the cron's runs, as advisories name it (``the gateway`` for OpenClaw's own
+    cron)."""
 
     @classmethod
     def of(cls, params: Params, source: str, mode: str | None = None) -> InForce:

@@ -151,7 +151,7 @@ def recommend(
                 continue
             reason = (
                 f"{p.detail}, and {_pct(s.exhausted_rate)} of runs still failed after all"
-                f" {current} attempts with an error the wrapper retries"
+                f" {current} attempts with an error {s.params.retrier} retries"
                 f" (threshold {_pct(t.final_failure_rate)}): allow one more attempt"
             )
             out.append(_recommendation(s, "maxRetries", current + 1, reason, p.type))
@@ -263,9 +263,10 @@ def advise_cron(
                 s.cron,
                 s.non_retryable,
                 f"{s.cron}: {s.non_retryable} of {s.failures} final failures"
-                f" ({_pct(s.non_retryable / s.runs)} of runs) were errors the wrapper does not"
-                f" retry{error}. Retry parameters cannot fix them: the job itself fails (for a"
-                " command, a non-zero exit); its code or its dependency needs a look.",
+                f" ({_pct(s.non_retryable / s.runs)} of runs) were errors"
+                f" {s.params.retrier} does not retry{error}. Retry parameters cannot fix them:"
+                " the job itself fails (for a command, a non-zero exit); its code or its"
+                " dependency needs a look.",
             )
         )
     for name, sig in s.signatures:
@@ -308,11 +309,12 @@ def advise_cron(
                 "rate_limit_not_retried",
                 s.cron,
                 s.rate_limit,
-                f"{s.cron}: {s.rate_limit} attempts were answered with HTTP 429, and the wrapper"
-                " retried none of them (they reached it as an error it does not retry, such as a"
-                " command's exit status), so a longer backoff cannot help: have the script reject"
-                " with the HTTP status as the error's `statusCode` (under `tunerd exec`, name the"
-                " command's exit status in `--retry-exit`), or run the job less often.",
+                f"{s.cron}: {s.rate_limit} attempts were answered with HTTP 429, and"
+                f" {s.params.retrier} retried none of them (they reached it as an error it does"
+                " not retry, such as a command's exit status), so a longer backoff cannot help:"
+                " have the script reject with the HTTP status as the error's `statusCode` (under"
+                " `tunerd exec`, name the command's exit status in `--retry-exit`), or run the"
+                " job less often.",
             )
         )
     backoff = s.params.backoffBase

@@ -443,6 +443,7 @@ def in_force_of(job: Job) -> InForce:
         source=f"OpenClaw job {job.id} (native cron)",
         fixed=tuple(fixed),
         untrusted=untrusted_,
+        retrier="the gateway",
     )
 
 
