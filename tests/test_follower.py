@@ -227,3 +227,17 @@ def test_a_long_backlog_is_read_in_bounded_steps(tmp_path: Path) -> None:
         if not poll.more:
             break
     assert seen == [f"c{i}" for i in range(5000, 6500)] + ["c9000", "c9001", "c9002"]
+
+
+def test_a_fifo_at_the_path_is_a_problem_said_once(tmp_path: Path) -> None:
+    """The daemon logs a problem as a warning, once; the follower never blocks on it and picks
+    up a real file that takes its place."""
+    log = tmp_path / "auto-retry.jsonl"
+    os.mkfifo(log)
+    f = Follower(log)
+    first = f.poll()
+    assert [p for p in first.problems if "named pipe" in p] and not first.events
+    assert f.poll().problems == []
+    log.unlink()
+    log.write_bytes(lines(2))
+    assert names(f) == ["c0", "c1"]

@@ -71,6 +71,8 @@ class Poll:
 
     batch: Batch = field(default_factory=Batch)
     events: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    """What keeps the log from being read (a FIFO at its path, a read error): said once each."""
     more: bool = False
     """Stopped at the byte budget with more to read: poll again."""
     budget: int = 0
@@ -246,7 +248,7 @@ class Follower:
         except LogFileError as exc:
             problem = None if isinstance(exc.__cause__, FileNotFoundError) else str(exc)
             if problem is not None and problem != self._problem:
-                result.events.append(problem)  # said once, not at every poll
+                result.problems.append(problem)  # said once, not at every poll
             self._problem = problem
             return False
         self._problem = None
@@ -322,7 +324,7 @@ class Follower:
             try:
                 block = _pread(self._file, position, min(BLOCK, result.budget))
             except OSError as exc:
-                result.events.append(f"read error: {exc.strerror or exc}")
+                result.problems.append(f"read error: {exc.strerror or exc}")
                 return
             if not block:
                 break

@@ -389,6 +389,8 @@ class Daemon:
         poll = self.follower.poll()
         for event in poll.events:
             log.info("log %s: %s", self.settings.log_path, event)
+        for problem in poll.problems:
+            log.warning("log %s: %s", self.settings.log_path, problem)
         if poll.batch.entries or poll.batch.malformed:
             self.stats.add_entries(poll.batch.entries, time.time())
             self._changed_crons.update(e.cron for e in poll.batch.entries if e.cron)
