@@ -382,13 +382,11 @@ def _behind(log: Path, offset: int, age: float) -> dict[str, Any]:
 def _native_state(args: argparse.Namespace, settings: Settings | None) -> Path | None:
     """OpenClaw's state to read native runs from: ``--openclaw``, else the configured one when
     it exists."""
-    from tunerd.inputs.openclaw import there
+    from tunerd.inputs.openclaw import configured_state
 
     if getattr(args, "openclaw", None) is not None:
         return Path(args.openclaw).expanduser()
-    if settings is not None and settings.openclaw.history:
-        return settings.openclaw.state if there(settings.openclaw.state) else None
-    return None
+    return configured_state(settings.openclaw) if settings is not None else None
 
 
 def _with_native(

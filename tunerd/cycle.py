@@ -351,14 +351,14 @@ def _native(
     that cannot be read is an advisory, never a failed cycle."""
     from tunerd.inputs.openclaw import (
         OpenClawError,
+        configured_state,
         count_native,
         read_history,
         skipped_text,
-        there,
     )
 
-    state = settings.openclaw.state
-    if not settings.openclaw.history or not there(state):
+    state = configured_state(settings.openclaw)
+    if state is None:
         return in_force, []
 
     try:

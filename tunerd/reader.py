@@ -21,7 +21,7 @@ from typing import Final
 
 import msgspec
 
-from tunerd.records import Entry
+from tunerd.records import Entry, to_datetime
 
 DEFAULT_MAX_LINE_BYTES: Final = 64 * 1024 * 1024
 """Well above the wrapper's 10 MB ``result`` buffer plus the rest of the line."""
@@ -177,7 +177,7 @@ class LogReader:
             else:
                 done = len(lines)
             if self._horizon is not None:
-                self._drop_future(block, before, batch)
+                self._drop_out_of_range(block, before, batch)
         if done < len(lines):
             offset = self._offset + sum(len(line) + 1 for line in lines[:done])
             for line in lines[done:]:
@@ -220,7 +220,7 @@ class LogReader:
         first = len(batch.entries)
         batch.entries += entries
         if self._horizon is not None:
-            self._drop_future(block, first, batch)
+            self._drop_out_of_range(block, first, batch)
         return True
 
     def _decode_line(self, line: bytes, offset: int, batch: Batch) -> None:
@@ -247,7 +247,7 @@ class LogReader:
             else:
                 batch.entries.append(entry)
 
-    def _drop_future(self, block: bytes, first: int, batch: Batch) -> None:
+    def _drop_out_of_range(self, block: bytes, first: int, batch: Batch) -> None:
         """Take the entries decoded from ``block`` (from ``first`` on, one per line) whose time
         is out of range (past the horizon, or before ``EARLIEST``) out of the batch, as
         malformed. The usual answer, none, costs a C-level ``min`` and ``max``; offsets are
@@ -263,7 +263,7 @@ class LogReader:
             if isinstance(latest, float) and isinstance(earliest, float):
                 if earliest >= EARLIEST_MS and latest <= limit_ms:
                     return
-            elif _aware(earliest) >= EARLIEST and _aware(latest) <= limit:
+            elif to_datetime(earliest, limit) >= EARLIEST and to_datetime(latest, limit) <= limit:
                 return
         except (TypeError, AttributeError):
             pass  # times of several kinds (text, epoch, none, naive): one by one
@@ -283,16 +283,11 @@ class LogReader:
         batch.malformed.sort(key=lambda m: m.offset)
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def _out_of_range(entry: Entry, limit: datetime) -> str | None:
     """Why the entry's time cannot be a run's (None when it can)."""
-    ts = entry.timestamp
-    if ts is None:
+    if entry.timestamp is None:
         return None
-    moment = datetime.fromtimestamp(ts / 1000.0, UTC) if isinstance(ts, float) else _aware(ts)
+    moment = to_datetime(entry.timestamp, limit)
     text = moment.isoformat(timespec="seconds").replace("+00:00", "Z")
     if moment > limit:
         return f"timestamp {text} is more than a day after the time it was read"

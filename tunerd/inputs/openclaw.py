@@ -32,6 +32,7 @@ from tunerd.rules import Advisory
 
 if TYPE_CHECKING:
     from tunerd.analysis import ParamsLookup
+    from tunerd.config import OpenClawSettings
     from tunerd.stats import LogStats
 
 DEFAULT_STATE: Final = Path("~/.openclaw/state/openclaw.sqlite")
@@ -111,6 +112,11 @@ def there(path: Path) -> bool:
         return path.exists()
     except OSError:
         return True
+
+
+def configured_state(settings: OpenClawSettings) -> Path | None:
+    """The configured state to read native runs from: when history is on and it is there."""
+    return settings.state if settings.history and there(settings.state) else None
 
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
