@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -306,7 +305,7 @@ class Follower:
                 continue
             st = os.fstat(f.fileno())
             is_first = (st.st_dev, st.st_ino) == (first.st_dev, first.st_ino)
-            if is_first or not stat.S_ISREG(st.st_mode) or st.st_mtime_ns < first.st_mtime_ns:
+            if is_first or st.st_mtime_ns < first.st_mtime_ns:  # open_log took regular files
                 f.close()
                 continue
             found.append((f, st))
