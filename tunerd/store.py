@@ -299,9 +299,6 @@ class Store:
 
     def __init__(self, state_dir: Path, timeout: float = 30.0) -> None:
         self.path = state_dir / "tunerd.sqlite3"
-        self.fresh = False
-        """The database was created by this open (missing, or an empty file): tunerd's memory
-        of what it did starts here (``engine.check_state`` compares it with the targets)."""
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
@@ -374,7 +371,6 @@ class Store:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = int(row["value"]) if row else 0
-            self.fresh = version == 0
             if version > len(SCHEMA):
                 raise StoreError(
                     f"the state store {self.path} has schema version {version}, newer than this "
