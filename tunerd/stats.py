@@ -432,10 +432,12 @@ class _CleanRuns:
     __slots__ = ("at", "duration", "first", "slot")
 
     def __init__(self) -> None:
-        self.slot = array("i")
+        # Lists, not typed arrays: ``array.append`` parses its argument like a C call's (several
+        # hundred instructions a value); a list append is a pointer store.
+        self.slot: list[int] = []
         self.at: list[datetime] = []
-        self.duration = array("f")
-        self.first = array("f")
+        self.duration: list[float] = []
+        self.first: list[float] = []
 
     def __len__(self) -> int:
         return len(self.slot)
@@ -586,10 +588,10 @@ class LogStats:
         if n >= NUMPY_FOLD_MIN and self.durations:
             import numpy as np
 
-            order_array = np.argsort(np.frombuffer(clean.slot, dtype=np.intc), kind="stable")
+            order_array = np.argsort(np.array(clean.slot, dtype=np.intc), kind="stable")
             order: list[int] = order_array.tolist()
-            duration = np.frombuffer(clean.duration, dtype=np.float32)[order_array]
-            first = np.frombuffer(clean.first, dtype=np.float32)[order_array]
+            duration = np.array(clean.duration, dtype=np.float32)[order_array]
+            first = np.array(clean.first, dtype=np.float32)[order_array]
         else:
             order = sorted(range(n), key=clean.slot.__getitem__)
             duration = array("f", [clean.duration[i] for i in order])
