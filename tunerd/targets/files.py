@@ -20,7 +20,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from tunerd.faults import crash_point
 from tunerd.params import (
@@ -33,18 +33,9 @@ from tunerd.params import (
     untrusted,
     untrusted_values,
 )
+from tunerd.targets.base import Edit, TargetError, _clip, _Edits
 
 TEMP_PREFIX: Final = ".tunerd-"
-
-
-class TargetError(Exception):
-    """A target cannot be read or written as asked; nothing was written."""
-
-
-def sha256(data: bytes | None) -> str | None:
-    import hashlib  # OpenSSL: 3.6 MB that `analyze`, which reads targets but never writes, skips
-
-    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 def read_target(path: Path) -> bytes | None:
@@ -118,47 +109,6 @@ def _refuse_symlink(path: Path) -> None:
         )
 
 
-# --- edits ----------------------------------------------------------------------------------
-
-EXCERPT_MAX: Final = 16 * 1024
-"""What a rollback point keeps of the file before a change: the part the change touched, at most
-this long (the whole params file of 5,000 crons, once per change, made a 2.2 GB database)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Edit:
-    """One change to one cron's entry in a target; ``Engine`` writes a list of them in one go."""
-
-    kind: Literal["set", "start", "end"]
-    """``set`` the parameter to ``value``; ``start`` the experiment ``block``; ``end`` it."""
-    cron: str
-    param: str
-    value: int | None = None
-    block: dict[str, Any] | None = None
-
-
-class _Edits:
-    """The one-edit forms, for the callers that make one change."""
-
-    __slots__ = ()
-
-    def apply(self, content: bytes | None, edits: list[Edit]) -> tuple[bytes, list[bytes]]:
-        raise NotImplementedError
-
-    def set_value(self, content: bytes | None, cron: str, param: str, value: int) -> bytes:
-        return self.apply(content, [Edit("set", cron, param, value)])[0]
-
-    def start_experiment(self, content: bytes | None, cron: str, block: dict[str, Any]) -> bytes:
-        return self.apply(content, [Edit("start", cron, str(block.get("param")), block=block)])[0]
-
-    def end_experiment(self, content: bytes | None, cron: str) -> bytes:
-        return self.apply(content, [Edit("end", cron, "")])[0]
-
-
-def _clip(data: bytes) -> bytes:
-    return data if len(data) <= EXCERPT_MAX else data[: EXCERPT_MAX - 3] + b"..."
-
-
 # --- the params file ------------------------------------------------------------------------
 
 
@@ -200,7 +150,7 @@ class ParamsFileTarget(_Edits):
         )
         found = InForce.of(params, f"params file {self.path}", self.mode)
         bad = untrusted_values(doc["defaults"], overrides)
-        return _distrust(found, {p: f"params file {self.path}: {why}" for p, why in bad.items()})
+        return distrust(found, {p: f"params file {self.path}: {why}" for p, why in bad.items()})
 
     def apply(self, content: bytes | None, edits: list[Edit]) -> tuple[bytes, list[bytes]]:
         """The file after ``edits``, parsed and written once however many there are, and what
@@ -348,7 +298,7 @@ class ScriptTarget(_Edits):
             tuple(fixed),
             self.mode,
         )
-        return _distrust(found_in, bad)
+        return distrust(found_in, bad)
 
     def _other_value(self, text: str, param: str) -> str | None:
         """What the script gives ``param`` where its (default) pattern finds no number."""
@@ -386,111 +336,7 @@ class ScriptTarget(_Edits):
 Target = ParamsFileTarget | ScriptTarget
 
 
-@dataclass(frozen=True, slots=True)
-class Targets:
-    params_file: ParamsFileTarget
-    scripts: dict[str, ScriptTarget]
-    """cron name -> its wrapper script (the cron's parameters live there, not in the params file)"""
-
-    def for_cron(self, cron: str) -> Target:
-        return self.scripts.get(cron) or self.params_file
-
-    def by_name(self, name: str) -> Target:
-        targets: list[Target] = [self.params_file, *self.scripts.values()]
-        for target in targets:
-            if target.name == name:
-                return target
-        raise TargetError(f"{name} is no longer a configured target")
-
-
-class InForceReader:
-    """The parameters in force of any number of crons, each file read and parsed once.
-
-    One rule for every command: a cron's wrapper script when one is configured; else the params
-    file when it exists; else the parameters the cron's latest log line recorded; else the
-    wrapper's defaults. A file that cannot be read makes its values unknown (and unwritable,
-    with the reason), never an error: a cycle goes on with the other crons.
-    """
-
-    def __init__(self, targets: Targets | None) -> None:
-        self.targets = targets
-        self._contents: dict[Path, bytes | TargetError | None] = {}
-        self._doc: dict[str, Any] | TargetError | None = None
-        self._doc_read = False
-
-    def __call__(self, cron: str, logged: dict[str, Any] | None = None) -> InForce:
-        targets = self.targets
-        if targets is not None and (script := targets.scripts.get(cron)) is not None:
-            content = self._content(script.path)
-            try:
-                if isinstance(content, TargetError):
-                    raise content
-                return script.in_force(content, cron)
-            except TargetError as exc:
-                return _unreadable(f"script {script.path}", str(exc))
-        if targets is not None:
-            doc = self._params_doc(targets.params_file)
-            if isinstance(doc, TargetError):
-                return _unreadable(f"params file {targets.params_file.path}", str(doc))
-            if doc is not None:
-                found = targets.params_file.in_force(doc, cron)
-                if logged:
-                    return found
-                return replace(
-                    found,
-                    source=f"assumed: {found.source} (its runs record no params: whether its"
-                    " Level 1 reads the file is not known)",
-                    assumed=True,
-                )
-        if logged:
-            source = "logged by its latest run"
-            bad: dict[str, str] = {
-                param: f"{param} {why} ({source})"
-                for param in TUNABLE
-                if param in logged and (why := untrusted(param, logged[param])) is not None
-            }
-            return _distrust(InForce.of(Params().with_overrides(logged), source), bad)
-        return InForce(assumed=True)
-
-    def problems(self) -> list[tuple[Path, str]]:
-        """The targets that cannot be read or trusted as a whole (a params file that is not
-        valid, a script that cannot be read): every cron in them is left alone until a person
-        fixes them, and a cycle says so rather than only "nothing to change"."""
-        targets = self.targets
-        if targets is None:
-            return []
-        found = []
-        doc = self._params_doc(targets.params_file)
-        if isinstance(doc, TargetError):
-            found.append((targets.params_file.path, str(doc)))
-        for script in {script.path: script for script in targets.scripts.values()}.values():
-            content = self._content(script.path)
-            if isinstance(content, TargetError):
-                found.append((script.path, str(content)))
-        return found
-
-    def _content(self, path: Path) -> bytes | TargetError | None:
-        if path not in self._contents:
-            try:
-                self._contents[path] = read_target(path)
-            except TargetError as exc:
-                self._contents[path] = exc
-        return self._contents[path]
-
-    def _params_doc(self, target: ParamsFileTarget) -> dict[str, Any] | TargetError | None:
-        if not self._doc_read:
-            self._doc_read = True
-            content = self._content(target.path)
-            try:
-                if isinstance(content, TargetError):
-                    raise content
-                self._doc = None if content is None else target.load(content)
-            except TargetError as exc:
-                self._doc = exc
-        return self._doc
-
-
-def _distrust(found: InForce, bad: dict[str, str]) -> InForce:
+def distrust(found: InForce, bad: dict[str, str]) -> InForce:
     """``found`` with each untrusted value unknown and unwritable, and said why."""
     if not bad:
         return found
@@ -502,7 +348,3 @@ def _distrust(found: InForce, bad: dict[str, str]) -> InForce:
         fixed=(*found.fixed, *((p, f"{why}: {advice}") for p, why in bad.items())),
         untrusted=tuple(bad.items()),
     )
-
-
-def _unreadable(source: str, why: str) -> InForce:
-    return InForce(None, None, None, DEFAULT_BACKOFF, source, tuple((p, why) for p in TUNABLE))

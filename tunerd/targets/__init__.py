@@ -1,0 +1,152 @@
+"""Where Level 1 and the gateway read a cron's parameters, and how tunerd changes them (the shell).
+
+- ``files``: the params file and the wrapper scripts, written atomically;
+- ``gateway``: an OpenClaw native job's timeout, changed through the ``openclaw`` command.
+
+``Targets`` says which target holds a cron's parameters; ``InForceReader`` reads what each cron
+runs with now, one rule for every command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tunerd.params import DEFAULT_BACKOFF, TUNABLE, InForce, Params, untrusted
+from tunerd.targets.base import EXCERPT_MAX, Edit, TargetError, sha256
+from tunerd.targets.files import (
+    DEFAULT_PATTERNS,
+    ParamsFileTarget,
+    ScriptTarget,
+    atomic_write,
+    distrust,
+    read_target,
+    remove_stale_temporaries,
+)
+
+Target = ParamsFileTarget | ScriptTarget
+
+__all__ = [
+    "DEFAULT_PATTERNS",
+    "EXCERPT_MAX",
+    "Edit",
+    "InForceReader",
+    "ParamsFileTarget",
+    "ScriptTarget",
+    "Target",
+    "TargetError",
+    "Targets",
+    "atomic_write",
+    "read_target",
+    "remove_stale_temporaries",
+    "sha256",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    params_file: ParamsFileTarget
+    scripts: dict[str, ScriptTarget]
+    """cron name -> its wrapper script (the cron's parameters live there, not in the params file)"""
+
+    def for_cron(self, cron: str) -> Target:
+        return self.scripts.get(cron) or self.params_file
+
+    def by_name(self, name: str) -> Target:
+        targets: list[Target] = [self.params_file, *self.scripts.values()]
+        for target in targets:
+            if target.name == name:
+                return target
+        raise TargetError(f"{name} is no longer a configured target")
+
+
+class InForceReader:
+    """The parameters in force of any number of crons, each file read and parsed once.
+
+    One rule for every command: a cron's wrapper script when one is configured; else the params
+    file when it exists; else the parameters the cron's latest log line recorded; else the
+    wrapper's defaults. A file that cannot be read makes its values unknown (and unwritable,
+    with the reason), never an error: a cycle goes on with the other crons.
+    """
+
+    def __init__(self, targets: Targets | None) -> None:
+        self.targets = targets
+        self._contents: dict[Path, bytes | TargetError | None] = {}
+        self._doc: dict[str, Any] | TargetError | None = None
+        self._doc_read = False
+
+    def __call__(self, cron: str, logged: dict[str, Any] | None = None) -> InForce:
+        targets = self.targets
+        if targets is not None and (script := targets.scripts.get(cron)) is not None:
+            content = self._content(script.path)
+            try:
+                if isinstance(content, TargetError):
+                    raise content
+                return script.in_force(content, cron)
+            except TargetError as exc:
+                return _unreadable(f"script {script.path}", str(exc))
+        if targets is not None:
+            doc = self._params_doc(targets.params_file)
+            if isinstance(doc, TargetError):
+                return _unreadable(f"params file {targets.params_file.path}", str(doc))
+            if doc is not None:
+                found = targets.params_file.in_force(doc, cron)
+                if logged:
+                    return found
+                return replace(
+                    found,
+                    source=f"assumed: {found.source} (its runs record no params: whether its"
+                    " Level 1 reads the file is not known)",
+                    assumed=True,
+                )
+        if logged:
+            source = "logged by its latest run"
+            bad: dict[str, str] = {
+                param: f"{param} {why} ({source})"
+                for param in TUNABLE
+                if param in logged and (why := untrusted(param, logged[param])) is not None
+            }
+            return distrust(InForce.of(Params().with_overrides(logged), source), bad)
+        return InForce(assumed=True)
+
+    def problems(self) -> list[tuple[Path, str]]:
+        """The targets that cannot be read or trusted as a whole (a params file that is not
+        valid, a script that cannot be read): every cron in them is left alone until a person
+        fixes them, and a cycle says so rather than only "nothing to change"."""
+        targets = self.targets
+        if targets is None:
+            return []
+        found = []
+        doc = self._params_doc(targets.params_file)
+        if isinstance(doc, TargetError):
+            found.append((targets.params_file.path, str(doc)))
+        for script in {script.path: script for script in targets.scripts.values()}.values():
+            content = self._content(script.path)
+            if isinstance(content, TargetError):
+                found.append((script.path, str(content)))
+        return found
+
+    def _content(self, path: Path) -> bytes | TargetError | None:
+        if path not in self._contents:
+            try:
+                self._contents[path] = read_target(path)
+            except TargetError as exc:
+                self._contents[path] = exc
+        return self._contents[path]
+
+    def _params_doc(self, target: ParamsFileTarget) -> dict[str, Any] | TargetError | None:
+        if not self._doc_read:
+            self._doc_read = True
+            content = self._content(target.path)
+            try:
+                if isinstance(content, TargetError):
+                    raise content
+                self._doc = None if content is None else target.load(content)
+            except TargetError as exc:
+                self._doc = exc
+        return self._doc
+
+
+def _unreadable(source: str, why: str) -> InForce:
+    return InForce(None, None, None, DEFAULT_BACKOFF, source, tuple((p, why) for p in TUNABLE))
