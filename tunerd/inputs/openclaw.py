@@ -14,12 +14,13 @@ Anything else is refused with a message, never guessed at.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -71,15 +72,39 @@ def read_history(path: Path, now: float) -> History:
     (before 2026.6) its ``cron`` folder. ``now`` bounds the times that can be real."""
     path = path.expanduser()
     horizon = int(now * 1000) + FUTURE_MS
+    if _is_folder(path):
+        return _read_folder(path, horizon)
+    with _snapshot(path) as db:
+        return _read_database(db, path, horizon)
+
+
+def read_jobs(path: Path) -> dict[str, Job]:
+    """The native jobs alone, by id (what a target reads back after an edit): a cheap read."""
+    path = path.expanduser()
+    if _is_folder(path):
+        return _folder_jobs(path)
+    with _snapshot(path) as db:
+        if "cron_jobs" not in _tables(db):
+            raise OpenClawError(f"{path} has no cron_jobs table: is it OpenClaw's state database?")
+        return _database_jobs(db, path)
+
+
+def _is_folder(path: Path) -> bool:
+    """A folder (the layout before 2026.6); False for a file; OpenClawError for neither."""
     try:
         folder, file = path.is_dir(), path.is_file()
     except OSError as exc:  # a folder on the way tunerd may not look into
         raise OpenClawError(f"cannot look at OpenClaw's state {path}: {exc.strerror}") from None
-    if folder:
-        return _read_folder(path, horizon)
-    if not file:
+    if not folder and not file:
         what = "is not a file" if there(path) else "does not exist"
         raise OpenClawError(f"OpenClaw's state {path} {what}")
+    return folder
+
+
+@contextlib.contextmanager
+def _snapshot(path: Path) -> Iterator[sqlite3.Connection]:
+    """The database read-only, in one short read transaction (in WAL mode it never blocks the
+    gateway's writes); any SQLite error becomes one line."""
     try:
         db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as exc:
@@ -88,7 +113,7 @@ def read_history(path: Path, now: float) -> History:
         db.execute("PRAGMA query_only = ON")
         db.execute("BEGIN")  # one snapshot, released at once
         try:
-            return _read_database(db, path, horizon)
+            yield db
         finally:
             db.execute("COMMIT")
     except sqlite3.Error as exc:
@@ -139,8 +164,25 @@ _NEEDS: Final = {
 }
 
 
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _database_jobs(db: sqlite3.Connection, path: Path) -> dict[str, Job]:
+    missing = _NEEDS["cron_jobs"] - _columns(db, "cron_jobs")
+    if missing:
+        raise OpenClawError(
+            f"{path}: table cron_jobs has no column {', '.join(sorted(missing))}: a layout of"
+            " OpenClaw's that tunerd does not know"
+        )
+    return _named(
+        _job(str(row[0]), row[1], row[2], row[3], row[4])
+        for row in db.execute("SELECT job_id, name, enabled, job_json, state_json FROM cron_jobs")
+    )
+
+
 def _read_database(db: sqlite3.Connection, path: Path, horizon: int) -> History:
-    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    tables = _tables(db)
     if "cron_run_receipts" in tables and "cron_jobs" in tables:
         version = RECEIPTS
     elif "cron_run_logs" in tables and "cron_jobs" in tables:
@@ -151,17 +193,14 @@ def _read_database(db: sqlite3.Connection, path: Path, horizon: int) -> History:
             f"{path} holds no cron history tunerd knows (no cron_run_receipts or cron_run_logs"
             f" table; schema version {user_version}): is it OpenClaw's state database?"
         )
-    for table in ("cron_jobs", "cron_run_receipts" if version == RECEIPTS else "cron_run_logs"):
-        missing = _NEEDS[table] - _columns(db, table)
-        if missing:
-            raise OpenClawError(
-                f"{path}: table {table} has no column {', '.join(sorted(missing))}: a layout of"
-                " OpenClaw's that tunerd does not know"
-            )
-    jobs = _named(
-        _job(str(row[0]), row[1], row[2], row[3], row[4])
-        for row in db.execute("SELECT job_id, name, enabled, job_json, state_json FROM cron_jobs")
-    )
+    table = "cron_run_receipts" if version == RECEIPTS else "cron_run_logs"
+    missing = _NEEDS[table] - _columns(db, table)
+    if missing:
+        raise OpenClawError(
+            f"{path}: table {table} has no column {', '.join(sorted(missing))}: a layout of"
+            " OpenClaw's that tunerd does not know"
+        )
+    jobs = _database_jobs(db, path)
     running: dict[str, int] = {}
     if version == RECEIPTS:
         executions, skipped = _receipts(db, "task_runs" in tables and _has_details(db), horizon)
@@ -288,19 +327,7 @@ def _read_folder(folder: Path, horizon: int) -> History:
     runs = folder / "runs"
     if not runs.is_dir():
         raise OpenClawError(f"{folder} has no runs/ folder: not OpenClaw's cron folder")
-    found: list[Job] = []
-    try:
-        listed = _loads((folder / "jobs.json").read_bytes())
-    except OSError:
-        listed = None
-    if isinstance(listed, dict):
-        listed = listed.get("jobs")
-    for job in listed if isinstance(listed, list) else []:
-        if isinstance(job, dict) and isinstance(job.get("id"), str):
-            found.append(
-                _job(job["id"], job.get("name"), job.get("enabled", True), job, job.get("state"))
-            )
-    jobs = _named(found)
+    jobs = _folder_jobs(folder)
     executions: list[Execution] = []
     skipped = 0
     for file in sorted(runs.glob("*.jsonl")):
@@ -315,6 +342,22 @@ def _read_folder(folder: Path, horizon: int) -> History:
             else:
                 skipped += execution
     return History(RUN_FILES, jobs, executions, {}, skipped)
+
+
+def _folder_jobs(folder: Path) -> dict[str, Job]:
+    found: list[Job] = []
+    try:
+        listed = _loads((folder / "jobs.json").read_bytes())
+    except OSError:
+        listed = None
+    if isinstance(listed, dict):
+        listed = listed.get("jobs")
+    for job in listed if isinstance(listed, list) else []:
+        if isinstance(job, dict) and isinstance(job.get("id"), str):
+            found.append(
+                _job(job["id"], job.get("name"), job.get("enabled", True), job, job.get("state"))
+            )
+    return _named(found)
 
 
 def _loads(text: str | bytes | None) -> Any:
