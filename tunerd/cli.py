@@ -348,7 +348,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     source = None
     if native is not None:
         explicit = args.openclaw is not None
-        lookup, warnings, source = _with_native(stats, native, in_force, options.read_at, explicit)
+        lookup, warnings, source = _with_native(
+            stats, native, in_force, options.read_at, explicit, settings
+        )
     result = analyze(stats, lookup, since=options.since, changed_at=changed)
     result.advisories[:0] = warnings
     for line in malformed_text(stats.totals.malformed, stats.malformed_samples):
@@ -390,7 +392,12 @@ def _native_state(args: argparse.Namespace, settings: Settings | None) -> Path |
 
 
 def _with_native(
-    stats: LogStats, state: Path, in_force: ParamsLookup, now: float, explicit: bool
+    stats: LogStats,
+    state: Path,
+    in_force: ParamsLookup,
+    now: float,
+    explicit: bool,
+    settings: Settings | None,
 ) -> tuple[ParamsLookup, list[Advisory], str | None]:
     """``count_native`` for a command, and what was read (for a person); a configured state
     that cannot be read is said and left out; one named by ``--openclaw`` is an error."""
@@ -409,7 +416,10 @@ def _with_native(
         f"OpenClaw {state} ({history.version}: {len(history.executions):,} executions of"
         f" {len(history.jobs):,} jobs)"
     )
-    return (*count_native(stats, history, now, in_force), source)
+    from tunerd.config import OpenClawSettings
+
+    can_edit = (settings.openclaw if settings is not None else OpenClawSettings()).can_edit
+    return (*count_native(stats, history, now, in_force, can_edit), source)
 
 
 # --- the commands that act (issue 3) ------------------------------------------------------------
@@ -554,7 +564,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if native is not None:  # the gateway's own jobs, read from its history (not the daemon's)
         since = now - settings.window.total_seconds()
         native_stats = LogStats(since=since, bucket_seconds=86400.0)
-        in_force, _, _ = _with_native(native_stats, native, in_force, now, explicit=False)
+        in_force, _, _ = _with_native(native_stats, native, in_force, now, False, settings)
         for name, c in native_stats.crons.items():
             counts[name] = [*c.counts_since(since, native_stats.bucket_seconds)]
     experiments = store.experiments("starting", "running")

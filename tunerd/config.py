@@ -186,6 +186,36 @@ class OpenClawSettings(BaseModel):
     gateway keeps its native cron jobs' history; read-only, and only when it exists."""
     history: bool = True
     """Analyse the native jobs' runs beside the wrapper's log (false: the log only)."""
+    cli: str = "openclaw"
+    """The command that edits a native job (``CLI cron edit ID --timeout-seconds N``): a name
+    on the PATH, or a path with arguments (``/opt/openclaw/bin/openclaw --profile work``).
+    When it is not there, native jobs' changes are advised, not made."""
+
+    @field_validator("cli")
+    @classmethod
+    def _command(cls, value: str) -> str:
+        import shlex
+
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cli {value!r}: {exc}") from None
+        if not words:
+            raise ValueError("cli is empty: name the openclaw command")
+        return value
+
+    @property
+    def command(self) -> tuple[str, ...]:
+        import shlex
+
+        return tuple(shlex.split(self.cli))
+
+    @property
+    def can_edit(self) -> bool:
+        """Whether the command is there to change native jobs with."""
+        import shutil
+
+        return shutil.which(self.command[0]) is not None
 
     @field_validator("state")
     @classmethod
@@ -311,13 +341,20 @@ class Settings(BaseSettings):
 
     def targets(self, params_file: Path | None = None) -> Targets:
         """The configured targets: each ``[[scripts]]`` entry, and the params file for the rest."""
-        from tunerd.targets import DEFAULT_PATTERNS, ParamsFileTarget, ScriptTarget, Targets
+        from tunerd.targets import (
+            DEFAULT_PATTERNS,
+            Gateway,
+            ParamsFileTarget,
+            ScriptTarget,
+            Targets,
+        )
 
         scripts = {
             s.cron: ScriptTarget(s.path, s.cron, {**DEFAULT_PATTERNS, **s.patterns})
             for s in self.scripts
         }
-        return Targets(ParamsFileTarget(params_file or self.params_file), scripts)
+        gateway = Gateway(self.openclaw.state, self.openclaw.command)
+        return Targets(ParamsFileTarget(params_file or self.params_file), scripts, gateway)
 
     def verdict_settings(self) -> VerdictSettings:
         return VerdictSettings(

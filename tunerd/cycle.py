@@ -347,8 +347,8 @@ def _native(
     settings: Settings, stats: LogStats, in_force: ParamsLookup, now: float
 ) -> tuple[ParamsLookup, list[Advisory]]:
     """The gateway's native jobs in the cycle's analysis, when its history is configured and
-    there: their changes are advised, never applied (no target writes them yet). A history
-    that cannot be read is an advisory, never a failed cycle."""
+    there (their timeouts are changed through ``[openclaw] cli`` when it is there, else
+    advised). A history that cannot be read is an advisory, never a failed cycle."""
     from tunerd.inputs.openclaw import (
         OpenClawError,
         configured_state,
@@ -365,7 +365,7 @@ def _native(
         history = read_history(state, now)
     except OpenClawError as exc:
         return in_force, [Advisory("unreadable_target", str(state), 0, str(exc))]
-    lookup, warnings = count_native(stats, history, now, in_force)
+    lookup, warnings = count_native(stats, history, now, in_force, settings.openclaw.can_edit)
     if history.skipped:
         warnings.append(
             Advisory(

@@ -37,9 +37,7 @@ from tunerd.targets import (
     Target,
     TargetError,
     Targets,
-    atomic_write,
     read_target,
-    remove_stale_temporaries,
     sha256,
 )
 from tunerd.timeparse import iso as _iso
@@ -174,7 +172,7 @@ class Engine:
         """Write changes to one target in one atomic write (a cycle starting experiments on
         5,000 crons of the params file writes it once); returns (change id, experiment id) of
         each. TargetError: nothing written."""
-        old = read_target(target.path)
+        old = target.read()
         new, excerpts = target.apply(old, [item.edit for item in items])
         before, after = sha256(old), sha256(new)
         ids: list[tuple[int, int | None]] = []
@@ -209,7 +207,7 @@ class Engine:
                 ids.append((change_id, experiment_id))
         crash_point("after_rollback_point")
         try:
-            atomic_write(target.path, new)
+            target.write(new)
         except (OSError, TargetError) as exc:
             with self.store.transaction() as db:
                 for change_id, _ in ids:
@@ -265,8 +263,8 @@ class Engine:
             point = self.store.rollback_point(change.rollback_point or -1)
             try:
                 target = self.targets.by_name(change.target or "")
-                current = sha256(read_target(target.path))
-                remove_stale_temporaries(target.path)
+                current = sha256(target.read())
+                target.tidy()
             except (EngineError, TargetError) as exc:
                 current, target = f"unreadable: {exc}", None
             if current == change.new_sha256:

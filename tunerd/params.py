@@ -142,6 +142,9 @@ class InForce:
     """(parameter, where and why) for each value its target holds that tunerd cannot take as
     the number Level 1 runs with (``untrusted``): unknown, not written, said to a person."""
     retrier: str = "the wrapper"
+    timeout_step: int = 1
+    """The smallest step its target takes a timeout in (ms): 1000 for the gateway, whose jobs
+    set whole seconds."""
     """Who retries the cron's runs, as advisories name it (``the gateway`` for OpenClaw's own
     cron)."""
 

@@ -157,6 +157,8 @@ def recommend(
             out.append(_recommendation(s, "maxRetries", current + 1, reason, p.type))
         elif p.type == "slow_response" and s.params.timeout is not None:
             proposed, reason = _timeout_proposal(s, p, s.params.timeout, t)
+            step = s.params.timeout_step
+            proposed = -(-proposed // step) * step  # up, to what the target can hold
             if proposed > s.params.timeout:
                 out.append(_recommendation(s, "timeout", proposed, reason, p.type))
         elif p.type == "rate_limited" and s.params.backoffBase is not None and s.rate_limit_retried:

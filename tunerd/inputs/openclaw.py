@@ -435,10 +435,6 @@ def _schedule_text(schedule: dict[str, Any]) -> str | None:
     return None
 
 
-NOT_YET: Final = (
-    "tunerd does not change a native job yet: set it by hand with `openclaw cron edit {id}"
-    " --timeout-seconds N`"
-)
 FIXED_RETRIES: Final = (
     "the gateway's retries are built in (4 attempts: 3 retries, after 30 s, 60 s and 5 min) and"
     " cannot be set"
@@ -448,13 +444,14 @@ FIXED_RETRIES: Final = (
 
 
 def count_native(
-    stats: LogStats, history: History, now: float, in_force: ParamsLookup
+    stats: LogStats, history: History, now: float, in_force: ParamsLookup, can_edit: bool
 ) -> tuple[ParamsLookup, list[Advisory]]:
     """Count the native jobs' runs into ``stats``; what each runs with, looked up by name
     before ``in_force``; the jobs the gateway is about to disable. The one way ``analyze``,
-    ``status`` and the cycle take native jobs in."""
+    ``status`` and the cycle take native jobs in. ``can_edit``: the ``openclaw`` command is
+    there to change their timeouts with."""
     stats.add_entries(native_runs(history, now), now)
-    jobs = {job.name: in_force_of(job) for job in history.jobs.values()}
+    jobs = {job.name: in_force_of(job, can_edit) for job in history.jobs.values()}
 
     def lookup(cron: str, logged: dict[str, Any] | None = None) -> InForce:
         return jobs[cron] if cron in jobs else in_force(cron, logged)
@@ -474,16 +471,26 @@ def native_runs(history: History, now: float) -> list[Entry]:
     return list(runs(history.jobs, history.executions, int(now * 1000), history.running))
 
 
-def in_force_of(job: Job) -> InForce:
-    """What a native job runs with: its timeout, and the gateway's fixed retries."""
+def in_force_of(job: Job, can_edit: bool) -> InForce:
+    """What a native job runs with: its timeout (which tunerd changes through the gateway when
+    the ``openclaw`` command is there), and the gateway's fixed retries."""
+    from tunerd.targets.gateway import SAFE_ID
+
     fixed = [("maxRetries", FIXED_RETRIES), ("backoffBase", FIXED_RETRIES)]
     untrusted_: tuple[tuple[str, str], ...] = ()
+    by_hand = f"set it by hand with `openclaw cron edit {job.id} --timeout-seconds N`"
     if job.timeout_problem is not None:
         advice = f"set a whole number of seconds (`openclaw cron edit {job.id} --timeout-seconds`)"
         fixed.append(("timeout", f"{job.timeout_problem}: {advice}"))
         untrusted_ = (("timeout", f"{job.timeout_problem} (in OpenClaw job {job.id})"),)
-    else:
-        fixed.append(("timeout", NOT_YET.format(id=job.id)))
+    elif not can_edit:
+        fixed.append(("timeout", f"the openclaw command is not there ([openclaw] cli): {by_hand}"))
+    elif not job.enabled:
+        fixed.append(("timeout", "the job is disabled: tunerd changes enabled jobs only"))
+    elif not SAFE_ID.fullmatch(job.id):
+        fixed.append(("timeout", f"its id is not one tunerd passes to a command: {by_hand}"))
+    elif job.timeout_ms is None:
+        fixed.append(("timeout", f"it sets no timeoutSeconds: {by_hand}"))
     return InForce(
         maxRetries=len(BACKOFF_MS) + 1,  # attempts in all, as the wrapper counts them
         timeout=job.timeout_ms,
@@ -492,7 +499,9 @@ def in_force_of(job: Job) -> InForce:
         source=f"OpenClaw job {job.id} (native cron)",
         fixed=tuple(fixed),
         untrusted=untrusted_,
+        mode=None if any(param == "timeout" for param, _ in fixed) else "switchback",
         retrier="the gateway",
+        timeout_step=1000,
     )
 
 

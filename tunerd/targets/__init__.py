@@ -24,13 +24,16 @@ from tunerd.targets.files import (
     read_target,
     remove_stale_temporaries,
 )
+from tunerd.targets.gateway import PREFIX, Gateway, GatewayTarget
 
-Target = ParamsFileTarget | ScriptTarget
+Target = ParamsFileTarget | ScriptTarget | GatewayTarget
 
 __all__ = [
     "DEFAULT_PATTERNS",
     "EXCERPT_MAX",
     "Edit",
+    "Gateway",
+    "GatewayTarget",
     "InForceReader",
     "ParamsFileTarget",
     "ScriptTarget",
@@ -50,10 +53,24 @@ class Targets:
     scripts: dict[str, ScriptTarget]
     """cron name -> its wrapper script (the cron's parameters live there, not in the params file)"""
 
+    gateway: Gateway | None = None
+    """OpenClaw's gateway, for its native jobs (named ``NAME (OpenClaw)``), when configured."""
+
     def for_cron(self, cron: str) -> Target:
-        return self.scripts.get(cron) or self.params_file
+        script = self.scripts.get(cron)
+        if script is not None:
+            return script
+        if self.gateway is not None and cron.endswith(")") and "(OpenClaw" in cron:
+            job = self.gateway.job_ids().get(cron)
+            if job is not None:
+                return self.gateway.target(job)
+        return self.params_file
 
     def by_name(self, name: str) -> Target:
+        if name.startswith(PREFIX):
+            if self.gateway is None:
+                raise TargetError(f"{name}: OpenClaw's gateway is no longer configured")
+            return self.gateway.target(name[len(PREFIX) :])
         targets: list[Target] = [self.params_file, *self.scripts.values()]
         for target in targets:
             if target.name == name:

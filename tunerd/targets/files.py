@@ -109,11 +109,28 @@ def _refuse_symlink(path: Path) -> None:
         )
 
 
+class _File:
+    """How a file target is read, written and tidied after a crash: one protocol, the same as
+    the gateway's target, for ``Engine``."""
+
+    __slots__ = ()
+    path: Path
+
+    def read(self) -> bytes | None:
+        return read_target(self.path)
+
+    def write(self, data: bytes) -> None:
+        atomic_write(self.path, data)
+
+    def tidy(self) -> None:
+        remove_stale_temporaries(self.path)
+
+
 # --- the params file ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class ParamsFileTarget(_Edits):
+class ParamsFileTarget(_File, _Edits):
     """``{"defaults": {...}, "crons": {name: {...}}, "experiments": {name: {...}}}``."""
 
     path: Path
@@ -221,7 +238,7 @@ TO_ADD: Final[dict[str, str]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class ScriptTarget(_Edits):
+class ScriptTarget(_File, _Edits):
     """One cron's wrapper script: each parameter's number found by a pattern with one group."""
 
     path: Path

@@ -1,0 +1,202 @@
+"""OpenClaw's native jobs as a target (issue 14): a timeout changed through the `openclaw`
+command, read back from the gateway's state, rolled back the same way; a command that fails,
+a gateway that is down, ignores the edit or hangs leaves nothing half-done.
+
+The `openclaw` here is a stand-in (tests/openclaw/openclaw) that changes the job's row as the
+gateway does; the state database is a copy of what a real 2026.9.6 gateway wrote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunerd.engine import Engine
+from tunerd.notify import LogNotifier
+from tunerd.store import Store
+from tunerd.targets import Gateway, ParamsFileTarget, TargetError, Targets
+
+from .conftest import ROOT
+from .test_engine_cli import ENV
+
+SAMPLE = ROOT / "tests" / "data" / "openclaw-cron.sqlite"
+STANDIN = ROOT / "tests" / "openclaw" / "openclaw"
+SLOW = "slow-cmd (OpenClaw)"
+SLOW_ID = "c1366be8-a60d-44bb-8fef-f3e80c21f774"
+
+
+def gateway_state(tmp_path: Path) -> Path:
+    """The real sample, with slow-cmd enabled (the gateway had stopped it by the end)."""
+    state = tmp_path / "openclaw.sqlite"
+    shutil.copy(SAMPLE, state)
+    db = sqlite3.connect(state)
+    with db:
+        db.execute(
+            "UPDATE cron_jobs SET enabled = 1, job_json = json_set(job_json, '$.enabled',"
+            " json('true')) WHERE job_id = ?",
+            (SLOW_ID,),
+        )
+    db.close()
+    return state
+
+
+def timeout_seconds(state: Path) -> int:
+    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+    (value,) = db.execute(
+        "SELECT json_extract(job_json, '$.payload.timeoutSeconds') FROM cron_jobs WHERE job_id = ?",
+        (SLOW_ID,),
+    ).fetchone()
+    db.close()
+    return int(value)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Engine, Path, Path]:
+    state = gateway_state(tmp_path)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("OPENCLAW_STATE_DB", str(state))
+    monkeypatch.setenv("OPENCLAW_STANDIN_CALLS", str(calls))
+    engine = Engine(
+        Store(tmp_path / "state"),
+        Targets(ParamsFileTarget(tmp_path / "params.json"), {}, Gateway(state, (str(STANDIN),))),
+        LogNotifier(),
+        verify_after=86400,
+    )
+    return engine, state, calls
+
+
+def test_a_timeout_goes_through_the_gateway_and_back(gateway: tuple[Engine, Path, Path]) -> None:
+    engine, state, calls = gateway
+    assert timeout_seconds(state) == 3
+    experiment = engine.start_experiment(
+        SLOW, "timeout", 3000, 10000, "timeouts", {}, "tunerd", 1_800_000_000.0
+    )
+    assert experiment.mode == "switchback" and experiment.target == f"openclaw:{SLOW_ID}"
+    (start,) = engine.store.changes()
+    assert start.state == "applied" and start.target == f"openclaw:{SLOW_ID}"
+    # the block's coin decides which value the job starts on; the job holds it, read back
+    assert timeout_seconds(state) * 1000 == start.new_value
+    other = 13000 - start.new_value
+    engine.flip(experiment, other, 1_800_003_600.0)
+    assert timeout_seconds(state) * 1000 == other
+    rollback = engine.manual_rollback(start.id, 1_800_007_200.0)
+    assert rollback.state == "applied" and timeout_seconds(state) == 3
+    argv = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert argv[-1] == ["cron", "edit", SLOW_ID, "--timeout-seconds", "3"]
+    assert all(a[:3] == ["cron", "edit", SLOW_ID] for a in argv) and len(argv) == 3
+    assert engine.store.experiment(experiment.id).state == "aborted"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        ("down", "ECONNREFUSED"),
+        ("refuse", "invalid cron.update params"),
+        ("ignore", "the gateway did not take the change"),
+        ("hang", "did not answer within 1 s"),
+    ],
+)
+def test_a_failing_gateway_leaves_nothing_half_done(
+    gateway: tuple[Engine, Path, Path], monkeypatch: pytest.MonkeyPatch, mode: str, said: str
+) -> None:
+    engine, state, _ = gateway
+    monkeypatch.setenv("OPENCLAW_STANDIN", mode)
+    monkeypatch.setattr("tunerd.targets.gateway.EDIT_SECONDS", 1.0)
+    monkeypatch.setattr("tunerd.targets.gateway.READ_BACK_SECONDS", 0.5)
+    with pytest.raises(TargetError, match=said) as caught:
+        engine.start_experiment(SLOW, "timeout", 3000, 10000, "r", {}, "tunerd", 1.8e9)
+    assert "has timeoutSeconds 3" in str(caught.value)
+    assert timeout_seconds(state) == 3
+    (change,) = engine.store.changes()
+    assert change.state == "aborted"
+    assert engine.store.experiments("starting", "running") == []
+    # and the next try, with the gateway back, works
+    monkeypatch.delenv("OPENCLAW_STANDIN")
+    engine.start_experiment(SLOW, "timeout", 3000, 10000, "r", {}, "tunerd", 1.8e9)
+    assert timeout_seconds(state) in (3, 10)
+
+
+def test_what_the_gateway_cannot_hold_is_refused_before_anything_runs(
+    gateway: tuple[Engine, Path, Path],
+) -> None:
+    engine, state, calls = gateway
+    target = engine.targets.for_cron(SLOW)
+    assert target.name == f"openclaw:{SLOW_ID}"
+    with pytest.raises(TargetError, match="whole seconds"):
+        engine.start_experiment(SLOW, "timeout", 3000, 10500, "r", {}, "tunerd", 1.8e9)
+    with pytest.raises(TargetError, match="only its timeout"):
+        engine.start_experiment(SLOW, "maxRetries", 3, 4, "r", {}, "tunerd", 1.8e9)
+    with pytest.raises(TargetError, match="not one tunerd passes on"):
+        engine.targets.by_name("openclaw:--help")
+    assert not calls.exists() and timeout_seconds(state) == 3
+
+
+def test_a_crash_between_intent_and_edit_is_settled_by_reading_the_job(
+    gateway: tuple[Engine, Path, Path],
+) -> None:
+    """The engine's one protocol: the rollback point is committed before the edit; at the next
+    start, what the job holds says whether the edit happened."""
+    engine, state, _ = gateway
+    target = engine.targets.for_cron(SLOW)
+    before = target.read()
+    assert before is not None and json.loads(before)["timeoutSeconds"] == 3
+    engine.start_experiment(SLOW, "timeout", 3000, 10000, "r", {}, "tunerd", 1.8e9)
+    (change,) = engine.store.changes()
+    with engine.store.transaction() as db:  # as if the process died before the outcome
+        db.execute("UPDATE changes SET state = 'applying' WHERE id = ?", (change.id,))
+    assert "interrupted: applied" in engine.recover(1.8e9 + 1)[0]
+    with engine.store.transaction() as db:
+        db.execute("UPDATE changes SET state = 'applying' WHERE id = ?", (change.id,))
+    db2 = sqlite3.connect(state)
+    with db2:  # someone else set another value meanwhile
+        db2.execute(
+            "UPDATE cron_jobs SET job_json = json_set(job_json, '$.payload.timeoutSeconds', 7)"
+        )
+    db2.close()
+    assert "conflict" in engine.recover(1.8e9 + 2)[0]
+
+
+def test_the_cycle_changes_a_native_timeout_through_the_command(tmp_path: Path) -> None:
+    """`tunerd cycle` with `[openclaw] cli`: slow-cmd's timeouts lead to an experiment on its
+    timeout, made by `openclaw cron edit`; `status` shows it, `rollback` undoes it the same way.
+    Without the command, the same change is advised with the command to run."""
+    from .conftest import REAL_SAMPLE
+
+    state = gateway_state(tmp_path)
+    config = tmp_path / "tunerd.toml"
+    config.write_text(
+        f'log_path = "{REAL_SAMPLE}"\nstate_dir = "{tmp_path / "state"}"\nwindow = "3650d"\n'
+        f'params_file = "{tmp_path / "params.json"}"\nmin_runs = 5\n'
+        f'[openclaw]\nstate = "{state}"\ncli = "{STANDIN}"\n'
+    )
+    env = dict(ENV, HOME=str(tmp_path), OPENCLAW_STATE_DB=str(state))
+
+    def tunerd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tunerd", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=120,
+        )
+
+    done = tunerd("cycle", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    native = [o for o in report["actions"] if o["cron"] == SLOW]
+    assert native and native[0]["param"] == "timeout", report["actions"]
+    status = json.loads(tunerd("status", "--json").stdout)
+    (experiment,) = [e for e in status["experiments"] if e["cron"] == SLOW]
+    assert experiment["mode"] == "switchback"
+    history = json.loads(tunerd("history", "--json").stdout)
+    (start,) = [c for c in history["changes"] if c["cron"] == SLOW]
+    assert timeout_seconds(state) * 1000 == start["to"]
+    undone = tunerd("rollback", str(start["id"]))
+    assert undone.returncode == 0, undone.stderr
+    assert timeout_seconds(state) == 3

@@ -1,0 +1,164 @@
+"""An OpenClaw native job's timeout, changed through the gateway (the shell).
+
+The gateway owns its jobs: tunerd never writes its database or ``jobs.json``. A change is one
+``openclaw cron edit ID --timeout-seconds N`` (the gateway applies it to the next run; a run in
+flight keeps its value), then read back from the job's row, read-only, until it shows. The
+target's content, what a rollback point keeps and crash recovery compares, is the job's
+setting as canonical JSON (``{"job": ID, "timeoutSeconds": N}``): the new one after the edit,
+the old one when it was refused, anything else a change by someone else.
+
+A native job cannot split its runs, so its experiments take turns (switchback): each flip is one
+edit, and each run is attributed to the value it ran with by its ``config_revision``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from tunerd.targets.base import Edit, TargetError
+
+EDIT_SECONDS: Final = 60.0
+"""How long the ``openclaw`` command may take to answer (it talks to the gateway)."""
+READ_BACK_SECONDS: Final = 10.0
+"""How long an accepted edit may take to show in the job's row."""
+SAFE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+"""A job id tunerd passes to the command: never one that could read as an option."""
+PREFIX: Final = "openclaw:"
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """Where the gateway keeps its jobs, and the command that changes them."""
+
+    state: Path
+    command: tuple[str, ...]
+
+    def target(self, job_id: str) -> GatewayTarget:
+        if not SAFE_ID.fullmatch(job_id):
+            raise TargetError(f"OpenClaw job id {job_id[:40]!r} is not one tunerd passes on")
+        return GatewayTarget(job_id, self)
+
+    def job_ids(self) -> dict[str, str]:
+        """Native cron name (``NAME (OpenClaw)``) -> job id, as the history names them."""
+        from tunerd.inputs.openclaw import OpenClawError, read_jobs
+
+        try:
+            return {job.name: job.id for job in read_jobs(self.state).values()}
+        except OpenClawError:
+            return {}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayTarget:
+    job_id: str
+    gateway: Gateway
+    mode: str = "switchback"
+
+    @property
+    def name(self) -> str:
+        return PREFIX + self.job_id
+
+    def read(self) -> bytes | None:
+        """The job's timeout setting, as canonical JSON (TargetError: the job or the state
+        cannot be read, or its value is not one tunerd can take)."""
+        from tunerd.inputs.openclaw import OpenClawError, read_jobs
+
+        try:
+            job = read_jobs(self.gateway.state).get(self.job_id)
+        except OpenClawError as exc:
+            raise TargetError(str(exc)) from None
+        if job is None:
+            raise TargetError(f"OpenClaw has no job {self.job_id} any more")
+        if job.timeout_problem is not None:
+            raise TargetError(f"OpenClaw job {self.job_id}: {job.timeout_problem}")
+        seconds = None if job.timeout_ms is None else job.timeout_ms // 1000
+        return self._content(seconds)
+
+    def tidy(self) -> None:
+        """Nothing to clean up: the gateway writes its own state."""
+
+    def apply(self, content: bytes | None, edits: list[Edit]) -> tuple[bytes, list[bytes]]:
+        """The job's setting after ``edits`` (each a ``set`` of its timeout, in milliseconds
+        that make whole seconds), and the setting before, for each rollback point."""
+        if content is None:
+            raise TargetError(f"OpenClaw job {self.job_id} cannot be read")
+        new = content
+        for edit in edits:
+            if edit.kind != "set" or edit.param != "timeout" or edit.value is None:
+                raise TargetError(
+                    f"OpenClaw job {self.job_id}: only its timeout can be changed"
+                    f" ({edit.kind} {edit.param})"
+                )
+            seconds, rest = divmod(edit.value, 1000)
+            if rest or seconds < 1:
+                raise TargetError(
+                    f"OpenClaw job {self.job_id} takes its timeout in whole seconds, not"
+                    f" {edit.value} ms"
+                )
+            new = self._content(seconds)
+        return new, [content] * len(edits)
+
+    def write(self, data: bytes) -> None:
+        """Ask the gateway for the setting ``data`` holds, and wait until its row shows it.
+        TargetError when the command fails or the gateway does not take it: the job keeps its
+        old value then, or (a command that answered too late) the read-back says which."""
+        seconds = json.loads(data)["timeoutSeconds"]
+        argv = [
+            *self.gateway.command,
+            "cron",
+            "edit",
+            self.job_id,
+            "--timeout-seconds",
+            str(seconds),
+        ]
+        failure = None
+        try:
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=EDIT_SECONDS,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise TargetError(
+                f"the command {self.gateway.command[0]!r} is not there: set [openclaw] cli"
+            ) from None
+        except subprocess.TimeoutExpired:
+            failure = f"`openclaw cron edit` did not answer within {EDIT_SECONDS:.0f} s"
+        except OSError as exc:
+            raise TargetError(f"cannot run {self.gateway.command[0]!r}: {exc.strerror}") from None
+        else:
+            if done.returncode != 0:
+                failure = (
+                    f"`openclaw cron edit` failed (exit {done.returncode}):"
+                    f" {_last_line(done.stderr or done.stdout)}"
+                )
+        deadline = time.monotonic() + (0 if failure else READ_BACK_SECONDS)
+        while True:
+            held = self.read()
+            if held == data:
+                return  # taken (even when the command's answer came too late)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        shown = json.loads(held or b"{}").get("timeoutSeconds")
+        why = failure or "the gateway did not take the change"
+        raise TargetError(f"{why}; OpenClaw job {self.job_id} has timeoutSeconds {shown}")
+
+    def _content(self, seconds: int | None) -> bytes:
+        return json.dumps({"job": self.job_id, "timeoutSeconds": seconds}).encode()
+
+
+def _last_line(output: bytes) -> str:
+    """The command's last words, on one line: what a person needs, never a whole dump."""
+    lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines()]
+    text = next((line for line in reversed(lines) if line), "(no message)")
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text[:300]
