@@ -200,3 +200,79 @@ def test_the_cycle_changes_a_native_timeout_through_the_command(tmp_path: Path) 
     undone = tunerd("rollback", str(start["id"]))
     assert undone.returncode == 0, undone.stderr
     assert timeout_seconds(state) == 3
+
+
+def add_runs(state: Path, runs: list[tuple[float, float, bool, str]]) -> None:
+    """Scheduled executions of slow-cmd as the gateway records them: (start s, end s, timed
+    out, config_revision)."""
+    db = sqlite3.connect(state)
+    store_key, agent = db.execute(
+        "SELECT store_key, agent_id FROM cron_run_receipts WHERE job_id = ? LIMIT 1", (SLOW_ID,)
+    ).fetchone()
+    with db:
+        db.executemany(
+            "INSERT INTO cron_run_receipts VALUES (?,?,?,?,?,NULL,?,1,NULL,?,?,?)",
+            [
+                (
+                    f"test-{n}",
+                    store_key,
+                    SLOW_ID,
+                    revision,
+                    agent,
+                    "error" if timed_out else "ok",
+                    int(start * 1000),
+                    int(end * 1000),
+                    "cron: job execution timed out" if timed_out else None,
+                )
+                for n, (start, end, timed_out, revision) in enumerate(runs)
+            ],
+        )
+    db.close()
+
+
+def test_a_native_experiment_is_judged_on_the_runs_of_each_value_by_revision(
+    gateway: tuple[Engine, Path, Path], tmp_path: Path
+) -> None:
+    """Three days of switchback on slow-cmd's timeout, one run a minute: at 3 s half of the
+    runs time out, at 10 s none. Each run counts for the value its config_revision stands for:
+    a run that started after a flip but before the gateway had it (the old revision) is left
+    out. The verdict commits 10 s, through the gateway."""
+    from tunerd.switchback import flips
+    from tunerd.verdict import VerdictSettings
+    from tunerd.verification import design_of, gather_native, settle
+
+    engine, state, _ = gateway
+    engine.verify_after = 3 * 86400.0
+    t0 = 1_790_000_000.0
+    experiment = engine.start_experiment(SLOW, "timeout", 3000, 10000, "r", {}, "tunerd", t0)
+    assert experiment.seed is not None
+    end = t0 + 3 * 86400
+    schedule = flips(experiment.seed, t0, end)
+    for at, arm in schedule[1:]:
+        engine.flip(experiment, 10000 if arm == "treatment" else 3000, at)
+    revision = {3000: "sha256:three", 10000: "sha256:ten"}
+    changes = [(at, 10000 if arm == "treatment" else 3000) for at, arm in schedule]
+    runs, late = [], 0
+    minute = 0
+    while (start := t0 + 200 + 60 * minute) < end - 600:
+        minute += 1
+        value = [v for at, v in changes if at <= start][-1]
+        before = [v for at, v in changes if at <= start - 30][-1]
+        if before != value:  # the first minute after a flip: the gateway had not taken it
+            runs.append((start, start + 2, False, revision[before]))
+            late += 1
+            continue
+        timed_out = value == 3000 and minute % 2 == 0
+        runs.append((start, start + (3 if timed_out else 2), timed_out, revision[value]))
+    add_runs(state, runs)
+
+    now = end + 60
+    native = gather_native(state, [experiment], now)[experiment.id]
+    assert len(native.runs) == len(runs)
+    units = design_of(engine, experiment, native).units  # type: ignore[attr-defined]
+    assert units.left_out.get("other revision") == late > 0
+    log = tmp_path / "auto-retry.jsonl"
+    log.write_text("")
+    (settled,) = settle(engine, log, VerdictSettings(), now)
+    assert settled.action == "commit", settled.reason
+    assert timeout_seconds(state) == 10

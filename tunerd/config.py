@@ -213,9 +213,9 @@ class OpenClawSettings(BaseModel):
     @property
     def can_edit(self) -> bool:
         """Whether the command is there to change native jobs with."""
-        import shutil
+        from tunerd.targets.gateway import can_run
 
-        return shutil.which(self.command[0]) is not None
+        return can_run(self.command)
 
     @field_validator("state")
     @classmethod

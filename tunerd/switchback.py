@@ -42,6 +42,7 @@ import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from tunerd.inputs.gateway import REVISION
 from tunerd.level1 import Arm as Side
 from tunerd.records import Entry
 from tunerd.verdict import (
@@ -223,6 +224,41 @@ def gather(
             stretch = bisect.bisect_right(starts, start) - 1
             units.add((stretch // 2, 0), stretch % 2, entry, side)
     return units
+
+
+def attributed(
+    runs: list[tuple[float, Entry]], timeline: list[tuple[float, int]], settled: float
+) -> tuple[list[tuple[float, Entry]], int]:
+    """OpenClaw's native runs (start, entry) of an experiment that ran with the value ``timeline``
+    (applied at, value) held at their start, told by their ``config_revision``; and how many
+    were left out.
+
+    The gateway's revision is a hash of its own, so which value a revision stands for is
+    learnt: the runs that started at least ``settled`` seconds after a change (the gateway had
+    it) vote, and a revision stands for a value when all of its votes agree. A run is kept when
+    its revision stands for the value of its stretch. Left out: a run that started before a
+    flip reached the gateway, one whose retries ran across a flip (two revisions), one of a
+    revision that never stood for one value (a person changed the job meanwhile). Runs from a
+    history that keeps no revision are kept as they are (their start time decides)."""
+    votes: dict[str, set[int]] = {}
+    for start, entry in runs:
+        revision = (entry.params or {}).get(REVISION)
+        held = value_at(timeline, start)
+        if isinstance(revision, str) and held is not None and start - held[0] >= settled:
+            votes.setdefault(revision, set()).add(held[1])
+    stands = {
+        revision: next(iter(values)) for revision, values in votes.items() if len(values) == 1
+    }
+    kept = []
+    for start, entry in runs:
+        params = entry.params
+        if params is None or REVISION not in params:
+            kept.append((start, entry))
+            continue
+        held = value_at(timeline, start)
+        if held is not None and stands.get(params[REVISION]) == held[1]:
+            kept.append((start, entry))
+    return kept, len(runs) - len(kept)
 
 
 def run_start(entry: Entry, ended: float) -> float:

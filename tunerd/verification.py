@@ -24,8 +24,9 @@ from tunerd.notify import Notification
 from tunerd.reader import DEFAULT_MAX_LINE_BYTES, LogReader
 from tunerd.records import Entry
 from tunerd.store import Experiment, Store
-from tunerd.switchback import Clustered, Units, arm_at, gather, run_start
+from tunerd.switchback import CARRYOVER, Clustered, Units, arm_at, attributed, gather, run_start
 from tunerd.targets import TargetError
+from tunerd.targets.gateway import PREFIX as GATEWAY
 from tunerd.timeparse import human_duration, iso
 from tunerd.verdict import (
     Arm,
@@ -86,21 +87,47 @@ def gather_runs(
 ) -> dict[int, Gathered]:
     """Each experiment's runs since it started, in one pass over the log: the whole of it, or
     the lines from byte ``skip_to`` up to byte ``stop_at`` (both line starts)."""
-    found = {e.id: Gathered() for e in experiments}
-    by_cron: dict[str, list[Experiment]] = {}
-    for e in experiments:
-        by_cron.setdefault(e.cron, []).append(e)
-    if not by_cron:
-        return found
-    read_at = datetime.fromtimestamp(now, UTC)
+    take = _Taker(experiments, now)
+    if not take.by_cron:
+        return take.found
+    reader = LogReader(skip_to, max_line_bytes, now, columnar=True)
+    try:
+        for batch in read_batches(log_path, reader, skip_to, stop_at):
+            take(batch.entries)
+    except OSError as exc:
+        raise LogFileError(f"cannot read the log {log_path}: {exc.strerror or exc}") from exc
+    return take.found
 
-    def take(entries: list[Entry]) -> None:
+
+def gather_native(state: Path, experiments: list[Experiment], now: float) -> dict[int, Gathered]:
+    """Each native job's experiment's runs since it started, from the gateway's history
+    (``OpenClawError`` when it cannot be read)."""
+    from tunerd.inputs.openclaw import native_runs, read_history
+
+    take = _Taker(experiments, now)
+    take(native_runs(read_history(state, now), now))
+    return take.found
+
+
+class _Taker:
+    """Hands each run to the experiments of its cron that it falls in (ended between their
+    start and now): an A/B run to its arm, a switchback run with its start time."""
+
+    def __init__(self, experiments: list[Experiment], now: float) -> None:
+        self.found = {e.id: Gathered() for e in experiments}
+        self.by_cron: dict[str, list[Experiment]] = {}
+        for e in experiments:
+            self.by_cron.setdefault(e.cron, []).append(e)
+        self.now = now
+        self.read_at = datetime.fromtimestamp(now, UTC)
+
+    def __call__(self, entries: list[Entry]) -> None:
         for entry in entries:
-            for e in by_cron.get(entry.cron or "", ()):
-                ended = entry.when(read_at).timestamp()
-                if not e.started_at <= ended <= now:
+            for e in self.by_cron.get(entry.cron or "", ()):
+                ended = entry.when(self.read_at).timestamp()
+                if not e.started_at <= ended <= self.now:
                     continue
-                got = found[e.id]
+                got = self.found[e.id]
                 got.last_run = ended if got.last_run is None else max(got.last_run, ended)
                 if e.mode == "ab":
                     arm = arm_of(entry, e.param, e.control, e.treatment, str(e.id))
@@ -108,14 +135,6 @@ def gather_runs(
                         (got.control if arm == "control" else got.treatment).add(entry)
                 else:
                     got.runs.append((run_start(entry, ended), entry))
-
-    reader = LogReader(skip_to, max_line_bytes, now, columnar=True)
-    try:
-        for batch in read_batches(log_path, reader, skip_to, stop_at):
-            take(batch.entries)
-    except OSError as exc:
-        raise LogFileError(f"cannot read the log {log_path}: {exc.strerror or exc}") from exc
-    return found
 
 
 def design_of(engine: Engine, experiment: Experiment, got: Gathered) -> Design:
@@ -125,9 +144,12 @@ def design_of(engine: Engine, experiment: Experiment, got: Gathered) -> Design:
     units = got.units
     if units is None:
         timeline = engine.store.timeline(experiment.id)
-        units = gather(
-            got.runs, timeline, experiment.control, experiment.treatment, experiment.seed
-        )
+        runs, other = got.runs, 0
+        if experiment.target.startswith(GATEWAY):  # each run by the job's settings it ran with
+            runs, other = attributed(runs, timeline, CARRYOVER)
+        units = gather(runs, timeline, experiment.control, experiment.treatment, experiment.seed)
+        for _ in range(other):
+            units.leave_out("other revision")
     return Clustered(units)
 
 
@@ -145,7 +167,18 @@ def settle(
     if not running:
         return []
     found = gather_runs(log_path, running, now, max_line_bytes)
-    earliest = min(e.started_at for e in running)
+    out: list[Settled] = []
+    native = [e for e in running if e.target.startswith(GATEWAY)]
+    if native and engine.targets.gateway is not None:
+        from tunerd.inputs.openclaw import OpenClawError
+
+        try:
+            for key, got in gather_native(engine.targets.gateway.state, native, now).items():
+                found[key].merge(got)
+        except OpenClawError as exc:  # not judged on the runs it could not see
+            running = [e for e in running if e not in native]
+            out += [Settled(e, "error", str(exc)) for e in native]
+    earliest = min((e.started_at for e in running), default=now)
     for older in rotated(log_path, earliest):  # what logrotate moved out during the experiments
         try:
             more = gather_runs(older, running, now, max_line_bytes)
@@ -153,7 +186,7 @@ def settle(
             continue
         for key, got in more.items():
             found[key].merge(got)
-    return settle_found(engine, running, found, now, settings)
+    return out + settle_found(engine, running, found, now, settings)
 
 
 def adopt_sequential(engine: Engine, now: float) -> None:

@@ -41,6 +41,8 @@ MANUAL: Final = "Manual run, not retried"
 INTERRUPTED: Final = "interrupted:"
 """How an execution the gateway did not finish (it stopped) starts its error text."""
 _NONE: Final = msgspec.Raw(b"")
+REVISION: Final = "configRevision"
+"""The key of a native run's ``params`` that holds the job's ``config_revision`` it ran with."""
 
 _TRANSIENT: Final = re.compile(
     r"rate.?limit|429|overloaded|network|ECONN|ETIMEDOUT|EAI_AGAIN|socket|timed? ?out|timeout"
@@ -178,6 +180,7 @@ def _entry(
         )
         for e in chain
     ]
+    revisions = {e.revision for e in chain}
     return Entry(
         timestamp=datetime.fromtimestamp(last.finished_ms / 1000, UTC),
         type="success" if last.ok else "failure",
@@ -186,6 +189,11 @@ def _entry(
         total_duration=float(max(last.finished_ms - chain[0].started_ms, 0)),
         final_error=_NONE if last.ok else _error(last.error, last.reason),
         reason=reason,
+        # what the run ran with, as the wrapper logs its params: the job's settings
+        # (None: its attempts ran with two, a flip came between them)
+        params=None
+        if revisions == {None}
+        else {REVISION: revisions.pop() if len(revisions) == 1 else None},
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tunerd.inputs.gateway import Job
 from tunerd.params import DEFAULT_BACKOFF, TUNABLE, InForce, Params, untrusted
 from tunerd.targets.base import EXCERPT_MAX, Edit, TargetError, sha256
 from tunerd.targets.files import (
@@ -24,7 +25,7 @@ from tunerd.targets.files import (
     read_target,
     remove_stale_temporaries,
 )
-from tunerd.targets.gateway import PREFIX, Gateway, GatewayTarget
+from tunerd.targets.gateway import PREFIX, Gateway, GatewayTarget, is_native
 
 Target = ParamsFileTarget | ScriptTarget | GatewayTarget
 
@@ -60,10 +61,10 @@ class Targets:
         script = self.scripts.get(cron)
         if script is not None:
             return script
-        if self.gateway is not None and cron.endswith(")") and "(OpenClaw" in cron:
-            job = self.gateway.job_ids().get(cron)
+        if self.gateway is not None and is_native(cron):
+            job = self.gateway.jobs().get(cron)
             if job is not None:
-                return self.gateway.target(job)
+                return self.gateway.target(job.id)
         return self.params_file
 
     def by_name(self, name: str) -> Target:
@@ -92,9 +93,17 @@ class InForceReader:
         self._contents: dict[Path, bytes | TargetError | None] = {}
         self._doc: dict[str, Any] | TargetError | None = None
         self._doc_read = False
+        self._jobs: dict[str, Job] | None = None
 
     def __call__(self, cron: str, logged: dict[str, Any] | None = None) -> InForce:
         targets = self.targets
+        if targets is not None and targets.gateway is not None and is_native(cron):
+            if self._jobs is None:
+                self._jobs = targets.gateway.jobs()
+            if (job := self._jobs.get(cron)) is not None:
+                from tunerd.inputs.openclaw import in_force_of
+
+                return in_force_of(job, targets.gateway.can_edit)
         if targets is not None and (script := targets.scripts.get(cron)) is not None:
             content = self._content(script.path)
             try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from tunerd.inputs.gateway import Job
 from tunerd.targets.base import Edit, TargetError
 
 EDIT_SECONDS: Final = 60.0
@@ -30,6 +31,18 @@ READ_BACK_SECONDS: Final = 10.0
 SAFE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 """A job id tunerd passes to the command: never one that could read as an option."""
 PREFIX: Final = "openclaw:"
+
+
+def is_native(cron: str) -> bool:
+    """Whether ``cron`` is named as the history names a native job (``NAME (OpenClaw)``)."""
+    return cron.endswith(")") and " (OpenClaw" in cron
+
+
+def can_run(command: tuple[str, ...]) -> bool:
+    """Whether the ``openclaw`` command is there to run."""
+    import shutil
+
+    return bool(command) and shutil.which(command[0]) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +57,17 @@ class Gateway:
             raise TargetError(f"OpenClaw job id {job_id[:40]!r} is not one tunerd passes on")
         return GatewayTarget(job_id, self)
 
-    def job_ids(self) -> dict[str, str]:
-        """Native cron name (``NAME (OpenClaw)``) -> job id, as the history names them."""
+    @property
+    def can_edit(self) -> bool:
+        return can_run(self.command)
+
+    def jobs(self) -> dict[str, Job]:
+        """Native cron name (``NAME (OpenClaw)``) -> its job, as the history names them (none
+        when the state cannot be read: its crons are then nobody's to change)."""
         from tunerd.inputs.openclaw import OpenClawError, read_jobs
 
         try:
-            return {job.name: job.id for job in read_jobs(self.state).values()}
+            return {job.name: job for job in read_jobs(self.state).values()}
         except OpenClawError:
             return {}
 
