@@ -374,3 +374,43 @@ def test_directory_watch_fires_only_for_the_log(tmp_path: Path) -> None:
             watch.close()
 
     assert asyncio.run(scenario()) == [False, True, True]
+
+
+def test_the_daemon_follows_openclaws_history(daemon: Daemon) -> None:
+    """`[openclaw] state` configured: the daemon reads the gateway's history when its database
+    changes (read-only) and publishes the native jobs' runs; `tunerd status` shows them."""
+    import shutil
+    import sqlite3
+
+    state = daemon.root / "openclaw" / "openclaw.sqlite"
+    state.parent.mkdir()
+    shutil.copy(ROOT / "tests" / "data" / "openclaw-cron.sqlite", state)
+    daemon.write_config(f'window = "3650d"\n[openclaw]\nstate = "{state}"\n')
+    daemon.start()
+
+    def published() -> dict[str, Any]:
+        db = sqlite3.connect(f"file:{daemon.root / 'state' / 'tunerd.sqlite3'}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT document FROM daemon_status WHERE id = 1").fetchone()
+        finally:
+            db.close()
+        return (json.loads(row[0]).get("native") or {}) if row else {}
+
+    flaky = "flaky-cmd (OpenClaw)"
+    eventually(lambda: published().get("crons", {}).get(flaky, [0])[0] == 37, timeout=15)
+    assert daemon.runs()[flaky] == 37
+    db = sqlite3.connect(state)
+    with db:  # the gateway finishes one more run of flaky-cmd
+        row = db.execute(
+            "SELECT r.* FROM cron_run_receipts r JOIN cron_jobs j USING (job_id)"
+            " WHERE j.name = 'flaky-cmd' AND r.status = 'ok' LIMIT 1"
+        ).fetchone()
+        started = int(time.time() * 1000) - 5000
+        db.execute(
+            "INSERT INTO cron_run_receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            ("new-run", *row[1:5], "manual:new", *row[6:9], started, started + 1000, None),
+        )
+    db.close()
+    eventually(lambda: published()["crons"][flaky][0] == 38, timeout=20)
+    assert daemon.runs()[flaky] == 38
+    assert daemon.stop() == 0

@@ -520,6 +520,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     daemon: dict[str, Any] | None = None
     counts: dict[str, list[int | None]]
     logged: dict[str, dict[str, Any]]
+    published_native: dict[str, Any] | None = None
     if pid is not None and snapshot is not None and snapshot["pid"] == pid:
         # The daemon publishes within a second of every change it reads: per cron runs, final
         # failures, retried, exhausted, non-retryable (an older daemon published fewer).
@@ -530,6 +531,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             for name, v in published["crons"].items()
         }
         logged = published.get("logged", {})
+        published_native = published.get("native")
         daemon = {"pid": pid, "published_at": _iso(snapshot["updated_at"])}
         daemon |= _behind(settings.log_path, tail.get("offset", 0), now - snapshot["updated_at"])
     else:
@@ -561,7 +563,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             }
     in_force: ParamsLookup = InForceReader(engine.targets)
     native = _native_state(args, settings)
-    if native is not None:  # the gateway's own jobs, read from its history (not the daemon's)
+    if (
+        native is not None
+        and published_native is not None
+        and published_native.get("path") == str(native)
+        and "error" not in published_native
+    ):  # the daemon follows the gateway's history: its figures, and each job's value read afresh
+        for name, values in published_native["crons"].items():
+            counts[name] = [*values][:5]
+    elif native is not None:  # the gateway's own jobs, read from its history here
         since = now - settings.window.total_seconds()
         native_stats = LogStats(since=since, bucket_seconds=86400.0)
         in_force, _, _ = _with_native(native_stats, native, in_force, now, False, settings)

@@ -8,6 +8,9 @@ stop) and wires the core to the world, as uvicorn's server does.
   SIGTERM or SIGKILL neither loses nor double-counts a line.
 - **Publish** a status snapshot (tail position, runs per cron in the window) for ``tunerd status``
   within 50 ms of reading new lines (and every minute, as the window moves).
+- **Follow OpenClaw's history** when one is configured: when its database (or its WAL) changes,
+  read it again (read-only, at most every ``NATIVE_EVERY`` seconds, in a thread) and publish the
+  native jobs' runs in the window beside the log's.
 - **Timers** (APScheduler 3): the weekly tuning cycle, one verification timer per running
   experiment, the hourly harm check, the monthly report, the Discord outbox. They are rebuilt
   from the state store at start (a timer that fell due while the daemon was down runs at once)
@@ -55,6 +58,9 @@ HEARTBEAT = 1.0
 """Seconds between checkpoints and status snapshots (while something changes)."""
 PUBLISH_EVERY = 0.01
 """At most this often, the status snapshot follows what was just read."""
+NATIVE_EVERY = 5.0
+"""At most this often, the daemon reads OpenClaw's history again (the gateway writes a few rows a
+minute; a burst of writes is one read)."""
 RESCAN = 5.0
 """Seconds after which the follower polls even without a file event (dropped events cost a delay,
 never data)."""
@@ -266,6 +272,8 @@ class Daemon:
         self._anchor = time.time()
         """The hourly harm check counts its hours from here, whatever rebuilds the timers."""
         self.exit_code = 0
+        self.native: dict[str, Any] | None = None
+        """The native jobs' runs in the window, as last read from the gateway's history."""
         self.stats, self.follower = self._restore()
 
     # --- state ------------------------------------------------------------------------------
@@ -369,6 +377,7 @@ class Daemon:
             "logged": {
                 name: c.params for name, c in self.stats.crons.items() if c.params is not None
             },
+            "native": self.native,
         }
         with self.store.transaction() as db:
             db.execute(
@@ -483,6 +492,48 @@ class Daemon:
                     return
 
     _reload_follower = False
+
+    async def follow_native(self) -> None:
+        """Read the gateway's history again whenever its database or WAL changes (inotify on its
+        folder, a look every ``RESCAN`` seconds anyway), at most every ``NATIVE_EVERY`` seconds.
+        A history that cannot be read is said once and published as such."""
+        from tunerd.inotify import DirectoryWatch, Unavailable
+        from tunerd.inputs.openclaw import configured_state
+
+        seen: tuple[Any, ...] | None = None
+        said = None
+        while not self.stopping.is_set():
+            state = configured_state(self.settings.openclaw)  # a reload may change it
+            if state is None:
+                if self.native is not None:
+                    self.native, seen = None, None
+                    self._dirty_status = True
+                await self._wait(RESCAN)
+                continue
+            now_seen = _fingerprint(state)
+            if now_seen != seen:
+                seen = now_seen
+                self.native = await asyncio.to_thread(_read_native, state, self.settings)
+                self._dirty_status = True
+                self._changed.set()
+                error = self.native.get("error")
+                if error and error != said:
+                    log.warning("OpenClaw's history: %s", error)
+                said = error
+            try:
+                watch = DirectoryWatch(state.parent, state.name)
+            except Unavailable:
+                await self._wait(RESCAN)
+            else:
+                try:
+                    await watch.changed(RESCAN)
+                finally:
+                    watch.close()
+            await self._wait(NATIVE_EVERY)
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def heartbeat(self) -> None:
         """Checkpoint at most once a second while lines arrive; sleep while none do."""
@@ -751,6 +802,7 @@ class Daemon:
             asyncio.create_task(self._supervise(name, run))
             for name, run in (
                 ("follower", self.follow),
+                ("history follower", self.follow_native),
                 ("heartbeat", self.heartbeat),
                 ("watchdog", self.watchdog),
             )
@@ -798,6 +850,43 @@ class Daemon:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), min(60.0, 2.0 ** (failures - 1)))
+
+
+def _fingerprint(state: Path) -> tuple[Any, ...]:
+    """What changes when the gateway writes: the database's and its WAL's size and time."""
+    found: list[Any] = []
+    for path in (state, state.with_name(state.name + "-wal")):
+        try:
+            info = path.stat()
+        except OSError:
+            found.append(None)
+        else:
+            found.append((info.st_ino, info.st_size, info.st_mtime_ns))
+    return tuple(found)
+
+
+def _read_native(state: Path, settings: Settings) -> dict[str, Any]:
+    """The native jobs' runs in the window (as ``tunerd status`` counts them), or why not."""
+    from tunerd.inputs.openclaw import OpenClawError, count_native, read_history
+    from tunerd.params import InForce
+
+    now = time.time()
+    since = now - settings.window.total_seconds()
+    try:
+        history = read_history(state, now)
+    except OpenClawError as exc:
+        return {"path": str(state), "read_at": now, "error": str(exc), "crons": {}}
+    stats = LogStats(since=since, bucket_seconds=DAY, durations=False)
+    count_native(stats, history, now, lambda _cron, _logged: InForce(), False)
+    return {
+        "path": str(state),
+        "read_at": now,
+        "version": history.version,
+        "executions": len(history.executions),
+        "jobs": len(history.jobs),
+        "skipped": history.skipped,
+        "crons": {name: c.counts_since(since, DAY) for name, c in stats.crons.items()},
+    }
 
 
 def _trim_heap() -> None:
