@@ -276,3 +276,26 @@ def test_a_native_experiment_is_judged_on_the_runs_of_each_value_by_revision(
     (settled,) = settle(engine, log, VerdictSettings(), now)
     assert settled.action == "commit", settled.reason
     assert timeout_seconds(state) == 10
+
+
+def test_simulate_fits_native_jobs_from_the_gateways_history(tmp_path: Path) -> None:
+    """`simulate --openclaw STATE`: the native jobs fitted from their history and tuned as
+    tunerd would with the command at hand: switchback (the gateway cannot split runs), the
+    timeout only (its retries are fixed)."""
+    state = gateway_state(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "tunerd", "simulate", "--openclaw", str(state), "--weeks", "2"]
+        + ["--json"],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(tmp_path)),
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["ab"] is False
+    assert set(result["crons"]) == {SLOW, "flaky-cmd (OpenClaw)", "script-test (OpenClaw)"}
+    tried = [c for c in result["changes"] if c["cron"] == SLOW]
+    assert tried and {c["param"] for c in tried} == {"timeout"}
+    assert all(c["mode"] == "switchback" and c["to"] % 1000 == 0 for c in tried)

@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("scenario", nargs="?", metavar="SCENARIO", help="the scenario (TOML)")
     sim.add_argument("--from-log", metavar="LOG", help="fit the scenario to a real log instead")
+    sim.add_argument(
+        "--openclaw",
+        metavar="STATE",
+        help="fit OpenClaw's native jobs too, from the gateway's history (its state database or,"
+        " before 2026.6, its cron folder); alone, or with --from-log",
+    )
     sim.add_argument("--weeks", type=int, metavar="N", help="simulated weeks (default: scenario)")
     sim.add_argument("--seed", type=int, metavar="N", help="random seed (default: scenario)")
     sim.add_argument(
@@ -398,6 +404,7 @@ def _with_native(
     now: float,
     explicit: bool,
     settings: Settings | None,
+    can_edit: bool | None = None,
 ) -> tuple[ParamsLookup, list[Advisory], str | None]:
     """``count_native`` for a command, and what was read (for a person); a configured state
     that cannot be read is said and left out; one named by ``--openclaw`` is an error."""
@@ -418,7 +425,8 @@ def _with_native(
     )
     from tunerd.config import OpenClawSettings
 
-    can_edit = (settings.openclaw if settings is not None else OpenClawSettings()).can_edit
+    if can_edit is None:
+        can_edit = (settings.openclaw if settings is not None else OpenClawSettings()).can_edit
     return (*count_native(stats, history, now, in_force, can_edit), source)
 
 
@@ -1056,10 +1064,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from tunerd.scenario import ScenarioError, dump_scenario, parse_scenario, unknown_keys
     from tunerd.simulate import simulate, timeline_text
 
-    if (args.scenario is None) == (args.from_log is None):
-        raise CommandError("give a SCENARIO file or --from-log LOG (one of them)", USAGE_ERROR)
+    fitting = args.from_log is not None or args.openclaw is not None
+    if (args.scenario is None) == (not fitting):
+        raise CommandError(
+            "give a SCENARIO file, or --from-log LOG and/or --openclaw STATE (not both kinds)",
+            USAGE_ERROR,
+        )
     try:
-        if args.from_log is not None:
+        if fitting:
             scenario = _fitted_scenario(args)
         else:
             path = Path(args.scenario)
@@ -1100,23 +1112,39 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _fitted_scenario(args: argparse.Namespace) -> Any:
-    """``--from-log``: the log read whole, each cron fitted, with its parameters in force."""
+    """``--from-log`` and/or ``--openclaw``: the log read whole and the gateway's history, each
+    cron fitted, with its parameters in force (a native job's: its timeout, and the gateway's
+    fixed retries, which the simulation cannot change either)."""
     from tunerd.configfile import is_configured
     from tunerd.fit import fit_scenario
     from tunerd.logfile import LogFileError, ReadOptions, read_log
+    from tunerd.stats import LogStats
 
-    log = Path(args.from_log)
     configured = args.config or is_configured(args.config)
-    in_force = _in_force(args.params, _settings(args.config) if configured else None)
-
+    settings = _settings(args.config) if configured else None
+    in_force: ParamsLookup = _in_force(args.params, settings)
+    now = time.time()
+    sources = []
     try:
-        stats = read_log(log, ReadOptions(read_at=time.time()))
+        if args.from_log is not None:
+            log = Path(args.from_log)
+            stats = read_log(log, ReadOptions(read_at=now))
+            sources.append(log.name)
+        else:
+            stats = LogStats()
     except LogFileError as exc:
         raise CommandError(str(exc)) from None
+    if args.openclaw is not None:
+        state = Path(args.openclaw).expanduser()
+        # as tunerd would tune them with the `openclaw` command at hand (switchback)
+        in_force, _, _ = _with_native(stats, state, in_force, now, True, settings, can_edit=True)
+        sources.append(f"OpenClaw {state.name}")
     try:
-        scenario, skipped = fit_scenario(stats, in_force, args.weeks or 4, f"from {log.name}")
+        scenario, skipped = fit_scenario(
+            stats, in_force, args.weeks or 4, f"from {' and '.join(sources)}"
+        )
     except ValueError as exc:
-        raise CommandError(f"{log}: {exc}") from None
+        raise CommandError(f"{' and '.join(sources)}: {exc}") from None
     for note in skipped:
         print(f"tunerd: not simulated: {note}", file=sys.stderr)
     return scenario

@@ -61,7 +61,7 @@ def fit_scenario(
             continue
         end = max(end, run.last_at)
         params = params_for(cron_name, cron.params)
-        scripts += params.mode == "switchback"
+        scripts += not params.splits
         crons.append(_fit_cron(cron_name, run, cron.schedule, params))
     if not crons:
         raise ValueError("no cron in the log has enough runs to fit (two, one of them a success)")
@@ -76,8 +76,9 @@ def fit_scenario(
     )
     if scripts and scripts < len(crons):
         skipped.append(
-            f"{scripts} of {len(crons)} crons keep their parameters in a script: every cron is"
-            " simulated with switchback experiments (ab = false)"
+            f"{scripts} of {len(crons)} crons cannot split their runs (their parameters are in a"
+            " script, or OpenClaw's gateway runs them): every cron is simulated with switchback"
+            " experiments (ab = false)"
         )
     return scenario, skipped
 
@@ -113,7 +114,7 @@ def _fit_cron(name: str, run: RunStats, schedule: str | None, params: InForce) -
         fail_p=round(fail_p, 4),
         fatal_p=round(fatal_p, 4),
         rate_limit=_rate_limit(run, params),
-        unwritable=[p for p in TUNABLE if params.unwritable(p) and params.mode == "switchback"],
+        unwritable=[p for p in TUNABLE if params.unwritable(p) and not params.splits],
         params=StartParams(
             maxRetries=params.maxRetries or SPECS["maxRetries"].default,
             timeout=timeout,

@@ -158,6 +158,12 @@ class InForce:
         value: int | None = getattr(self, name)
         return value
 
+    @property
+    def splits(self) -> bool:
+        """Whether its runs can be dealt between two values at once (the params file's A/B);
+        a script's cannot, nor a native job's, which the gateway runs."""
+        return self.mode != "switchback" and self.retrier == "the wrapper"
+
     def unwritable(self, name: str) -> str | None:
         """Why ``name`` cannot be written, and what to add so that it can; None if it can."""
         return dict(self.fixed).get(name)
