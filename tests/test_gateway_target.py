@@ -299,3 +299,23 @@ def test_simulate_fits_native_jobs_from_the_gateways_history(tmp_path: Path) -> 
     tried = [c for c in result["changes"] if c["cron"] == SLOW]
     assert tried and {c["param"] for c in tried} == {"timeout"}
     assert all(c["mode"] == "switchback" and c["to"] % 1000 == 0 for c in tried)
+
+
+def test_a_timeout_the_gateway_turned_off_is_left_alone(tmp_path: Path) -> None:
+    """`timeoutSeconds: 0` is the gateway's "no timeout": not an untrusted value, and never
+    changed by tunerd (turning a timeout on could cut a job that needs hours)."""
+    from tunerd.inputs.openclaw import in_force_of, read_jobs
+
+    state = gateway_state(tmp_path)
+    db = sqlite3.connect(state)
+    with db:
+        db.execute(
+            "UPDATE cron_jobs SET job_json = json_set(job_json, '$.payload.timeoutSeconds', 0)"
+            " WHERE job_id = ?",
+            (SLOW_ID,),
+        )
+    db.close()
+    job = read_jobs(state)[SLOW_ID]
+    found = in_force_of(job, can_edit=True)
+    assert found.timeout is None and not found.untrusted
+    assert "turns its timeout off" in (found.unwritable("timeout") or "")

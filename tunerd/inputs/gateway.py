@@ -90,6 +90,8 @@ class Job:
     timeout_problem: str | None = None
     """Why the job's ``timeoutSeconds`` cannot be taken as a number (then ``timeout_ms`` is
     None: unknown, not tuned, said to a person)."""
+    timeout_off: bool = False
+    """``timeoutSeconds: 0``: the gateway runs it with no timeout at all."""
 
 
 def transient(execution: Execution) -> bool:

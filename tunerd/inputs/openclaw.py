@@ -376,7 +376,8 @@ def _job(job_id: str, name: Any, enabled: Any, job: Any, state: Any) -> Job:
     payload = _object(doc.get("payload"))
     seconds = payload.get("timeoutSeconds")
     timeout_ms, problem = None, None
-    if "timeoutSeconds" in payload:
+    off = seconds == 0 and not isinstance(seconds, bool)  # the gateway's "no timeout"
+    if "timeoutSeconds" in payload and not off:
         milliseconds: Any = seconds
         if isinstance(seconds, int | float) and not isinstance(seconds, bool):
             milliseconds = seconds * 1000 if math.isfinite(seconds) else seconds
@@ -396,6 +397,7 @@ def _job(job_id: str, name: Any, enabled: Any, job: Any, state: Any) -> Job:
         enabled is True or enabled == 1,
         errors if isinstance(errors, int) and not isinstance(errors, bool) else 0,
         problem,
+        off,
     )
 
 
@@ -489,6 +491,10 @@ def in_force_of(job: Job, can_edit: bool) -> InForce:
         fixed.append(("timeout", "the job is disabled: tunerd changes enabled jobs only"))
     elif not SAFE_ID.fullmatch(job.id):
         fixed.append(("timeout", f"its id is not one tunerd passes to a command: {by_hand}"))
+    elif job.timeout_off:
+        fixed.append(
+            ("timeout", f"timeoutSeconds 0 turns its timeout off; tunerd leaves it: {by_hand}")
+        )
     elif job.timeout_ms is None:
         fixed.append(("timeout", f"it sets no timeoutSeconds: {by_hand}"))
     return InForce(

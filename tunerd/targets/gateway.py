@@ -156,7 +156,7 @@ class GatewayTarget:
             if done.returncode != 0:
                 failure = (
                     f"`openclaw cron edit` failed (exit {done.returncode}):"
-                    f" {_last_line(done.stderr or done.stdout)}"
+                    f" {_why(done.stdout, done.stderr)}"
                 )
         deadline = time.monotonic() + (0 if failure else READ_BACK_SECONDS)
         while True:
@@ -174,9 +174,17 @@ class GatewayTarget:
         return json.dumps({"job": self.job_id, "timeoutSeconds": seconds}).encode()
 
 
-def _last_line(output: bytes) -> str:
-    """The command's last words, on one line: what a person needs, never a whole dump."""
-    lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines()]
-    text = next((line for line in reversed(lines) if line), "(no message)")
-    text = "".join(c if c.isprintable() else " " for c in text)
-    return text[:300]
+def _why(stdout: bytes, stderr: bytes) -> str:
+    """What the command said went wrong, on one line: its JSON ``error.message`` (the CLI
+    prints ``{"ok": false, "error": {...}}``), else the first line of its stderr (the rest is
+    advice for a person at a terminal: the gateway's address, its config file)."""
+    text = ""
+    try:
+        error = json.loads(stdout).get("error")
+        text = str(error.get("message", "")) if isinstance(error, dict) else ""
+    except (ValueError, AttributeError):
+        pass
+    if not text.strip():
+        text = stderr.decode("utf-8", "replace")
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "(no message)")
+    return "".join(c if c.isprintable() else " " for c in line)[:300]
