@@ -284,8 +284,7 @@ def test_simulate_fits_native_jobs_from_the_gateways_history(tmp_path: Path) -> 
     timeout only (its retries are fixed)."""
     state = gateway_state(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "tunerd", "simulate", "--openclaw", str(state), "--weeks", "2"]
-        + ["--json"],
+        [sys.executable, "-m", "tunerd", "simulate", "--openclaw", str(state), "--json"],
         capture_output=True,
         text=True,
         env=dict(ENV, HOME=str(tmp_path)),

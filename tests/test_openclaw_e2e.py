@@ -27,6 +27,11 @@ from tunerd.targets import Gateway, ParamsFileTarget, TargetError, Targets
 
 OPENCLAW = shutil.which("openclaw")
 PORT = 18789
+ONBOARD = (
+    "onboard --non-interactive --accept-risk --mode local --auth-choice skip --gateway-bind"
+    " loopback --skip-channels --no-install-daemon --skip-health --skip-skills --skip-search"
+    " --skip-ui"
+).split()  # offline: no model, no channel, no daemon unit
 
 
 def _usable() -> str | None:
@@ -64,9 +69,7 @@ def real_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[di
     for key, value in (("HOME", str(home)), ("TMPDIR", str(home / "tmp"))):
         monkeypatch.setenv(key, value)  # tunerd's own calls of openclaw see the same HOME
     onboard = openclaw(
-        *"onboard --non-interactive --accept-risk --mode local --auth-choice skip".split(),
-        *"--gateway-bind loopback --skip-channels --no-install-daemon --skip-health".split(),
-        *"--skip-skills --skip-search --skip-ui".split(),
+        *ONBOARD,
         env=env,
     )
     assert onboard.returncode == 0, onboard.stderr
@@ -101,7 +104,9 @@ def test_a_real_gateway_takes_the_timeout_and_gives_it_back(
 ) -> None:
     env = json.loads(real_gateway["env"])
     added = openclaw(
-        *"cron add --name e2e-slow --every 1h --no-deliver --timeout-seconds 3".split(),
+        "cron",
+        "add",
+        *("--name", "e2e-slow", "--every", "1h", "--no-deliver", "--timeout-seconds", "3"),
         "--command-argv",
         '["sh", "-c", "sleep 1"]',
         env=env,
