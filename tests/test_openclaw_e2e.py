@@ -27,11 +27,23 @@ from tunerd.targets import Gateway, ParamsFileTarget, TargetError, Targets
 
 OPENCLAW = shutil.which("openclaw")
 PORT = 18789
-ONBOARD = (
-    "onboard --non-interactive --accept-risk --mode local --auth-choice skip --gateway-bind"
-    " loopback --skip-channels --no-install-daemon --skip-health --skip-skills --skip-search"
-    " --skip-ui"
-).split()  # offline: no model, no channel, no daemon unit
+ONBOARD = [
+    "onboard",
+    "--non-interactive",
+    "--accept-risk",
+    "--mode",
+    "local",
+    "--auth-choice",
+    "skip",
+    "--gateway-bind",
+    "loopback",
+    "--skip-channels",
+    "--no-install-daemon",
+    "--skip-health",
+    "--skip-skills",
+    "--skip-search",
+    "--skip-ui",
+]  # offline: no model, no channel, no daemon unit
 
 
 def _usable() -> str | None:
