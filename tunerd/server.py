@@ -61,6 +61,10 @@ PUBLISH_EVERY = 0.01
 NATIVE_EVERY = 5.0
 """At most this often, the daemon reads OpenClaw's history again (the gateway writes a few rows a
 minute; a burst of writes is one read)."""
+NATIVE_SHARE = 0.1
+"""And never more than this share of the time: a history at the gateway's retention cap takes
+seconds to read (docs/performance.md), and a gateway that writes all the time must not keep a
+core busy."""
 RESCAN = 5.0
 """Seconds after which the follower polls even without a file event (dropped events cost a delay,
 never data)."""
@@ -502,6 +506,7 @@ class Daemon:
 
         seen: tuple[Any, ...] | None = None
         said = None
+        took = 0.0
         while not self.stopping.is_set():
             state = configured_state(self.settings.openclaw)  # a reload may change it
             if state is None:
@@ -513,7 +518,9 @@ class Daemon:
             now_seen = _fingerprint(state)
             if now_seen != seen:
                 seen = now_seen
+                started = time.monotonic()
                 self.native = await asyncio.to_thread(_read_native, state, self.settings)
+                took = time.monotonic() - started
                 self._dirty_status = True
                 self._changed.set()
                 error = self.native.get("error")
@@ -529,7 +536,7 @@ class Daemon:
                     await watch.changed(RESCAN)
                 finally:
                     watch.close()
-            await self._wait(NATIVE_EVERY)
+            await self._wait(max(NATIVE_EVERY, took / NATIVE_SHARE))
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
