@@ -427,3 +427,57 @@ def test_a_state_tunerd_may_not_look_at_is_said(
     assert openclaw.there(tmp_path / "x")
     with pytest.raises(OpenClawError, match="cannot look at OpenClaw's state"):
         read_history(tmp_path / "x", NOW)
+
+
+def test_following_the_history_look_by_look_gives_what_one_read_gives(tmp_path: Path) -> None:
+    """The daemon's follower reads only what is new at each look; whatever the moments of the
+    looks (between a failure and its retry, while a retry runs), the runs it gives add up to
+    those of one read of the whole history at the end."""
+    from tunerd.inputs.openclaw import HistoryFollower
+
+    state = tmp_path / "openclaw.sqlite"
+    shutil.copy(SAMPLE, state)
+    db = sqlite3.connect(state)
+    rows = db.execute("SELECT * FROM cron_run_receipts ORDER BY started_at_ms").fetchall()
+    db.execute("DELETE FROM cron_run_receipts")
+    db.execute("UPDATE cron_jobs SET enabled = 1")  # as they were while they ran
+    db.commit()
+    starts = sorted({row[9] for row in rows})
+    follower = HistoryFollower(state)
+    got: list[tuple[object, ...]] = []
+
+    def key(entry: object) -> tuple[object, ...]:
+        return (
+            entry.cron,  # type: ignore[attr-defined]
+            entry.timestamp,  # type: ignore[attr-defined]
+            entry.type,  # type: ignore[attr-defined]
+            len(entry.attempts),  # type: ignore[attr-defined]
+            entry.reason,  # type: ignore[attr-defined]
+        )
+
+    ends = {row[10] for row in rows if row[10] is not None}
+    looks = sorted(set(starts) | ends | {end + 15_000 for end in ends})  # also while a retry is due
+    for n, cut in enumerate(looks):
+        with db:
+            for row in rows:
+                if row[9] <= cut:  # started by now: running until its end has passed
+                    done = row[10] is not None and row[10] <= cut
+                    values = list(row)
+                    if not done:
+                        values[6], values[10], values[11] = "running", None, None
+                    db.execute(
+                        "INSERT OR REPLACE INTO cron_run_receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                        values,
+                    )
+        update = follower.poll(cut / 1000)
+        assert update.whole == (n == 0)
+        got += [key(e) for e in update.runs]
+    with db:
+        db.execute("DELETE FROM cron_run_receipts")
+        db.executemany("INSERT INTO cron_run_receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    db.close()
+    later = starts[-1] / 1000 + 3600
+    got += [key(e) for e in follower.poll(later).runs]
+    whole = [key(e) for e in native_runs(read_history(state, later), later)]
+    assert sorted(got, key=repr) == sorted(whole, key=repr)
+    assert len(whole) == 37 + 28 + 6

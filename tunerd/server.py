@@ -9,8 +9,8 @@ stop) and wires the core to the world, as uvicorn's server does.
 - **Publish** a status snapshot (tail position, runs per cron in the window) for ``tunerd status``
   within 50 ms of reading new lines (and every minute, as the window moves).
 - **Follow OpenClaw's history** when one is configured: when its database (or its WAL) changes,
-  read it again (read-only, at most every ``NATIVE_EVERY`` seconds, in a thread) and publish the
-  native jobs' runs in the window beside the log's.
+  read what is new (read-only, at most every ``NATIVE_EVERY`` seconds, in a thread) and publish
+  the native jobs' runs in the window beside the log's.
 - **Timers** (APScheduler 3): the weekly tuning cycle, one verification timer per running
   experiment, the hourly harm check, the monthly report, the Discord outbox. They are rebuilt
   from the state store at start (a timer that fell due while the daemon was down runs at once)
@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from tunerd import systemd
 from tunerd.config import ConfigError, Settings, load
@@ -50,6 +50,9 @@ from tunerd.stats import LogStats
 from tunerd.store import Store, StoreError, load_tail, save_tail, store_error
 from tunerd.timeparse import human_duration
 from tunerd.timeparse import iso as _iso
+
+if TYPE_CHECKING:
+    from tunerd.inputs.openclaw import HistoryFollower
 
 log = logging.getLogger("tunerd.daemon")
 
@@ -278,6 +281,7 @@ class Daemon:
         self.exit_code = 0
         self.native: dict[str, Any] | None = None
         """The native jobs' runs in the window, as last read from the gateway's history."""
+        self._native_stats: LogStats | None = None
         self.stats, self.follower = self._restore()
 
     # --- state ------------------------------------------------------------------------------
@@ -502,24 +506,27 @@ class Daemon:
         folder, a look every ``RESCAN`` seconds anyway), at most every ``NATIVE_EVERY`` seconds.
         A history that cannot be read is said once and published as such."""
         from tunerd.inotify import DirectoryWatch, Unavailable
-        from tunerd.inputs.openclaw import configured_state
+        from tunerd.inputs.openclaw import HistoryFollower, configured_state
 
         seen: tuple[Any, ...] | None = None
         said = None
         took = 0.0
+        follower: HistoryFollower | None = None
         while not self.stopping.is_set():
             state = configured_state(self.settings.openclaw)  # a reload may change it
             if state is None:
                 if self.native is not None:
-                    self.native, seen = None, None
+                    self.native, seen, follower = None, None, None
                     self._dirty_status = True
                 await self._wait(RESCAN)
                 continue
+            if follower is None or follower.path != state:
+                follower, seen = HistoryFollower(state), None
             now_seen = _fingerprint(state)
             if now_seen != seen:
                 seen = now_seen
                 started = time.monotonic()
-                self.native = await asyncio.to_thread(_read_native, state, self.settings)
+                self.native = await asyncio.to_thread(self._look_native, follower)
                 took = time.monotonic() - started
                 self._dirty_status = True
                 self._changed.set()
@@ -537,6 +544,30 @@ class Daemon:
                 finally:
                     watch.close()
             await self._wait(max(NATIVE_EVERY, took / NATIVE_SHARE))
+
+    def _look_native(self, follower: HistoryFollower) -> dict[str, Any]:
+        """What is new in the history, counted into the native jobs' statistics (in a thread:
+        nothing else touches them), and their runs in the window to publish, or why not."""
+        from tunerd.inputs.openclaw import OpenClawError
+
+        now = time.time()
+        since = now - self.settings.window.total_seconds()
+        found: dict[str, Any] = {"path": str(follower.path), "read_at": now}
+        try:
+            update = follower.poll(now)
+        except OpenClawError as exc:
+            return found | {"error": str(exc), "crons": {}}
+        if update.whole or self._native_stats is None:
+            self._native_stats = LogStats(bucket_seconds=DAY, durations=False)
+        stats = self._native_stats
+        stats.add_entries(update.runs, now)
+        stats.evict(since - DAY)
+        return found | {
+            "version": update.version,
+            "jobs": len(update.jobs),
+            "skipped": update.skipped,
+            "crons": {name: c.counts_since(since, DAY) for name, c in stats.crons.items()},
+        }
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -870,30 +901,6 @@ def _fingerprint(state: Path) -> tuple[Any, ...]:
         else:
             found.append((info.st_ino, info.st_size, info.st_mtime_ns))
     return tuple(found)
-
-
-def _read_native(state: Path, settings: Settings) -> dict[str, Any]:
-    """The native jobs' runs in the window (as ``tunerd status`` counts them), or why not."""
-    from tunerd.inputs.openclaw import OpenClawError, count_native, read_history
-    from tunerd.params import InForce
-
-    now = time.time()
-    since = now - settings.window.total_seconds()
-    try:
-        history = read_history(state, now)
-    except OpenClawError as exc:
-        return {"path": str(state), "read_at": now, "error": str(exc), "crons": {}}
-    stats = LogStats(since=since, bucket_seconds=DAY, durations=False)
-    count_native(stats, history, now, lambda _cron, _logged: InForce(), False)
-    return {
-        "path": str(state),
-        "read_at": now,
-        "version": history.version,
-        "executions": len(history.executions),
-        "jobs": len(history.jobs),
-        "skipped": history.skipped,
-        "crons": {name: c.counts_since(since, DAY) for name, c in stats.crons.items()},
-    }
 
 
 def _trim_heap() -> None:

@@ -118,9 +118,12 @@ def runs(
     executions: Iterable[Execution],
     now_ms: int,
     running: dict[str, int] | None = None,
+    pending: dict[str, list[Execution]] | None = None,
 ) -> Iterator[Entry]:
     """The runs of ``executions`` (any order), job by job, each as the wrapper would log it.
-    ``running``: when each job's execution in progress started (its retry may be it)."""
+    ``running``: when each job's execution in progress started (its retry may be it).
+    ``pending``: when given, receives the executions of each job's last run if it is still in
+    flight (a follower rebuilds it again with what comes next; no other run can be)."""
     by_job: dict[str, list[Execution]] = {}
     for execution in executions:
         by_job.setdefault(execution.job, []).append(execution)
@@ -141,8 +144,11 @@ def runs(
                 chain = []
             chain.append(execution)
         started = (running or {}).get(job_id)
-        if chain and (entry := _entry(job, context, chain, now_ms, False, started)) is not None:
-            yield entry
+        if chain:
+            if (entry := _entry(job, context, chain, now_ms, False, started)) is not None:
+                yield entry
+            elif pending is not None:
+                pending[job_id] = chain
 
 
 def _entry(

@@ -204,12 +204,7 @@ def _read_database(db: sqlite3.Connection, path: Path, horizon: int) -> History:
     running: dict[str, int] = {}
     if version == RECEIPTS:
         executions, skipped = _receipts(db, "task_runs" in tables and _has_details(db), horizon)
-        running = dict(
-            db.execute(
-                "SELECT job_id, MIN(started_at_ms) FROM cron_run_receipts WHERE status ="
-                " 'running' AND typeof(started_at_ms) = 'integer' GROUP BY job_id"
-            ).fetchall()
-        )
+        running = _running(db)
     else:
         executions, skipped = [], 0
         for job, entry in db.execute("SELECT job_id, entry_json FROM cron_run_logs"):
@@ -221,15 +216,31 @@ def _read_database(db: sqlite3.Connection, path: Path, horizon: int) -> History:
     return History(version, jobs, executions, running, skipped)
 
 
+def _running(db: sqlite3.Connection) -> dict[str, int]:
+    """Job id -> when its execution in progress started."""
+    return dict(
+        db.execute(
+            "SELECT job_id, MIN(started_at_ms) FROM cron_run_receipts WHERE status ="
+            " 'running' AND typeof(started_at_ms) = 'integer' GROUP BY job_id"
+        ).fetchall()
+    )
+
+
 def _has_details(db: sqlite3.Connection) -> bool:
     return {"run_id", "detail_json"} <= _columns(db, "task_runs")
 
 
-def _receipts(db: sqlite3.Connection, details: bool, horizon: int) -> tuple[list[Execution], int]:
+def _receipts(
+    db: sqlite3.Connection,
+    details: bool,
+    horizon: int,
+    job: tuple[str, str, int] | None = None,
+) -> tuple[list[Execution], int]:
     """Finished executions that can be real, with what ``task_runs`` adds to a failure (the
     error's class, the next run the gateway planned), and how many could not. SQLite does the
     work: each row comes out as an ``Execution``, no JSON parsed nor value converted in
-    Python."""
+    Python. ``job``: (store key, job id, from when) for one job's latest executions only,
+    through the gateway's own index of each job's history."""
     detail = "NULL"
     if details:
         # Only a failure's details matter: looked up for failures alone, the first if the
@@ -247,6 +258,8 @@ def _receipts(db: sqlite3.Connection, details: bool, horizon: int) -> tuple[list
         " AND r.finished_at_ms - r.started_at_ms <= :longest"
     )
     finished = "r.status IN ('ok', 'error', 'interrupted')"
+    if job is not None:
+        finished += " AND r.store_key = :store AND r.job_id = :job AND r.started_at_ms >= :since"
     query = (
         "SELECT job_id, started_at_ms, finished_at_ms, ok, error,"
         " CASE WHEN json_type(detail, '$.errorReason') = 'text'"
@@ -269,6 +282,8 @@ def _receipts(db: sqlite3.Connection, details: bool, horizon: int) -> tuple[list
         "longest": LONGEST_MS,
         "interrupted": f"{INTERRUPTED} the gateway stopped during the run",
     }
+    if job is not None:
+        bounds |= dict(zip(("store", "job", "since"), job, strict=True))
     try:
         found = list(map(Execution._make, db.execute(query, bounds)))
     except sqlite3.OperationalError as exc:
@@ -530,3 +545,73 @@ def advisories(history: History) -> list[Advisory]:
         for job in history.jobs.values()
         if job.enabled and WARN_AT <= job.consecutive_errors < DISABLED_AT
     ]
+
+
+@dataclass(slots=True)
+class Update:
+    """What a look at the history found: runs that ended since the last look (``whole``: the
+    whole history's runs, to count afresh), and the jobs as they are now."""
+
+    runs: list[Entry]
+    jobs: dict[str, Job]
+    whole: bool
+    version: str
+    skipped: int = 0
+
+
+class HistoryFollower:
+    """The history as the gateway writes it: read whole at the first look, then only each
+    job's executions that started after the latest one taken, through the gateway's index of
+    a job's history (``store_key, job_id, started_at_ms``): a look costs what changed, not the
+    2,000 executions a job the gateway keeps. A job runs one execution at a time, so none can
+    finish later that started earlier. The executions of a run whose retry is still due are
+    kept and rebuilt with what comes next. The older layouts are read whole at every look."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.expanduser()
+        self._latest: dict[str, int] | None = None
+        """Job id -> the start of the latest execution taken (None: nothing read yet)."""
+        self._pending: dict[str, list[Execution]] = {}
+
+    def poll(self, now: float) -> Update:
+        """What is new since the last look (``OpenClawError`` when the state cannot be read:
+        the next look starts from where this one would have)."""
+        horizon = int(now * 1000) + FUTURE_MS
+        if _is_folder(self.path):
+            return self._whole(_read_folder(self.path, horizon), now)
+        with _snapshot(self.path) as db:
+            tables = _tables(db)
+            if self._latest is None or "cron_run_receipts" not in tables:
+                return self._whole(_read_database(db, self.path, horizon), now)
+            jobs = _database_jobs(db, self.path)
+            details = "task_runs" in tables and _has_details(db)
+            executions: list[Execution] = []
+            skipped = 0
+            for job_id, store in db.execute("SELECT job_id, store_key FROM cron_jobs"):
+                since = self._latest.get(str(job_id), -1) + 1
+                found, bad = _receipts(db, details, horizon, (store, str(job_id), since))
+                executions += found
+                skipped += bad
+            running = _running(db)
+        return Update(self._rebuild(jobs, executions, running, now), jobs, False, RECEIPTS, skipped)
+
+    def _whole(self, history: History, now: float) -> Update:
+        self._latest, self._pending = {}, {}
+        built = self._rebuild(history.jobs, history.executions, history.running, now)
+        return Update(built, history.jobs, True, history.version, history.skipped)
+
+    def _rebuild(
+        self,
+        jobs: dict[str, Job],
+        executions: list[Execution],
+        running: dict[str, int],
+        now: float,
+    ) -> list[Entry]:
+        latest = self._latest if self._latest is not None else {}
+        for execution in executions:
+            if execution.started_ms > latest.get(execution.job, -1):
+                latest[execution.job] = execution.started_ms
+        self._latest = latest
+        held = [e for chain in self._pending.values() for e in chain]
+        self._pending = {}
+        return list(runs(jobs, held + executions, int(now * 1000), running, self._pending))
