@@ -22,7 +22,7 @@ from tunerd.store import Store
 from tunerd.targets import Gateway, ParamsFileTarget, TargetError, Targets
 
 from .conftest import ROOT
-from .test_engine_cli import ENV
+from .test_engine_cli import ENV, cli
 
 SAMPLE = ROOT / "tests" / "data" / "openclaw-cron.sqlite"
 STANDIN = ROOT / "tests" / "openclaw" / "openclaw"
@@ -283,14 +283,7 @@ def test_simulate_fits_native_jobs_from_the_gateways_history(tmp_path: Path) -> 
     tunerd would with the command at hand: switchback (the gateway cannot split runs), the
     timeout only (its retries are fixed)."""
     state = gateway_state(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-m", "tunerd", "simulate", "--openclaw", str(state), "--json"],
-        capture_output=True,
-        text=True,
-        env=dict(ENV, HOME=str(tmp_path)),
-        cwd=ROOT,
-        timeout=300,
-    )
+    done = cli("simulate", "--openclaw", str(state), "--json", home=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ab"] is False
