@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -290,7 +291,7 @@ def test_simulate_fits_native_jobs_from_the_gateways_history(tmp_path: Path) -> 
     assert set(result["crons"]) == {SLOW, "flaky-cmd (OpenClaw)", "script-test (OpenClaw)"}
     tried = [c for c in result["changes"] if c["cron"] == SLOW]
     assert tried and {c["param"] for c in tried} == {"timeout"}
-    assert all(c["mode"] == "switchback" and c["to"] % 1000 == 0 for c in tried)
+    assert all(c["mode"] == "switchback" for c in tried)
 
 
 def test_a_timeout_the_gateway_turned_off_is_left_alone(tmp_path: Path) -> None:
@@ -311,3 +312,125 @@ def test_a_timeout_the_gateway_turned_off_is_left_alone(tmp_path: Path) -> None:
     found = in_force_of(job, can_edit=True)
     assert found.timeout is None and not found.untrusted
     assert "turns its timeout off" in (found.unwritable("timeout") or "")
+
+
+def test_a_hung_command_is_stopped_with_what_it_started(
+    gateway: tuple[Engine, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The real CLI may run itself again as a child: giving up kills the whole session, so no
+    edit can land after the change was recorded as not made."""
+    engine, state, _ = gateway
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setenv("OPENCLAW_STANDIN", "hang-child")
+    monkeypatch.setenv("OPENCLAW_STANDIN_PIDFILE", str(pidfile))
+    monkeypatch.setattr("tunerd.targets.gateway.EDIT_SECONDS", 2.0)
+    with pytest.raises(TargetError, match="did not answer"):
+        engine.start_experiment(SLOW, "timeout", 3000, 10000, "r", {}, "tunerd", 1.8e9)
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child}").exists():
+        status = Path(f"/proc/{child}/status").read_text()
+        if "State:\tZ" in status:
+            break  # dead, waiting for its reaper
+        assert time.monotonic() < deadline, "the command's child outlived it"
+        time.sleep(0.05)
+    assert timeout_seconds(state) == 3
+
+
+def test_a_native_experiment_survives_an_unreadable_state_and_stops_on_a_deleted_job(
+    gateway: tuple[Engine, Path, Path], tmp_path: Path
+) -> None:
+    """The gateway's state cannot be read for a while: the experiment goes on (said, not
+    judged), never taken for an edit by hand. The job deleted: it stops, nothing written."""
+    from tunerd.verdict import VerdictSettings
+    from tunerd.verification import settle
+
+    engine, state, calls = gateway
+    experiment = engine.start_experiment(SLOW, "timeout", 3000, 10000, "r", {}, "tunerd", 1.8e9)
+    log = tmp_path / "auto-retry.jsonl"
+    log.write_text("")
+    aside = state.with_name("aside.sqlite")
+    state.rename(aside)
+    (found,) = settle(engine, log, VerdictSettings(), 1.8e9 + 600)
+    assert found.action == "error" and "does not exist" in found.reason
+    assert engine.store.experiment(experiment.id).state == "running"  # type: ignore[union-attr]
+    aside.rename(state)
+    db = sqlite3.connect(state)
+    with db:
+        db.execute("DELETE FROM cron_jobs WHERE job_id = ?", (SLOW_ID,))
+    db.close()
+    edits = len(calls.read_text().splitlines())
+    settle(engine, log, VerdictSettings(), 1.8e9 + 1200)  # the flip check stops it first
+    stopped = engine.store.experiment(experiment.id)
+    assert stopped is not None and stopped.state == "aborted"
+    assert "deleted" in (stopped.verdict or "")
+    assert len(calls.read_text().splitlines()) == edits  # nothing was written
+    # and its history is nobody's cron now: not shown under its bare id
+    from tunerd.inputs.openclaw import native_runs, read_history
+
+    crons = {e.cron for e in native_runs(read_history(state, 1.8e9), 1.8e9)}
+    assert SLOW not in crons and not any(SLOW_ID in (c or "") for c in crons)
+
+
+def test_hostile_job_ids_are_never_suggested_as_commands(tmp_path: Path) -> None:
+    from tunerd.inputs.gateway import Job
+    from tunerd.inputs.openclaw import in_force_of
+
+    for job_id, shown in (
+        ("x; touch /tmp/PWNED #", "OpenClaw's own tools"),
+        ("--help", "OpenClaw's own tools"),
+        ("abc-123", "`openclaw cron edit abc-123 --timeout-seconds N`"),
+    ):
+        found = in_force_of(Job(job_id, "j (OpenClaw)", timeout_ms=3000), can_edit=False)
+        advice = found.unwritable("timeout") or ""
+        assert shown in advice and "PWNED" not in advice and "cron edit --help" not in advice
+
+
+def test_a_timeout_of_a_fraction_of_a_second_is_left_alone(tmp_path: Path) -> None:
+    """2.5 s could be set to 10 s, never set back (the CLI takes whole seconds): untrusted."""
+    from tunerd.inputs.openclaw import in_force_of, read_jobs
+
+    state = gateway_state(tmp_path)
+    db = sqlite3.connect(state)
+    with db:
+        db.execute(
+            "UPDATE cron_jobs SET job_json = json_set(job_json, '$.payload.timeoutSeconds', 2.5)"
+            " WHERE job_id = ?",
+            (SLOW_ID,),
+        )
+    db.close()
+    found = in_force_of(read_jobs(state)[SLOW_ID], can_edit=True)
+    assert found.timeout is None and found.untrusted
+    assert "whole number of seconds" in (found.unwritable("timeout") or "")
+
+
+def test_the_cli_setting_expands_home(tmp_path: Path) -> None:
+    from tunerd.config import OpenClawSettings
+
+    settings = OpenClawSettings(cli="~/bin/openclaw --profile work")
+    assert settings.command == (str(Path.home() / "bin" / "openclaw"), "--profile", "work")
+
+
+def test_native_jobs_alone_are_tuned_without_a_wrapper_log(tmp_path: Path) -> None:
+    """An OpenClaw user with no auto-retry wrapper: no log, the gateway's history only."""
+    state = gateway_state(tmp_path)
+    config = tmp_path / "tunerd.toml"
+    config.write_text(
+        f'log_path = "{tmp_path / "none" / "auto-retry.jsonl"}"\n'
+        f'state_dir = "{tmp_path / "state"}"\nwindow = "3650d"\nmin_runs = 5\n'
+        f'[openclaw]\nstate = "{state}"\ncli = "{STANDIN}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "tunerd", "cycle", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(tmp_path), OPENCLAW_STATE_DB=str(state)),
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [a["cron"] for a in report["actions"] if a["result"] == "started"] == [SLOW]
+    assert any(
+        "does not exist: OpenClaw's native jobs only" in a["message"] for a in report["advisories"]
+    )

@@ -206,9 +206,11 @@ class OpenClawSettings(BaseModel):
 
     @property
     def command(self) -> tuple[str, ...]:
+        """The command's words, ``~`` in the program's path expanded (as ``state``'s is)."""
         import shlex
 
-        return tuple(shlex.split(self.cli))
+        program, *rest = shlex.split(self.cli)
+        return (os.path.expanduser(program), *rest)
 
     @property
     def can_edit(self) -> bool:
@@ -353,7 +355,9 @@ class Settings(BaseSettings):
             s.cron: ScriptTarget(s.path, s.cron, {**DEFAULT_PATTERNS, **s.patterns})
             for s in self.scripts
         }
-        gateway = Gateway(self.openclaw.state, self.openclaw.command)
+        gateway = (
+            Gateway(self.openclaw.state, self.openclaw.command) if self.openclaw.history else None
+        )
         return Targets(ParamsFileTarget(params_file or self.params_file), scripts, gateway)
 
     def verdict_settings(self) -> VerdictSettings:

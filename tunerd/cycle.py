@@ -110,24 +110,42 @@ def state_view(store: Store, now: float) -> StateView:
 
 def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
     """Holds the engine's lock throughout: decisions are made on the state they change."""
+    from tunerd.stats import LogStats
+
+    native_only = natives_only(settings)
     with engine.exclusive():
         recovered = engine.recover(now)
         settled = settle(
-            engine, settings.log_path, settings.verdict_settings(), now, settings.max_line_bytes
+            engine,
+            settings.log_path,
+            settings.verdict_settings(),
+            now,
+            settings.max_line_bytes,
+            log_missing_ok=native_only,
         )
         since = now - settings.window.total_seconds()
-        stats = read_window(
-            settings.log_path,
-            ReadOptions(
-                since=since,
-                read_at=now,
-                max_line_bytes=settings.max_line_bytes,
-                max_crons=settings.max_crons,
-                bucket_seconds=DAY,
-            ),
+        options = ReadOptions(
+            since=since,
+            read_at=now,
+            max_line_bytes=settings.max_line_bytes,
+            max_crons=settings.max_crons,
+            bucket_seconds=DAY,
         )
+        if native_only:
+            stats = LogStats(since, DAY, settings.max_crons)
+        else:
+            stats = read_window(settings.log_path, options)
         reader = InForceReader(engine.targets)
         in_force, warnings = _native(settings, stats, reader, now)
+        if native_only:
+            warnings.append(
+                Advisory(
+                    "unreadable_target",
+                    str(settings.log_path),
+                    0,
+                    f"the log {settings.log_path} does not exist: OpenClaw's native jobs only",
+                )
+            )
         analysis = analyze(stats, in_force, since=since, changed_at=engine.store.last_changes())
         analysis.advisories[:0] = [
             *(
@@ -143,6 +161,14 @@ def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
         report.outcomes = _carry_out(actions, settings, engine, now)
         tell_advisories(engine.notifier, analysis.advisories)
     return report
+
+
+def natives_only(settings: Settings) -> bool:
+    """OpenClaw's native jobs alone: the gateway's history is there and the wrapper's log is
+    not (yet), which is no reason to leave them untuned."""
+    from tunerd.inputs.openclaw import configured_state, there
+
+    return configured_state(settings.openclaw) is not None and not there(settings.log_path)
 
 
 def tell_advisories(notifier: Notifier, advisories: list[Advisory]) -> None:
@@ -324,12 +350,15 @@ def planned(
     """How long an experiment on ``cron`` needs (power before starting), and the words that say
     so, for an automatic change and an approved one alike. A switchback experiment gives each
     arm half the hours."""
-    target = engine.targets.for_cron(cron)
+    try:
+        mode = engine.targets.for_cron(cron).mode
+    except TargetError:  # a native job the gateway's state no longer shows: its start says so
+        mode = "switchback"
     power = plan(
         evidence.get("baseline", {}).get(param, 0.0),
         evidence.get("runs_per_hour") or 0.0,
         engine.verify_after,
-        engine.split if target.mode == "ab" else 0.5,
+        engine.split if mode == "ab" else 0.5,
         settings.verdict_settings(),
     )
     words = ""

@@ -323,11 +323,12 @@ class Engine:
                     check_approved(start.param, start.treatment)
                 if start.cron in taken or self.store.running_experiment(start.cron) is not None:
                     raise EngineError(f"{start.cron!r} already has an experiment under way")
-            except (EngineError, SafetyError) as exc:
+                target_name = self.targets.for_cron(start.cron).name
+            except (EngineError, SafetyError, TargetError) as exc:
                 results[i] = exc
                 continue
             taken.add(start.cron)
-            groups.setdefault(self.targets.for_cron(start.cron).name, []).append(i)
+            groups.setdefault(target_name, []).append(i)
         next_id = self._next_experiment_id()
         for name, indexes in groups.items():
             target = self.targets.by_name(name)

@@ -45,6 +45,7 @@ def cycle(engine: Any, settings: Settings) -> None:
 
 def settle(engine: Any, settings: Settings) -> None:
     """The verification of due experiments and the hourly harm check of the others."""
+    from tunerd.cycle import natives_only
     from tunerd.verification import settle
 
     with engine.exclusive():
@@ -54,6 +55,7 @@ def settle(engine: Any, settings: Settings) -> None:
             settings.verdict_settings(),
             time.time(),
             settings.max_line_bytes,
+            log_missing_ok=natives_only(settings),
         ):
             if s.action != "running":
                 log.info(

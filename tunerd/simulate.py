@@ -178,6 +178,8 @@ class Simulation:
             state_dir=workdir / "state",
             params_file=workdir / "params.json",
             scripts=[{"cron": c.spec.name, "path": c.script} for c in self.crons if c.script],
+            # simulated crons named like OpenClaw's jobs are the simulation's, never a gateway's
+            openclaw={"history": False},
         )
         from pydantic import ValidationError
 
@@ -237,7 +239,11 @@ class Simulation:
 
             if c.script is not None:
                 target = ScriptTarget(c.script, c.spec.name)
-                cached = (target.params_for(read_target(c.script), c.spec.name), None)
+                found = target.params_for(read_target(c.script), c.spec.name)
+                # what no line of the script holds, Level 1 still runs with: the wrapper's
+                # defaults, or the gateway's fixed retries for a native job
+                fixed: dict[str, Any] = {p: getattr(c.spec.params, p) for p in c.spec.unwritable}
+                cached = (found.with_overrides(fixed), None)
             else:
                 try:
                     doc = parse_params_file(self.settings.params_file.read_bytes())

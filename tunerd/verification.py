@@ -27,6 +27,7 @@ from tunerd.store import Experiment, Store
 from tunerd.switchback import CARRYOVER, Clustered, Units, arm_at, attributed, gather, run_start
 from tunerd.targets import TargetError
 from tunerd.targets.gateway import PREFIX as GATEWAY
+from tunerd.targets.gateway import GatewayTarget, JobGone
 from tunerd.timeparse import human_duration, iso
 from tunerd.verdict import (
     Arm,
@@ -159,14 +160,20 @@ def settle(
     settings: VerdictSettings,
     now: float,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    log_missing_ok: bool = False,
 ) -> list[Settled]:
-    """Judge what is due and look at the rest. The caller holds ``engine.exclusive()``."""
+    """Judge what is due and look at the rest. The caller holds ``engine.exclusive()``.
+    ``log_missing_ok``: a log that does not exist has no runs (a gateway's native jobs alone);
+    otherwise it is an error, never experiments judged on no runs."""
     adopt_sequential(engine, now)
     keep_in_step(engine, now)
     running = engine.store.experiments("running")
     if not running:
         return []
-    found = gather_runs(log_path, running, now, max_line_bytes)
+    if log_missing_ok and not log_path.exists():
+        found = {e.id: Gathered() for e in running}
+    else:
+        found = gather_runs(log_path, running, now, max_line_bytes)
     out: list[Settled] = []
     native = [e for e in running if e.target.startswith(GATEWAY)]
     if native and engine.targets.gateway is not None:
@@ -241,13 +248,25 @@ def stopped_if_edited(engine: Engine, experiment: Experiment, now: float) -> boo
         return False
     timeline = engine.store.timeline(experiment.id)
     held = timeline[-1][1] if timeline else experiment.control
-    found = engine.current_params(experiment.cron).get(experiment.param)
-    if found is None or found == held:
-        return False
-    reason = (
-        f"{experiment.param} in the script is {found}, not the {held} tunerd wrote: edited by"
-        " hand, so the experiment stops and the script stays as it is"
-    )
+    where = "the script"
+    try:
+        target = engine.targets.by_name(experiment.target)
+        if isinstance(target, GatewayTarget):
+            where = f"OpenClaw job {target.job_id}"
+            found = target.held_ms()
+        else:
+            found = engine.current_params(experiment.cron).get(experiment.param)
+    except JobGone as exc:
+        found, reason = None, f"{exc} (deleted): the experiment stops, with nothing to write"
+    except TargetError:
+        return False  # cannot tell now (the gateway's state cannot be read): said by settle
+    else:
+        if found is None or found == held:
+            return False
+        reason = (
+            f"{experiment.param} in {where} is {found}, not the {held} tunerd wrote: edited by"
+            f" hand, so the experiment stops and {where} stays as it is"
+        )
     with engine.store.transaction() as db:
         db.execute(
             "UPDATE experiments SET state = 'aborted', ended_at = ?, verdict = ? WHERE id = ?",
@@ -256,7 +275,8 @@ def stopped_if_edited(engine: Engine, experiment: Experiment, now: float) -> boo
     engine.store.record(
         experiment.cron, experiment.param, held, found, "abort", "tunerd", reason, None, now
     )
-    _notify(engine, experiment, "rollback", "Experiment stopped (script edited)", reason)
+    title = "job deleted" if found is None else f"{where} edited"
+    _notify(engine, experiment, "rollback", f"Experiment stopped ({title})", reason)
     return True
 
 
@@ -293,7 +313,7 @@ def settle_found(
         got = found[experiment.id]
         try:
             if stopped_if_edited(engine, experiment, now):
-                out.append(Settled(experiment, "error", "the script was edited by hand"))
+                out.append(Settled(experiment, "error", "its target was changed by someone else"))
                 continue
             design = design_of(engine, experiment, got)
             if experiment.verify_at <= now:

@@ -41,6 +41,9 @@ MANUAL: Final = "Manual run, not retried"
 INTERRUPTED: Final = "interrupted:"
 """How an execution the gateway did not finish (it stopped) starts its error text."""
 _NONE: Final = msgspec.Raw(b"")
+SAFE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+"""A job id tunerd passes to a command or suggests to a person: never one that could read as an
+option or hold a shell's metacharacters (ids come from the gateway's state)."""
 REVISION: Final = "configRevision"
 """The key of a native run's ``params`` that holds the job's ``config_revision`` it ran with."""
 
@@ -129,7 +132,7 @@ def runs(
         by_job.setdefault(execution.job, []).append(execution)
     for job_id, found in by_job.items():
         found.sort(key=lambda e: (e.started_ms, e.finished_ms))
-        job = jobs.get(job_id) or Job(job_id, job_id)
+        job = jobs.get(job_id) or Job(job_id, f"{job_id} (OpenClaw)")  # no jobs.json to name it
         schedule = json.dumps(job.schedule).encode() if job.schedule else b""
         context = Context(cron=job.name, schedule=msgspec.Raw(schedule))
         chain: list[Execution] = []

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
-from tunerd.inputs.gateway import BACKOFF_MS, INTERRUPTED, Execution, Job, runs
+from tunerd.inputs.gateway import BACKOFF_MS, INTERRUPTED, SAFE_ID, Execution, Job, runs
 from tunerd.params import InForce, untrusted
 from tunerd.records import Entry
 from tunerd.rules import Advisory
@@ -397,6 +398,9 @@ def _job(job_id: str, name: Any, enabled: Any, job: Any, state: Any) -> Job:
         if isinstance(seconds, int | float) and not isinstance(seconds, bool):
             milliseconds = seconds * 1000 if math.isfinite(seconds) else seconds
         why = untrusted("timeout", milliseconds)
+        if why is None and isinstance(seconds, float) and not seconds.is_integer():
+            # the gateway's CLI takes whole seconds: tunerd could set it, never set it back
+            why = "timeout is not a whole number of seconds"
         if why is None:
             timeout_ms = int(milliseconds)
         else:
@@ -485,19 +489,36 @@ def skipped_text(skipped: int) -> str:
 
 def native_runs(history: History, now: float) -> list[Entry]:
     """The history's runs, rebuilt from its executions (``inputs.gateway``)."""
-    return list(runs(history.jobs, history.executions, int(now * 1000), history.running))
+    listed = _listed(history.jobs, history.executions, history.version)
+    return list(runs(history.jobs, listed, int(now * 1000), history.running))
+
+
+def _listed(jobs: dict[str, Job], executions: list[Execution], version: str) -> list[Execution]:
+    """The executions of the jobs the gateway still has: it keeps a deleted job's history,
+    which is nobody's to analyse or change any more. (Before 2026.6 without ``jobs.json``,
+    nothing says which jobs there are: all are kept.)"""
+    if version == RUN_FILES and not jobs:
+        return executions
+    return [e for e in executions if e.job in jobs]
+
+
+def edit_command(job_id: str) -> str:
+    """The command a person runs to set a job's timeout: its id quoted for a shell, or, for an
+    id that would read as an option, OpenClaw's own editor (ids come from the gateway's state,
+    which tunerd does not trust)."""
+    if not SAFE_ID.fullmatch(job_id):
+        return "OpenClaw's own tools (its id is not one to paste into a command)"
+    return f"`openclaw cron edit {shlex.quote(job_id)} --timeout-seconds N`"
 
 
 def in_force_of(job: Job, can_edit: bool) -> InForce:
     """What a native job runs with: its timeout (which tunerd changes through the gateway when
     the ``openclaw`` command is there), and the gateway's fixed retries."""
-    from tunerd.targets.gateway import SAFE_ID
-
     fixed = [("maxRetries", FIXED_RETRIES), ("backoffBase", FIXED_RETRIES)]
     untrusted_: tuple[tuple[str, str], ...] = ()
-    by_hand = f"set it by hand with `openclaw cron edit {job.id} --timeout-seconds N`"
+    by_hand = f"set it by hand with {edit_command(job.id)}"
     if job.timeout_problem is not None:
-        advice = f"set a whole number of seconds (`openclaw cron edit {job.id} --timeout-seconds`)"
+        advice = f"set a whole number of seconds with {edit_command(job.id)}"
         fixed.append(("timeout", f"{job.timeout_problem}: {advice}"))
         untrusted_ = (("timeout", f"{job.timeout_problem} (in OpenClaw job {job.id})"),)
     elif not can_edit:
@@ -526,6 +547,12 @@ def in_force_of(job: Job, can_edit: bool) -> InForce:
     )
 
 
+def runs_command(job_id: str) -> str:
+    if not SAFE_ID.fullmatch(job_id):
+        return "with OpenClaw's own tools"
+    return f"`openclaw cron runs --id {shlex.quote(job_id)}`"
+
+
 DISABLED_AT: Final = 10
 """Consecutive errors after which the gateway disables a recurring job."""
 WARN_AT: Final = 5
@@ -539,8 +566,8 @@ def advisories(history: History) -> list[Advisory]:
             job.name,
             job.consecutive_errors,
             f"{job.name}: {job.consecutive_errors} errors in a row; OpenClaw disables a recurring"
-            f" job after {DISABLED_AT}. Look at its last error (`openclaw cron runs --id"
-            f" {job.id}`) before it stops running.",
+            f" job after {DISABLED_AT}. Look at its last error ({runs_command(job.id)}) before"
+            " it stops running.",
         )
         for job in history.jobs.values()
         if job.enabled and WARN_AT <= job.consecutive_errors < DISABLED_AT
@@ -593,11 +620,13 @@ class HistoryFollower:
                 executions += found
                 skipped += bad
             running = _running(db)
-        return Update(self._rebuild(jobs, executions, running, now), jobs, False, RECEIPTS, skipped)
+        listed = _listed(jobs, executions, RECEIPTS)
+        return Update(self._rebuild(jobs, listed, running, now), jobs, False, RECEIPTS, skipped)
 
     def _whole(self, history: History, now: float) -> Update:
         self._latest, self._pending = {}, {}
-        built = self._rebuild(history.jobs, history.executions, history.running, now)
+        listed = _listed(history.jobs, history.executions, history.version)
+        built = self._rebuild(history.jobs, listed, history.running, now)
         return Update(built, history.jobs, True, history.version, history.skipped)
 
     def _rebuild(

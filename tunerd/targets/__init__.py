@@ -62,9 +62,12 @@ class Targets:
         if script is not None:
             return script
         if self.gateway is not None and is_native(cron):
+            # a name the history gives a native job: never the params file's, even when the
+            # gateway's state cannot be read or the job is gone
             job = self.gateway.jobs().get(cron)
-            if job is not None:
-                return self.gateway.target(job.id)
+            if job is None:
+                raise TargetError(f"OpenClaw has no job named {cron!r}")
+            return self.gateway.target(job.id)
         return self.params_file
 
     def by_name(self, name: str) -> Target:
@@ -93,17 +96,10 @@ class InForceReader:
         self._contents: dict[Path, bytes | TargetError | None] = {}
         self._doc: dict[str, Any] | TargetError | None = None
         self._doc_read = False
-        self._jobs: dict[str, Job] | None = None
+        self._jobs: dict[str, Job] | TargetError | None = None
 
     def __call__(self, cron: str, logged: dict[str, Any] | None = None) -> InForce:
         targets = self.targets
-        if targets is not None and targets.gateway is not None and is_native(cron):
-            if self._jobs is None:
-                self._jobs = targets.gateway.jobs()
-            if (job := self._jobs.get(cron)) is not None:
-                from tunerd.inputs.openclaw import in_force_of
-
-                return in_force_of(job, targets.gateway.can_edit)
         if targets is not None and (script := targets.scripts.get(cron)) is not None:
             content = self._content(script.path)
             try:
@@ -112,6 +108,18 @@ class InForceReader:
                 return script.in_force(content, cron)
             except TargetError as exc:
                 return _unreadable(f"script {script.path}", str(exc))
+        if targets is not None and targets.gateway is not None and is_native(cron):
+            if self._jobs is None:
+                try:
+                    self._jobs = targets.gateway.jobs()
+                except TargetError as exc:
+                    self._jobs = exc
+            if isinstance(self._jobs, TargetError):
+                return _unreadable(f"OpenClaw's state {targets.gateway.state}", str(self._jobs))
+            if (job := self._jobs.get(cron)) is not None:
+                from tunerd.inputs.openclaw import in_force_of
+
+                return in_force_of(job, targets.gateway.can_edit)
         if targets is not None:
             doc = self._params_doc(targets.params_file)
             if isinstance(doc, TargetError):

@@ -13,24 +13,28 @@ edit, and each run is attributed to the value it ran with by its ``config_revisi
 
 from __future__ import annotations
 
+import contextlib
 import json
-import re
+import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from tunerd.inputs.gateway import Job
+from tunerd.inputs.gateway import SAFE_ID, Job
 from tunerd.targets.base import Edit, TargetError
 
 EDIT_SECONDS: Final = 60.0
 """How long the ``openclaw`` command may take to answer (it talks to the gateway)."""
 READ_BACK_SECONDS: Final = 10.0
 """How long an accepted edit may take to show in the job's row."""
-SAFE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-"""A job id tunerd passes to the command: never one that could read as an option."""
 PREFIX: Final = "openclaw:"
+
+
+class JobGone(TargetError):
+    """The job is no longer in the gateway's state (deleted): nothing of it to change."""
 
 
 def is_native(cron: str) -> bool:
@@ -62,14 +66,14 @@ class Gateway:
         return can_run(self.command)
 
     def jobs(self) -> dict[str, Job]:
-        """Native cron name (``NAME (OpenClaw)``) -> its job, as the history names them (none
-        when the state cannot be read: its crons are then nobody's to change)."""
+        """Native cron name (``NAME (OpenClaw)``) -> its job, as the history names them
+        (TargetError when the state cannot be read)."""
         from tunerd.inputs.openclaw import OpenClawError, read_jobs
 
         try:
             return {job.name: job for job in read_jobs(self.state).values()}
-        except OpenClawError:
-            return {}
+        except OpenClawError as exc:
+            raise TargetError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +96,16 @@ class GatewayTarget:
         except OpenClawError as exc:
             raise TargetError(str(exc)) from None
         if job is None:
-            raise TargetError(f"OpenClaw has no job {self.job_id} any more")
+            raise JobGone(f"OpenClaw has no job {self.job_id} any more")
         if job.timeout_problem is not None:
             raise TargetError(f"OpenClaw job {self.job_id}: {job.timeout_problem}")
         seconds = None if job.timeout_ms is None else job.timeout_ms // 1000
         return self._content(seconds)
+
+    def held_ms(self) -> int | None:
+        """The job's timeout now, in milliseconds (None: it sets none)."""
+        seconds = json.loads(self.read() or b"{}").get("timeoutSeconds")
+        return None if seconds is None else int(seconds) * 1000
 
     def tidy(self) -> None:
         """Nothing to clean up: the gateway writes its own state."""
@@ -137,26 +146,33 @@ class GatewayTarget:
         ]
         failure = None
         try:
-            done = subprocess.run(
+            # a session of its own: a command that hangs is stopped with all it started (the
+            # real CLI may run itself again as a child), so no edit lands after tunerd gave up
+            process = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=EDIT_SECONDS,
-                check=False,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
             )
         except FileNotFoundError:
             raise TargetError(
                 f"the command {self.gateway.command[0]!r} is not there: set [openclaw] cli"
             ) from None
-        except subprocess.TimeoutExpired:
-            failure = f"`openclaw cron edit` did not answer within {EDIT_SECONDS:.0f} s"
         except OSError as exc:
             raise TargetError(f"cannot run {self.gateway.command[0]!r}: {exc.strerror}") from None
+        try:
+            stdout, stderr = process.communicate(timeout=EDIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            failure = f"`openclaw cron edit` did not answer within {EDIT_SECONDS:.0f} s"
         else:
-            if done.returncode != 0:
+            if process.returncode != 0:
                 failure = (
-                    f"`openclaw cron edit` failed (exit {done.returncode}):"
-                    f" {_why(done.stdout, done.stderr)}"
+                    f"`openclaw cron edit` failed (exit {process.returncode}):"
+                    f" {_why(stdout, stderr).rstrip('.')}"
                 )
         deadline = time.monotonic() + (0 if failure else READ_BACK_SECONDS)
         while True:
