@@ -606,22 +606,32 @@ class HistoryFollower:
         horizon = int(now * 1000) + FUTURE_MS
         if _is_folder(self.path):
             return self._whole(_read_folder(self.path, horizon), now)
-        with _snapshot(self.path) as db:
+        with _snapshot(self.path) as db:  # rows only: the runs are rebuilt once it has ended
             tables = _tables(db)
-            if self._latest is None or "cron_run_receipts" not in tables:
-                return self._whole(_read_database(db, self.path, horizon), now)
-            jobs = _database_jobs(db, self.path)
-            details = "task_runs" in tables and _has_details(db)
-            executions: list[Execution] = []
-            skipped = 0
-            for job_id, store in db.execute("SELECT job_id, store_key FROM cron_jobs"):
-                since = self._latest.get(str(job_id), -1) + 1
-                found, bad = _receipts(db, details, horizon, (store, str(job_id), since))
-                executions += found
-                skipped += bad
-            running = _running(db)
-        listed = _listed(jobs, executions, RECEIPTS)
-        return Update(self._rebuild(jobs, listed, running, now), jobs, False, RECEIPTS, skipped)
+            whole = self._latest is None or "cron_run_receipts" not in tables
+            history = (
+                _read_database(db, self.path, horizon)
+                if whole
+                else self._newer(db, tables, horizon)
+            )
+        if whole:
+            return self._whole(history, now)
+        listed = _listed(history.jobs, history.executions, RECEIPTS)
+        runs_ = self._rebuild(history.jobs, listed, history.running, now)
+        return Update(runs_, history.jobs, False, RECEIPTS, history.skipped)
+
+    def _newer(self, db: sqlite3.Connection, tables: set[str], horizon: int) -> History:
+        """Each job's executions that started after the latest taken, as a partial history."""
+        assert self._latest is not None
+        details = "task_runs" in tables and _has_details(db)
+        executions: list[Execution] = []
+        skipped = 0
+        for job_id, store in db.execute("SELECT job_id, store_key FROM cron_jobs"):
+            since = self._latest.get(str(job_id), -1) + 1
+            found, bad = _receipts(db, details, horizon, (store, str(job_id), since))
+            executions += found
+            skipped += bad
+        return History(RECEIPTS, _database_jobs(db, self.path), executions, _running(db), skipped)
 
     def _whole(self, history: History, now: float) -> Update:
         self._latest, self._pending = {}, {}
