@@ -284,7 +284,7 @@ def test_simulate_fits_native_jobs_from_the_gateways_history(tmp_path: Path) -> 
     tunerd would with the command at hand: switchback (the gateway cannot split runs), the
     timeout only (its retries are fixed)."""
     state = gateway_state(tmp_path)
-    done = cli("simulate", "--openclaw", str(state), "--json", home=tmp_path, timeout=300)
+    done = cli("simulate", "--openclaw", str(state), "--weeks", "2", "--json", home=tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ab"] is False
