@@ -413,4 +413,10 @@ def test_the_daemon_follows_openclaws_history(daemon: Daemon) -> None:
     db.close()
     eventually(lambda: published()["crons"][flaky][0] == 38, timeout=20)
     assert daemon.runs()[flaky] == 38
+    db = sqlite3.connect(state)
+    with db:  # deleted in OpenClaw: nobody's cron any more
+        db.execute("DELETE FROM cron_jobs WHERE name = 'flaky-cmd'")
+    db.close()
+    eventually(lambda: flaky not in published()["crons"], timeout=20)
+    assert flaky not in daemon.runs()
     assert daemon.stop() == 0

@@ -434,3 +434,88 @@ def test_native_jobs_alone_are_tuned_without_a_wrapper_log(tmp_path: Path) -> No
     assert any(
         "does not exist: OpenClaw's native jobs only" in a["message"] for a in report["advisories"]
     )
+
+
+@pytest.mark.parametrize(("value", "said"), [("0", "is none"), ("2.5", "not a whole number")])
+def test_a_timeout_changed_by_hand_stops_the_experiment_and_stays(
+    gateway: tuple[Engine, Path, Path], value: str, said: str
+) -> None:
+    """Someone turns the timeout off (0) or sets 2.5 s during an experiment: the experiment
+    stops and their value stays; the next flip never overwrites it."""
+    from tunerd.verification import keep_in_step
+
+    engine, state, calls = gateway
+    experiment = engine.start_experiment(SLOW, "timeout", 3000, 10000, "r", {}, "tunerd", 1.8e9)
+    db = sqlite3.connect(state)
+    with db:
+        db.execute(
+            "UPDATE cron_jobs SET job_json = json_set(job_json, '$.payload.timeoutSeconds',"
+            f" json('{value}')) WHERE job_id = ?",
+            (SLOW_ID,),
+        )
+    db.close()
+    edits = len(calls.read_text().splitlines())
+    for hour in range(1, 6):
+        keep_in_step(engine, 1.8e9 + hour * 3600)
+    stopped = engine.store.experiment(experiment.id)
+    assert stopped is not None and stopped.state == "aborted" and said in (stopped.verdict or "")
+    assert len(calls.read_text().splitlines()) == edits
+    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+    (held,) = db.execute(
+        "SELECT json_extract(job_json, '$.payload.timeoutSeconds') FROM cron_jobs WHERE job_id = ?",
+        (SLOW_ID,),
+    ).fetchone()
+    db.close()
+    assert str(held) == value
+
+
+def test_a_wrapper_cron_named_like_a_missing_native_job_is_left_alone(tmp_path: Path) -> None:
+    """A log line whose cron is `ghost (OpenClaw)` with no such job: counted, never tuned
+    (nothing known of it), and the cycle goes on."""
+    from .conftest import run_line
+
+    state = gateway_state(tmp_path)
+    log = tmp_path / "auto-retry.jsonl"
+    log.write_text(
+        "".join(
+            run_line("ghost (OpenClaw)", (9000, 9000), ts=f"2026-11-2{d}T0{h}:00:00Z") + "\n"
+            for d in range(3, 9)
+            for h in range(10)
+        )
+    )
+    config = tmp_path / "tunerd.toml"
+    config.write_text(
+        f'log_path = "{log}"\nstate_dir = "{tmp_path / "state"}"\nwindow = "3650d"\n'
+        f'min_runs = 5\nparams_file = "{tmp_path / "params.json"}"\n'
+        f'[openclaw]\nstate = "{state}"\ncli = "{STANDIN}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "tunerd", "cycle", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(tmp_path), OPENCLAW_STATE_DB=str(state)),
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert not [a for a in report["actions"] if a["cron"] == "ghost (OpenClaw)"]
+    assert not (tmp_path / "params.json").exists()
+
+
+def test_an_unreadable_jobs_file_is_not_every_job_deleted(tmp_path: Path) -> None:
+    """The layout before 2026.6: a `jobs.json` that cannot be read is an error to a target,
+    never "the job is gone"."""
+    from tunerd.inputs.openclaw import OpenClawError, read_jobs
+    from tunerd.targets import Gateway
+
+    folder = tmp_path / "cron"
+    (folder / "runs").mkdir(parents=True)
+    (folder / "jobs.json").write_text('{"jobs": [{"id": "j1", "name": "a", "payload": {}}]}')
+    assert set(read_jobs(folder)) == {"j1"}
+    (folder / "jobs.json").write_text("{not json")
+    with pytest.raises(OpenClawError, match="no list of jobs"):
+        read_jobs(folder)
+    with pytest.raises(TargetError) as caught:
+        Gateway(folder, ("openclaw",)).target("j1").read()
+    assert "any more" not in str(caught.value)

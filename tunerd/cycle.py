@@ -292,9 +292,7 @@ def _start_all(
             )
             continue
         reason = f"{action.reason}{words}"
-        if action.evidence.get("params_assumed") and engine.targets.for_cron(action.cron).mode == (
-            "ab"
-        ):
+        if action.evidence.get("params_assumed") and _mode(engine, action.cron) == "ab":
             reason += (
                 "; its runs record no params: unless its Level 1 reads the params file, the"
                 " treatment arm gets no runs (map the cron to its script under [[scripts]], or"
@@ -344,16 +342,22 @@ def _start_all(
     return failed
 
 
+def _mode(engine: Engine, cron: str) -> str:
+    """The experiments the cron's target takes; a native job the gateway's state does not show
+    (its start fails and says why) takes turns, as every native job does."""
+    try:
+        return engine.targets.for_cron(cron).mode
+    except TargetError:
+        return "switchback"
+
+
 def planned(
     engine: Engine, settings: Settings, cron: str, param: str, evidence: dict[str, Any]
 ) -> tuple[Plan, str]:
     """How long an experiment on ``cron`` needs (power before starting), and the words that say
     so, for an automatic change and an approved one alike. A switchback experiment gives each
     arm half the hours."""
-    try:
-        mode = engine.targets.for_cron(cron).mode
-    except TargetError:  # a native job the gateway's state no longer shows: its start says so
-        mode = "switchback"
+    mode = _mode(engine, cron)
     power = plan(
         evidence.get("baseline", {}).get(param, 0.0),
         evidence.get("runs_per_hour") or 0.0,

@@ -562,11 +562,16 @@ class Daemon:
         stats = self._native_stats
         stats.add_entries(update.runs, now)
         stats.evict(since - DAY)
+        jobs = {job.name for job in update.jobs.values()}
         return found | {
             "version": update.version,
             "jobs": len(update.jobs),
             "skipped": update.skipped,
-            "crons": {name: c.counts_since(since, DAY) for name, c in stats.crons.items()},
+            "crons": {
+                name: c.counts_since(since, DAY)
+                for name, c in stats.crons.items()
+                if name in jobs or not jobs  # a job deleted since is nobody's now
+            },
         }
 
     async def _wait(self, seconds: float) -> None:

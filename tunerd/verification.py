@@ -27,7 +27,7 @@ from tunerd.store import Experiment, Store
 from tunerd.switchback import CARRYOVER, Clustered, Units, arm_at, attributed, gather, run_start
 from tunerd.targets import TargetError
 from tunerd.targets.gateway import PREFIX as GATEWAY
-from tunerd.targets.gateway import GatewayTarget, JobGone
+from tunerd.targets.gateway import GatewayTarget, JobGone, NotTunable
 from tunerd.timeparse import human_duration, iso
 from tunerd.verdict import (
     Arm,
@@ -248,23 +248,31 @@ def stopped_if_edited(engine: Engine, experiment: Experiment, now: float) -> boo
         return False
     timeline = engine.store.timeline(experiment.id)
     held = timeline[-1][1] if timeline else experiment.control
-    where = "the script"
+    where, gone = "the script", False
     try:
         target = engine.targets.by_name(experiment.target)
         if isinstance(target, GatewayTarget):
+            # the job's own value, none (a timeout turned off) included
             where = f"OpenClaw job {target.job_id}"
             found = target.held_ms()
+            if found == held:
+                return False
         else:
             found = engine.current_params(experiment.cron).get(experiment.param)
+            if found is None or found == held:
+                return False  # a script whose line tunerd cannot read: said elsewhere
     except JobGone as exc:
-        found, reason = None, f"{exc} (deleted): the experiment stops, with nothing to write"
+        found, gone = None, True
+        reason = f"{exc} (deleted): the experiment stops, with nothing to write"
+    except NotTunable as exc:
+        found = None
+        reason = f"{exc}, not the {held} tunerd wrote: edited by hand, so the experiment stops"
     except TargetError:
         return False  # cannot tell now (the gateway's state cannot be read): said by settle
     else:
-        if found is None or found == held:
-            return False
+        shown = "none" if found is None else found
         reason = (
-            f"{experiment.param} in {where} is {found}, not the {held} tunerd wrote: edited by"
+            f"{experiment.param} in {where} is {shown}, not the {held} tunerd wrote: edited by"
             f" hand, so the experiment stops and {where} stays as it is"
         )
     with engine.store.transaction() as db:
@@ -275,7 +283,7 @@ def stopped_if_edited(engine: Engine, experiment: Experiment, now: float) -> boo
     engine.store.record(
         experiment.cron, experiment.param, held, found, "abort", "tunerd", reason, None, now
     )
-    title = "job deleted" if found is None else f"{where} edited"
+    title = "job deleted" if gone else f"{where} edited"
     _notify(engine, experiment, "rollback", f"Experiment stopped ({title})", reason)
     return True
 

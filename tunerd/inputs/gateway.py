@@ -97,6 +97,11 @@ class Job:
     """``timeoutSeconds: 0``: the gateway runs it with no timeout at all."""
 
 
+def is_native(cron: str) -> bool:
+    """Whether ``cron`` is named as the history names a native job (``NAME (OpenClaw)``)."""
+    return cron.endswith(")") and " (OpenClaw" in cron
+
+
 def transient(execution: Execution) -> bool:
     """Whether the gateway retries this failure: its own classification when kept, else the
     text (``command exited with code 1`` is permanent)."""

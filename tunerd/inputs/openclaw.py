@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
-from tunerd.inputs.gateway import BACKOFF_MS, INTERRUPTED, SAFE_ID, Execution, Job, runs
+from tunerd.inputs.gateway import BACKOFF_MS, INTERRUPTED, SAFE_ID, Execution, Job, is_native, runs
 from tunerd.params import InForce, untrusted
 from tunerd.records import Entry
 from tunerd.rules import Advisory
@@ -83,7 +83,7 @@ def read_jobs(path: Path) -> dict[str, Job]:
     """The native jobs alone, by id (what a target reads back after an edit): a cheap read."""
     path = path.expanduser()
     if _is_folder(path):
-        return _folder_jobs(path)
+        return _folder_jobs(path, strict=True)
     with _snapshot(path) as db:
         if "cron_jobs" not in _tables(db):
             raise OpenClawError(f"{path} has no cron_jobs table: is it OpenClaw's state database?")
@@ -360,14 +360,20 @@ def _read_folder(folder: Path, horizon: int) -> History:
     return History(RUN_FILES, jobs, executions, {}, skipped)
 
 
-def _folder_jobs(folder: Path) -> dict[str, Job]:
+def _folder_jobs(folder: Path, strict: bool = False) -> dict[str, Job]:
+    """The jobs of ``jobs.json``; ``strict``: one that cannot be read is an ``OpenClawError``
+    (a target must not take it for every job deleted), else no jobs known."""
     found: list[Job] = []
     try:
         listed = _loads((folder / "jobs.json").read_bytes())
-    except OSError:
+    except OSError as exc:
+        if strict:
+            raise OpenClawError(f"cannot read {folder / 'jobs.json'}: {exc.strerror}") from None
         listed = None
     if isinstance(listed, dict):
         listed = listed.get("jobs")
+    if strict and not isinstance(listed, list):
+        raise OpenClawError(f"{folder / 'jobs.json'} holds no list of jobs")
     for job in listed if isinstance(listed, list) else []:
         if isinstance(job, dict) and isinstance(job.get("id"), str):
             found.append(
@@ -475,9 +481,26 @@ def count_native(
     jobs = {job.name: in_force_of(job, can_edit) for job in history.jobs.values()}
 
     def lookup(cron: str, logged: dict[str, Any] | None = None) -> InForce:
-        return jobs[cron] if cron in jobs else in_force(cron, logged)
+        if cron in jobs:
+            return jobs[cron]
+        return no_job(cron) if is_native(cron) else in_force(cron, logged)
 
     return lookup, advisories(history)
+
+
+def no_job(cron: str) -> InForce:
+    """A native job's name with no job behind it (its ``jobs.json`` missing, the job gone, or a
+    wrapper's log line that took the name): nothing known, nothing changed."""
+    why = f"OpenClaw's state has no job named {cron}: tunerd changes nothing of it"
+    return InForce(
+        None,
+        None,
+        None,
+        "fixed",
+        "OpenClaw (no such job)",
+        tuple((param, why) for param in ("maxRetries", "timeout", "backoffBase")),
+        retrier="the gateway",
+    )
 
 
 def skipped_text(skipped: int) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tunerd.inputs.gateway import Job
+from tunerd.inputs.gateway import Job, is_native
 from tunerd.params import DEFAULT_BACKOFF, TUNABLE, InForce, Params, untrusted
 from tunerd.targets.base import EXCERPT_MAX, Edit, TargetError, sha256
 from tunerd.targets.files import (
@@ -25,7 +25,7 @@ from tunerd.targets.files import (
     read_target,
     remove_stale_temporaries,
 )
-from tunerd.targets.gateway import PREFIX, Gateway, GatewayTarget, is_native
+from tunerd.targets.gateway import PREFIX, Gateway, GatewayTarget
 
 Target = ParamsFileTarget | ScriptTarget | GatewayTarget
 
@@ -116,10 +116,10 @@ class InForceReader:
                     self._jobs = exc
             if isinstance(self._jobs, TargetError):
                 return _unreadable(f"OpenClaw's state {targets.gateway.state}", str(self._jobs))
-            if (job := self._jobs.get(cron)) is not None:
-                from tunerd.inputs.openclaw import in_force_of
+            from tunerd.inputs.openclaw import in_force_of, no_job
 
-                return in_force_of(job, targets.gateway.can_edit)
+            job = self._jobs.get(cron)
+            return no_job(cron) if job is None else in_force_of(job, targets.gateway.can_edit)
         if targets is not None:
             doc = self._params_doc(targets.params_file)
             if isinstance(doc, TargetError):

@@ -37,9 +37,8 @@ class JobGone(TargetError):
     """The job is no longer in the gateway's state (deleted): nothing of it to change."""
 
 
-def is_native(cron: str) -> bool:
-    """Whether ``cron`` is named as the history names a native job (``NAME (OpenClaw)``)."""
-    return cron.endswith(")") and " (OpenClaw" in cron
+class NotTunable(TargetError):
+    """The job holds a timeout tunerd cannot take as a number (someone set it so)."""
 
 
 def can_run(command: tuple[str, ...]) -> bool:
@@ -98,7 +97,7 @@ class GatewayTarget:
         if job is None:
             raise JobGone(f"OpenClaw has no job {self.job_id} any more")
         if job.timeout_problem is not None:
-            raise TargetError(f"OpenClaw job {self.job_id}: {job.timeout_problem}")
+            raise NotTunable(f"OpenClaw job {self.job_id}: {job.timeout_problem}")
         seconds = None if job.timeout_ms is None else job.timeout_ms // 1000
         return self._content(seconds)
 
@@ -166,7 +165,13 @@ class GatewayTarget:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+            try:
+                process.communicate(timeout=5)
+            except subprocess.TimeoutExpired:  # a descendant that left the session holds a pipe
+                for pipe in (process.stdout, process.stderr):
+                    if pipe is not None:
+                        pipe.close()
+                process.wait()
             failure = f"`openclaw cron edit` did not answer within {EDIT_SECONDS:.0f} s"
         else:
             if process.returncode != 0:
