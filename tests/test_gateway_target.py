@@ -46,14 +46,54 @@ def gateway_state(tmp_path: Path) -> Path:
     return state
 
 
-def timeout_seconds(state: Path) -> int:
+def native_config(tmp_path: Path, state: Path, log: Path) -> Path:
+    """A configuration with the wrapper's LOG, the gateway's STATE and the stand-in command."""
+    config = tmp_path / "tunerd.toml"
+    config.write_text(
+        f'log_path = "{log}"\nstate_dir = "{tmp_path / "state"}"\nwindow = "3650d"\n'
+        f'params_file = "{tmp_path / "params.json"}"\nmin_runs = 5\n'
+        f'[openclaw]\nstate = "{state}"\ncli = "{STANDIN}"\n'
+    )
+    return config
+
+
+def tunerd(config: Path, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tunerd ARGS --config CONFIG` as a user runs it, the stand-in's gateway keeping STATE."""
+    return subprocess.run(
+        [sys.executable, "-m", "tunerd", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=dict(ENV, HOME=str(config.parent), OPENCLAW_STATE_DB=str(state)),
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def held(state: Path) -> object:
+    """slow-cmd's `timeoutSeconds` as the gateway's state holds it."""
     db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
     (value,) = db.execute(
         "SELECT json_extract(job_json, '$.payload.timeoutSeconds') FROM cron_jobs WHERE job_id = ?",
         (SLOW_ID,),
     ).fetchone()
     db.close()
-    return int(value)
+    return value
+
+
+def set_by_hand(state: Path, seconds: str) -> None:
+    """A person sets slow-cmd's `timeoutSeconds` (a JSON value) behind tunerd's back."""
+    db = sqlite3.connect(state)
+    with db:
+        db.execute(
+            "UPDATE cron_jobs SET job_json = json_set(job_json, '$.payload.timeoutSeconds',"
+            " json(?)) WHERE job_id = ?",
+            (seconds, SLOW_ID),
+        )
+    db.close()
+
+
+def timeout_seconds(state: Path) -> int:
+    return int(held(state))  # type: ignore[call-overload]
 
 
 @pytest.fixture
@@ -169,36 +209,19 @@ def test_the_cycle_changes_a_native_timeout_through_the_command(tmp_path: Path) 
     from .conftest import REAL_SAMPLE
 
     state = gateway_state(tmp_path)
-    config = tmp_path / "tunerd.toml"
-    config.write_text(
-        f'log_path = "{REAL_SAMPLE}"\nstate_dir = "{tmp_path / "state"}"\nwindow = "3650d"\n'
-        f'params_file = "{tmp_path / "params.json"}"\nmin_runs = 5\n'
-        f'[openclaw]\nstate = "{state}"\ncli = "{STANDIN}"\n'
-    )
-    env = dict(ENV, HOME=str(tmp_path), OPENCLAW_STATE_DB=str(state))
-
-    def tunerd(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "tunerd", *args, "--config", str(config)],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=120,
-        )
-
-    done = tunerd("cycle", "--json")
+    config = native_config(tmp_path, state, REAL_SAMPLE)
+    done = tunerd(config, state, "cycle", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     native = [o for o in report["actions"] if o["cron"] == SLOW]
     assert native and native[0]["param"] == "timeout", report["actions"]
-    status = json.loads(tunerd("status", "--json").stdout)
+    status = json.loads(tunerd(config, state, "status", "--json").stdout)
     (experiment,) = [e for e in status["experiments"] if e["cron"] == SLOW]
     assert experiment["mode"] == "switchback"
-    history = json.loads(tunerd("history", "--json").stdout)
+    history = json.loads(tunerd(config, state, "history", "--json").stdout)
     (start,) = [c for c in history["changes"] if c["cron"] == SLOW]
     assert timeout_seconds(state) * 1000 == start["to"]
-    undone = tunerd("rollback", str(start["id"]))
+    undone = tunerd(config, state, "rollback", str(start["id"]))
     assert undone.returncode == 0, undone.stderr
     assert timeout_seconds(state) == 3
 
@@ -300,14 +323,7 @@ def test_a_timeout_the_gateway_turned_off_is_left_alone(tmp_path: Path) -> None:
     from tunerd.inputs.openclaw import in_force_of, read_jobs
 
     state = gateway_state(tmp_path)
-    db = sqlite3.connect(state)
-    with db:
-        db.execute(
-            "UPDATE cron_jobs SET job_json = json_set(job_json, '$.payload.timeoutSeconds', 0)"
-            " WHERE job_id = ?",
-            (SLOW_ID,),
-        )
-    db.close()
+    set_by_hand(state, "0")
     job = read_jobs(state)[SLOW_ID]
     found = in_force_of(job, can_edit=True)
     assert found.timeout is None and not found.untrusted
@@ -391,14 +407,7 @@ def test_a_timeout_of_a_fraction_of_a_second_is_left_alone(tmp_path: Path) -> No
     from tunerd.inputs.openclaw import in_force_of, read_jobs
 
     state = gateway_state(tmp_path)
-    db = sqlite3.connect(state)
-    with db:
-        db.execute(
-            "UPDATE cron_jobs SET job_json = json_set(job_json, '$.payload.timeoutSeconds', 2.5)"
-            " WHERE job_id = ?",
-            (SLOW_ID,),
-        )
-    db.close()
+    set_by_hand(state, "2.5")
     found = in_force_of(read_jobs(state)[SLOW_ID], can_edit=True)
     assert found.timeout is None and found.untrusted
     assert "whole number of seconds" in (found.unwritable("timeout") or "")
@@ -414,20 +423,8 @@ def test_the_cli_setting_expands_home(tmp_path: Path) -> None:
 def test_native_jobs_alone_are_tuned_without_a_wrapper_log(tmp_path: Path) -> None:
     """An OpenClaw user with no auto-retry wrapper: no log, the gateway's history only."""
     state = gateway_state(tmp_path)
-    config = tmp_path / "tunerd.toml"
-    config.write_text(
-        f'log_path = "{tmp_path / "none" / "auto-retry.jsonl"}"\n'
-        f'state_dir = "{tmp_path / "state"}"\nwindow = "3650d"\nmin_runs = 5\n'
-        f'[openclaw]\nstate = "{state}"\ncli = "{STANDIN}"\n'
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "tunerd", "cycle", "--json", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=dict(ENV, HOME=str(tmp_path), OPENCLAW_STATE_DB=str(state)),
-        cwd=ROOT,
-        timeout=120,
-    )
+    config = native_config(tmp_path, state, tmp_path / "none" / "auto-retry.jsonl")
+    done = tunerd(config, state, "cycle", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert [a["cron"] for a in report["actions"] if a["result"] == "started"] == [SLOW]
@@ -446,27 +443,14 @@ def test_a_timeout_changed_by_hand_stops_the_experiment_and_stays(
 
     engine, state, calls = gateway
     experiment = engine.start_experiment(SLOW, "timeout", 3000, 10000, "r", {}, "tunerd", 1.8e9)
-    db = sqlite3.connect(state)
-    with db:
-        db.execute(
-            "UPDATE cron_jobs SET job_json = json_set(job_json, '$.payload.timeoutSeconds',"
-            f" json('{value}')) WHERE job_id = ?",
-            (SLOW_ID,),
-        )
-    db.close()
+    set_by_hand(state, value)
     edits = len(calls.read_text().splitlines())
     for hour in range(1, 6):
         keep_in_step(engine, 1.8e9 + hour * 3600)
     stopped = engine.store.experiment(experiment.id)
     assert stopped is not None and stopped.state == "aborted" and said in (stopped.verdict or "")
     assert len(calls.read_text().splitlines()) == edits
-    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
-    (held,) = db.execute(
-        "SELECT json_extract(job_json, '$.payload.timeoutSeconds') FROM cron_jobs WHERE job_id = ?",
-        (SLOW_ID,),
-    ).fetchone()
-    db.close()
-    assert str(held) == value
+    assert str(held(state)) == value
 
 
 def test_a_wrapper_cron_named_like_a_missing_native_job_is_left_alone(tmp_path: Path) -> None:
@@ -483,20 +467,8 @@ def test_a_wrapper_cron_named_like_a_missing_native_job_is_left_alone(tmp_path: 
             for h in range(10)
         )
     )
-    config = tmp_path / "tunerd.toml"
-    config.write_text(
-        f'log_path = "{log}"\nstate_dir = "{tmp_path / "state"}"\nwindow = "3650d"\n'
-        f'min_runs = 5\nparams_file = "{tmp_path / "params.json"}"\n'
-        f'[openclaw]\nstate = "{state}"\ncli = "{STANDIN}"\n'
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "tunerd", "cycle", "--json", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=dict(ENV, HOME=str(tmp_path), OPENCLAW_STATE_DB=str(state)),
-        cwd=ROOT,
-        timeout=120,
-    )
+    config = native_config(tmp_path, state, log)
+    done = tunerd(config, state, "cycle", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert not [a for a in report["actions"] if a["cron"] == "ghost (OpenClaw)"]
