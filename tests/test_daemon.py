@@ -419,4 +419,15 @@ def test_the_daemon_follows_openclaws_history(daemon: Daemon) -> None:
     db.close()
     eventually(lambda: flaky not in published()["crons"], timeout=20)
     assert flaky not in daemon.runs()
+    db = sqlite3.connect(state)
+    with db:  # renamed in OpenClaw: its runs go with it
+        db.execute("UPDATE cron_jobs SET name = 'slow-renamed' WHERE name = 'slow-cmd'")
+    db.close()
+    renamed = "slow-renamed (OpenClaw)"
+    eventually(lambda: published()["crons"].get(renamed, [0])[0] == 28, timeout=30)
+    assert "slow-cmd (OpenClaw)" not in published()["crons"]
+    fresh = state.with_name("fresh.sqlite")  # the database replaced whole: counted afresh
+    shutil.copy(ROOT / "tests" / "data" / "openclaw-cron.sqlite", fresh)
+    fresh.rename(state)
+    eventually(lambda: published()["crons"].get(flaky, [0])[0] == 37, timeout=30)
     assert daemon.stop() == 0

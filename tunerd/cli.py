@@ -453,8 +453,10 @@ def _engine(args: argparse.Namespace, acting: bool = False) -> tuple[Settings, E
         raise CommandError(str(exc)) from None
     if acting:
         args.notifier = notifier
-    with engine.exclusive():  # whatever a crash interrupted is settled before anything is shown
-        for found in engine.recover(time.time()):
+    # Whatever a crash interrupted is settled before anything is shown; a reading command does
+    # not wait for a writer at work (a cycle, a flip): what it holds is not a crash's.
+    with engine.exclusive(wait=acting) as ours:
+        for found in engine.recover(time.time()) if ours else ():
             logging.getLogger("tunerd").warning("recovered: %s", found)
     return settings, engine
 

@@ -137,14 +137,11 @@ def run_cycle(settings: Settings, engine: Engine, now: float) -> CycleReport:
             stats = read_window(settings.log_path, options)
         reader = InForceReader(engine.targets)
         in_force, warnings = _native(settings, stats, reader, now)
-        if native_only:
-            warnings.append(
-                Advisory(
-                    "unreadable_target",
-                    str(settings.log_path),
-                    0,
-                    f"the log {settings.log_path} does not exist: OpenClaw's native jobs only",
-                )
+        if native_only:  # normal for a gateway's user: said here, not sent as a fault
+            import logging
+
+            logging.getLogger("tunerd").info(
+                "the log %s does not exist: OpenClaw's native jobs only", settings.log_path
             )
         analysis = analyze(stats, in_force, since=since, changed_at=engine.store.last_changes())
         analysis.advisories[:0] = [

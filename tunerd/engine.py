@@ -153,12 +153,17 @@ class Engine:
         self.lock_path = (lock_dir or store.path.parent) / "apply.lock"
 
     @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """The one writer at a time, across processes."""
+    def exclusive(self, wait: bool = True) -> Iterator[bool]:
+        """The one writer at a time, across processes. ``wait=False``: yields False at once
+        when a writer is at work (a reading command does not wait for a cycle or a flip)."""
         with open(self.lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 

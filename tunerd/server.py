@@ -502,16 +502,20 @@ class Daemon:
     _reload_follower = False
 
     async def follow_native(self) -> None:
-        """Read the gateway's history again whenever its database or WAL changes (inotify on its
-        folder, a look every ``RESCAN`` seconds anyway), at most every ``NATIVE_EVERY`` seconds.
-        A history that cannot be read is said once and published as such."""
+        """Read what is new in the gateway's history whenever its database or WAL changes
+        (inotify on its folder, a look every ``RESCAN`` seconds anyway), at most every
+        ``NATIVE_EVERY`` seconds. The first look, which reads all of it, runs in a process of
+        its own: at the retention cap it takes hundreds of MB that a long-running daemon would
+        keep. So does a look after the database was replaced or a job renamed (the figures are
+        counted afresh). A history that cannot be read is said once and tried again."""
         from tunerd.inotify import DirectoryWatch, Unavailable
-        from tunerd.inputs.openclaw import HistoryFollower, configured_state
+        from tunerd.inputs.openclaw import configured_state
 
         seen: tuple[Any, ...] | None = None
         said = None
         took = 0.0
         follower: HistoryFollower | None = None
+        names: dict[str, str] = {}
         while not self.stopping.is_set():
             state = configured_state(self.settings.openclaw)  # a reload may change it
             if state is None:
@@ -520,20 +524,33 @@ class Daemon:
                     self._dirty_status = True
                 await self._wait(RESCAN)
                 continue
-            if follower is None or follower.path != state:
-                follower, seen = HistoryFollower(state), None
             now_seen = _fingerprint(state)
+            if follower is not None and (follower.path != state or now_seen[0] != (seen or [0])[0]):
+                follower = None  # another file now (a reload, a database replaced): afresh
             if now_seen != seen:
                 seen = now_seen
                 started = time.monotonic()
-                self.native = await asyncio.to_thread(self._look_native, follower)
+                window = self.settings.window.total_seconds()
+                if follower is None:
+                    follower, look = await _in_child(state, window)
+                else:
+                    look = await asyncio.to_thread(_look, follower, self._native_stats, window)
+                self._native_stats, published, now_names = look
+                self.native = published
                 took = time.monotonic() - started
                 self._dirty_status = True
                 self._changed.set()
-                error = self.native.get("error")
+                error = published.get("error")
                 if error and error != said:
                     log.warning("OpenClaw's history: %s", error)
+                elif said and not error:
+                    log.info("OpenClaw's history can be read again")
                 said = error
+                if error:
+                    seen = None  # tried again at the next look, changed or not
+                elif any(names.get(job, name) != name for job, name in now_names.items()):
+                    follower = None  # a job renamed: its figures counted afresh
+                names = now_names or names
             try:
                 watch = DirectoryWatch(state.parent, state.name)
             except Unavailable:
@@ -544,35 +561,6 @@ class Daemon:
                 finally:
                     watch.close()
             await self._wait(max(NATIVE_EVERY, took / NATIVE_SHARE))
-
-    def _look_native(self, follower: HistoryFollower) -> dict[str, Any]:
-        """What is new in the history, counted into the native jobs' statistics (in a thread:
-        nothing else touches them), and their runs in the window to publish, or why not."""
-        from tunerd.inputs.openclaw import OpenClawError
-
-        now = time.time()
-        since = now - self.settings.window.total_seconds()
-        found: dict[str, Any] = {"path": str(follower.path), "read_at": now}
-        try:
-            update = follower.poll(now)
-        except OpenClawError as exc:
-            return found | {"error": str(exc), "crons": {}}
-        if update.whole or self._native_stats is None:
-            self._native_stats = LogStats(bucket_seconds=DAY, durations=False)
-        stats = self._native_stats
-        stats.add_entries(update.runs, now)
-        stats.evict(since - DAY)
-        jobs = {job.name for job in update.jobs.values()}
-        return found | {
-            "version": update.version,
-            "jobs": len(update.jobs),
-            "skipped": update.skipped,
-            "crons": {
-                name: c.counts_since(since, DAY)
-                for name, c in stats.crons.items()
-                if name in jobs or not jobs  # a job deleted since is nobody's now
-            },
-        }
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -893,6 +881,62 @@ class Daemon:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), min(60.0, 2.0 ** (failures - 1)))
+
+
+Look = tuple[LogStats | None, dict[str, Any], dict[str, str]]
+"""What a look gives: the native jobs' statistics, the figures to publish, each job's name."""
+
+
+async def _in_child(state: Path, window: float) -> tuple[HistoryFollower | None, Look]:
+    """``_first_look`` in a process spawned for it (not forked: the daemon runs threads)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    loop = asyncio.get_running_loop()
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return await loop.run_in_executor(pool, _first_look, state, window)
+    except Exception as exc:  # the child died (memory, a signal): said, tried again
+        failed = {"path": str(state), "error": f"reading failed: {exc}", "crons": {}}
+        return None, (None, failed, {})
+
+
+def _first_look(state: Path, window: float) -> tuple[HistoryFollower | None, Look]:
+    from tunerd.inputs.openclaw import HistoryFollower
+
+    follower = HistoryFollower(state)
+    look = _look(follower, None, window)
+    return (None if "error" in look[1] else follower), look
+
+
+def _look(follower: HistoryFollower, stats: LogStats | None, window: float) -> Look:
+    """What is new in the history, counted into the native jobs' statistics (only one look
+    at a time touches them), and their runs in the window to publish, or why not."""
+    from tunerd.inputs.openclaw import OpenClawError
+
+    now = time.time()
+    since = now - window
+    found: dict[str, Any] = {"path": str(follower.path), "read_at": now}
+    try:
+        update = follower.poll(now)
+    except OpenClawError as exc:
+        return stats, found | {"error": str(exc), "crons": {}}, {}
+    if update.whole or stats is None:
+        stats = LogStats(bucket_seconds=DAY, durations=False)
+    stats.add_entries(update.runs, now)
+    stats.evict(since - DAY)
+    jobs = {job.name for job in update.jobs.values()}
+    published = found | {
+        "version": update.version,
+        "jobs": len(update.jobs),
+        "skipped": update.skipped,
+        "crons": {
+            name: c.counts_since(since, DAY)
+            for name, c in stats.crons.items()
+            if name in jobs or not jobs  # a job deleted since is nobody's now
+        },
+    }
+    return stats, published, {job.id: job.name for job in update.jobs.values()}
 
 
 def _fingerprint(state: Path) -> tuple[Any, ...]:

@@ -176,10 +176,15 @@ def settle(
         found = gather_runs(log_path, running, now, max_line_bytes)
     out: list[Settled] = []
     native = [e for e in running if e.target.startswith(GATEWAY)]
-    if native and engine.targets.gateway is not None:
+    if native:
         from tunerd.inputs.openclaw import OpenClawError
 
         try:
+            if engine.targets.gateway is None:
+                raise OpenClawError(
+                    "OpenClaw's history is off ([openclaw] history = false): its experiments"
+                    " wait, neither judged nor changed"
+                )
             for key, got in gather_native(engine.targets.gateway.state, native, now).items():
                 found[key].merge(got)
         except OpenClawError as exc:  # not judged on the runs it could not see
