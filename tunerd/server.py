@@ -515,6 +515,7 @@ class Daemon:
         said = None
         took = 0.0
         follower: HistoryFollower | None = None
+        inode: int | None = None
         names: dict[str, str] = {}
         while not self.stopping.is_set():
             state = configured_state(self.settings.openclaw)  # a reload may change it
@@ -525,8 +526,9 @@ class Daemon:
                 await self._wait(RESCAN)
                 continue
             now_seen = _fingerprint(state)
-            if follower is not None and (follower.path != state or now_seen[0] != (seen or [0])[0]):
+            if follower is not None and (follower.path != state or _inode(now_seen) != inode):
                 follower = None  # another file now (a reload, a database replaced): afresh
+            inode = _inode(now_seen)
             if now_seen != seen:
                 seen = now_seen
                 started = time.monotonic()
@@ -549,7 +551,7 @@ class Daemon:
                 if error:
                     seen = None  # tried again at the next look, changed or not
                 elif any(names.get(job, name) != name for job, name in now_names.items()):
-                    follower = None  # a job renamed: its figures counted afresh
+                    follower, seen = None, None  # a job renamed: counted afresh at once
                 names = now_names or names
             try:
                 watch = DirectoryWatch(state.parent, state.name)
@@ -950,6 +952,11 @@ def _fingerprint(state: Path) -> tuple[Any, ...]:
         else:
             found.append((info.st_ino, info.st_size, info.st_mtime_ns))
     return tuple(found)
+
+
+def _inode(seen: tuple[Any, ...]) -> int | None:
+    """Which file the database is: a new inode is a database replaced, not one written to."""
+    return seen[0][0] if seen[0] is not None else None
 
 
 def _trim_heap() -> None:
