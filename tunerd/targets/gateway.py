@@ -67,10 +67,13 @@ class Gateway:
     def jobs(self) -> dict[str, Job]:
         """Native cron name (``NAME (OpenClaw)``) -> its job, as the history names them
         (TargetError when the state cannot be read)."""
+        return {job.name: job for job in self.jobs_by_id().values()}
+
+    def jobs_by_id(self) -> dict[str, Job]:
         from tunerd.inputs.openclaw import OpenClawError, read_jobs
 
         try:
-            return {job.name: job for job in read_jobs(self.state).values()}
+            return read_jobs(self.state)
         except OpenClawError as exc:
             raise TargetError(str(exc)) from None
 
@@ -88,12 +91,7 @@ class GatewayTarget:
     def read(self) -> bytes | None:
         """The job's timeout setting, as canonical JSON (TargetError: the job or the state
         cannot be read, or its value is not one tunerd can take)."""
-        from tunerd.inputs.openclaw import OpenClawError, read_jobs
-
-        try:
-            job = read_jobs(self.gateway.state).get(self.job_id)
-        except OpenClawError as exc:
-            raise TargetError(str(exc)) from None
+        job = self.gateway.jobs_by_id().get(self.job_id)
         if job is None:
             raise JobGone(f"OpenClaw has no job {self.job_id} any more")
         if job.timeout_problem is not None:
@@ -207,5 +205,7 @@ def _why(stdout: bytes, stderr: bytes) -> str:
         pass
     if not text.strip():
         text = stderr.decode("utf-8", "replace")
+    from tunerd.report import safe_text
+
     line = next((line.strip() for line in text.splitlines() if line.strip()), "(no message)")
-    return "".join(c if c.isprintable() else " " for c in line)[:300]
+    return safe_text(line)[:300]
