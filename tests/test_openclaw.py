@@ -217,6 +217,25 @@ def test_the_2026_6_table_and_the_older_files_are_read(tmp_path: Path) -> None:
     ]
 
 
+def test_one_jobs_history_is_read_alone_as_the_whole_read_has_it(tmp_path: Path) -> None:
+    """An experiment's verdict reads its job's executions only (through the gateway's index):
+    the same runs the whole read has for it, none of another job's."""
+    whole = native_runs(read_history(SAMPLE, NOW), NOW)
+    for name in ("slow-cmd (OpenClaw)", "flaky-cmd (OpenClaw)"):
+        alone = native_runs(read_history(SAMPLE, NOW, {name}), NOW)
+        assert alone == [e for e in whole if e.cron == name] and alone
+    assert native_runs(read_history(SAMPLE, NOW, {"gone (OpenClaw)"}), NOW) == []
+    folder = tmp_path / "cron"
+    (folder / "runs").mkdir(parents=True)
+    jobs = [{"id": j, "name": j.upper(), "payload": {"kind": "command"}} for j in ("a", "b")]
+    (folder / "jobs.json").write_text(json.dumps({"jobs": jobs}))
+    for job in ("a", "b"):
+        lines = [dict(e, jobId=job) for e in RETRIED]
+        (folder / "runs" / f"{job}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    found = native_runs(read_history(folder, NOW, {"B (OpenClaw)"}), NOW)
+    assert [(e.cron, len(e.attempts)) for e in found] == [("B (OpenClaw)", 2), ("B (OpenClaw)", 1)]
+
+
 def test_retries_are_told_by_their_timing() -> None:
     """Without the planned next run (older history), a transient failure's retry is the
     scheduled execution one backoff after it; a permanent failure is never retried."""

@@ -106,7 +106,7 @@ def gather_native(state: Path, experiments: list[Experiment], now: float) -> dic
     from tunerd.inputs.openclaw import native_runs, read_history
 
     take = _Taker(experiments, now)
-    take(native_runs(read_history(state, now), now))
+    take(native_runs(read_history(state, now, set(take.by_cron)), now))
     return take.found
 
 

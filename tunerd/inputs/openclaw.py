@@ -68,14 +68,20 @@ class History:
     of the wrong type): left out, like malformed lines of the wrapper's log."""
 
 
-def read_history(path: Path, now: float) -> History:
+def read_history(path: Path, now: float, names: set[str] | None = None) -> History:
     """The native jobs and their executions at ``path``: the gateway's state database, or
-    (before 2026.6) its ``cron`` folder. ``now`` bounds the times that can be real."""
+    (before 2026.6) its ``cron`` folder. ``now`` bounds the times that can be real. ``names``:
+    the executions of these jobs alone (``NAME (OpenClaw)``), each read through the gateway's
+    index of a job's history, not the whole of it (what an experiment's verdict needs)."""
     path = path.expanduser()
     horizon = int(now * 1000) + FUTURE_MS
     if _is_folder(path):
-        return _read_folder(path, horizon)
+        return _read_folder(path, horizon, names)
     with _snapshot(path) as db:
+        if names is not None and "cron_run_receipts" in _tables(db):
+            history = _read_jobs(db, path, horizon, names)
+            if history is not None:
+                return history
         return _read_database(db, path, horizon)
 
 
@@ -217,6 +223,28 @@ def _read_database(db: sqlite3.Connection, path: Path, horizon: int) -> History:
     return History(version, jobs, executions, running, skipped)
 
 
+def _read_jobs(
+    db: sqlite3.Connection, path: Path, horizon: int, names: set[str]
+) -> History | None:
+    """The executions of the jobs named ``names`` alone (None: a layout to read whole)."""
+    if "cron_jobs" not in _tables(db) or _NEEDS["cron_run_receipts"] - _columns(
+        db, "cron_run_receipts"
+    ):
+        return None
+    jobs = _database_jobs(db, path)
+    wanted = {job.id for job in jobs.values() if job.name in names}
+    details = "task_runs" in _tables(db) and _has_details(db)
+    executions: list[Execution] = []
+    skipped = 0
+    for job_id, store in db.execute("SELECT job_id, store_key FROM cron_jobs"):
+        if str(job_id) in wanted:
+            found, bad = _receipts(db, details, horizon, (store, str(job_id), 0))
+            executions += found
+            skipped += bad
+    running = {job: at for job, at in _running(db).items() if job in wanted}
+    return History(RECEIPTS, jobs, executions, running, skipped)
+
+
 def _running(db: sqlite3.Connection) -> dict[str, int]:
     """Job id -> when its execution in progress started."""
     return dict(
@@ -339,14 +367,17 @@ def _millis(value: Any) -> int | None:
     return int(value)
 
 
-def _read_folder(folder: Path, horizon: int) -> History:
+def _read_folder(folder: Path, horizon: int, names: set[str] | None = None) -> History:
     runs = folder / "runs"
     if not runs.is_dir():
         raise OpenClawError(f"{folder} has no runs/ folder: not OpenClaw's cron folder")
     jobs = _folder_jobs(folder)
+    wanted = None if names is None or not jobs else {j.id for j in jobs.values() if j.name in names}
     executions: list[Execution] = []
     skipped = 0
     for file in sorted(runs.glob("*.jsonl")):
+        if wanted is not None and file.stem not in wanted:  # ids never become paths
+            continue
         try:
             lines = file.read_bytes().splitlines()
         except OSError as exc:
