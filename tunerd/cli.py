@@ -408,26 +408,34 @@ def _with_native(
 ) -> tuple[ParamsLookup, list[Advisory], str | None]:
     """``count_native`` for a command, and what was read (for a person); a configured state
     that cannot be read is said and left out; one named by ``--openclaw`` is an error."""
-    from tunerd.inputs.openclaw import OpenClawError, count_native, read_history, skipped_text
+    from tunerd.config import OpenClawSettings, Settings
+    from tunerd.inputs.openclaw import (
+        OpenClawError,
+        count_native,
+        kept_digest,
+        read_native,
+        skipped_text,
+    )
 
+    # without a configuration, where a configured tunerd would keep its state
+    state_dir: Path = settings.state_dir if settings else Settings.model_fields["state_dir"].default
+    keep = kept_digest(state_dir.expanduser(), state)
     try:
-        history = read_history(state, now)
+        native = read_native(state, now, keep)
     except OpenClawError as exc:
         if explicit:
             raise CommandError(str(exc)) from None
         print(f"tunerd: warning: native cron runs not read: {exc}", file=sys.stderr)
         return in_force, [], None
-    if history.skipped:
-        print(f"tunerd: warning: {skipped_text(history.skipped)}", file=sys.stderr)
+    if native.skipped:
+        print(f"tunerd: warning: {skipped_text(native.skipped)}", file=sys.stderr)
     source = (
-        f"OpenClaw {state} ({history.version}: {len(history.executions):,} executions of"
-        f" {len(history.jobs):,} jobs)"
+        f"OpenClaw {state} ({native.version}: {native.executions:,} executions of"
+        f" {len(native.jobs):,} jobs)"
     )
-    from tunerd.config import OpenClawSettings
-
     if can_edit is None:
         can_edit = (settings.openclaw if settings is not None else OpenClawSettings()).can_edit
-    return (*count_native(stats, history, now, in_force, can_edit), source)
+    return (*count_native(stats, native, in_force, can_edit), source)
 
 
 # --- the commands that act (issue 3) ------------------------------------------------------------

@@ -383,7 +383,8 @@ def _native(
         OpenClawError,
         configured_state,
         count_native,
-        read_history,
+        kept_digest,
+        read_native,
         skipped_text,
     )
 
@@ -392,15 +393,13 @@ def _native(
         return in_force, []
 
     try:
-        history = read_history(state, now)
+        native = read_native(state, now, kept_digest(settings.state_dir, state))
     except OpenClawError as exc:
         return in_force, [Advisory("unreadable_target", str(state), 0, str(exc))]
-    lookup, warnings = count_native(stats, history, now, in_force, settings.openclaw.can_edit)
-    if history.skipped:
+    lookup, warnings = count_native(stats, native, in_force, settings.openclaw.can_edit)
+    if native.skipped:
         warnings.append(
-            Advisory(
-                "unreadable_target", str(state), history.skipped, skipped_text(history.skipped)
-            )
+            Advisory("unreadable_target", str(state), native.skipped, skipped_text(native.skipped))
         )
     return lookup, warnings
 

@@ -17,12 +17,14 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from tunerd.reader import Malformed
 from tunerd.records import (
+    Attempt,
+    Context,
     Entry,
     ErrorClass,
     causes,
@@ -34,6 +36,12 @@ from tunerd.records import (
 )
 from tunerd.sketch import DISCARD, QuantileSketch
 
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+CLEAN: Final = Entry(type="success", attempts=[Attempt(success=True, duration=0.0)])
+"""The shape of a clean run: one attempt, which succeeded."""
 MAX_SIGNATURES = 32
 """Distinct error signatures kept per cron and bucket; rarer ones are folded per class."""
 MAX_RAW_ERRORS = 64
@@ -79,10 +87,10 @@ class ErrorTally:
         self._retry: dict[bytes, int] = {}
         self._signatures: dict[str, Signature] = {}
 
-    def add(self, error: msgspec.Raw, retry: bool) -> None:
+    def add(self, error: msgspec.Raw, retry: bool, count: int = 1) -> None:
         counts = self._retry if retry else self._first
         key = bytes(error)
-        counts[key] = counts.get(key, 0) + 1
+        counts[key] = counts.get(key, 0) + count
         if len(counts) > MAX_RAW_ERRORS:
             self._compact()
 
@@ -149,6 +157,18 @@ class TimedOut:
     def add(self, duration: float) -> None:
         key = math.floor(math.log(duration) / self.WIDTH) if duration >= 1 else -1
         self.bins[key] = self.bins.get(key, 0) + 1
+
+    def extend(self, durations: bytes) -> None:
+        """Record many durations at once, given as native float32 bytes (binned by NumPy)."""
+        import numpy as np
+
+        values = np.frombuffer(durations, dtype=np.float32).astype(np.float64)
+        keys: npt.NDArray[np.int64] = np.full(len(values), -1, dtype=np.int64)
+        long = values >= 1
+        keys[long] = np.floor(np.log(values[long]) / self.WIDTH)
+        found, counts = np.unique(keys, return_counts=True)
+        for key, count in zip(found.tolist(), counts.tolist(), strict=True):
+            self.bins[key] = self.bins.get(key, 0) + count
 
     def merge(self, other: TimedOut) -> None:
         for key, count in other.bins.items():
@@ -249,7 +269,7 @@ class RunStats(Rates):
         self.last_at = -math.inf
 
     def add(self, entry: Entry, when: datetime) -> None:
-        """Count one run (any run; ``LogStats`` batches the clean ones through ``add_clean``)."""
+        """Count one run (any run; ``LogStats`` batches the clean ones through ``add_many``)."""
         self.runs += 1
         if not self.runs & 255:
             self.duration.settle()
@@ -303,18 +323,43 @@ class RunStats(Rates):
                     timeouts.add(attempt.duration)
             retry = True
 
-    def add_clean(
-        self, count: int, first_at: float, last_at: float, durations: bytes, firsts: bytes
+    def add_many(
+        self, shape: Entry, first_at: float, last_at: float, totals: bytes, attempts: list[bytes]
     ) -> None:
-        """``count`` runs that succeeded at their first attempt (float32 durations as bytes)."""
+        """Runs shaped like ``shape`` (the same outcome, reason, and attempts that failed or
+        succeeded with the same errors), counted as ``add`` counts each, as columns of float32
+        bytes: ``totals`` their durations, ``attempts[i]`` those of their ``i``-th attempts
+        (every duration known). The clean runs of a log, and every run a digest keeps."""
+        count = len(totals) // 4
         self.runs += count
-        self.successes += count
-        self.attempts += count
         self.first_at = min(self.first_at, first_at)
         self.last_at = max(self.last_at, last_at)
-        self.duration.extend(durations)
-        self.first_attempt.extend(firsts)
-        self.success_attempt.extend(firsts)
+        shaped = shape.attempts
+        if shape.succeeded:
+            self.successes += count
+        else:
+            cause = failure_cause(shape)
+            if cause == "exhausted":
+                self.exhausted += count
+            elif cause == "non_retryable":
+                self.non_retryable += count
+                self.non_retryable_first += count * non_retryable_at_first(shape)
+        self.attempts += count * (len(shaped) or 1)
+        self.duration.extend(totals)
+        if not shaped:
+            if not shape.succeeded:
+                self.errors.add(shape.final_error, False, count)
+            return
+        self.first_attempt.extend(attempts[0])
+        if len(shaped) > 1:
+            self.retried += count
+        for i, (attempt, durations) in enumerate(zip(shaped, attempts, strict=True)):
+            if attempt.success:
+                self.success_attempt.extend(durations)
+                continue
+            self.errors.add(attempt.error, i > 0, count)
+            if self.timeout_attempt is not None and describe_error(attempt.error).kind == "timeout":
+                self.timeout_attempt.extend(durations)
 
     def merge(self, other: RunStats) -> None:
         self.runs += other.runs
@@ -552,6 +597,61 @@ class LogStats:
         if len(clean) >= (FOLD_RUNS if self.durations else NUMPY_FOLD_MIN):
             self._fold()
 
+    def add_runs(
+        self,
+        context: Context,
+        shape: Entry,
+        at: npt.NDArray[np.float64],
+        totals: npt.NDArray[np.float32],
+        attempts: list[npt.NDArray[np.float32]],
+    ) -> None:
+        """Runs of one cron shaped like ``shape`` (``RunStats.add_many``) as columns: when
+        each ended (epoch seconds), its duration, those of its attempts. Counted as
+        ``add_entries`` counts the same runs, a time bucket at a time (a digest of a gateway's
+        history: no run is an object)."""
+        import numpy as np
+
+        name = context.cron
+        if self._since is not None:
+            keep = at >= self._since.timestamp()
+            self.totals.before_since += len(at) - int(keep.sum())
+            at, totals, attempts = at[keep], totals[keep], [a[keep] for a in attempts]
+        if not len(at) or not name:
+            return
+        self.totals.entries += len(at)
+        self.totals.cron_entries += len(at)
+        keys: npt.NDArray[np.int64]
+        starts: npt.NDArray[np.int64]
+        if self.bucket_seconds is None:
+            keys, starts = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+        else:
+            buckets = np.floor_divide(at, self.bucket_seconds).astype(np.int64)
+            order = np.argsort(buckets, kind="stable")
+            at, totals, buckets = at[order], totals[order], buckets[order]
+            attempts = [a[order] for a in attempts]
+            keys, starts = np.unique(buckets, return_index=True)
+        ends = [*starts[1:].tolist(), len(at)]
+        for key, start, end in zip(keys.tolist(), starts.tolist(), ends, strict=True):
+            slot_key = name if self.bucket_seconds is None else (name, key)
+            slot = self._slot_of.get(slot_key)
+            if slot is None:
+                slot = self._new_slot(name, slot_key, context.schedule_text)
+                if slot is None:
+                    self.totals.untracked_crons += end - start
+                    continue
+            self._slots[slot].add_many(
+                shape,
+                float(at[start:end].min()),
+                float(at[start:end].max()),
+                totals[start:end].tobytes(),
+                [a[start:end].tobytes() for a in attempts],
+            )
+
+    def remember_params(self, name: str, params: dict[str, Any], when: datetime) -> None:
+        """What the cron's latest counted run ran with (``add_entries`` does it for each)."""
+        if name in self._crons and (self._since is None or when >= self._since):
+            self._remember_params(name, params, when)
+
     def _new_slot(self, name: str, key: str | tuple[str, int], schedule: str | None) -> int | None:
         """A new cron, or a new time bucket of one (its schedule is noted here, not per run)."""
         cron = self._crons.get(name)
@@ -603,12 +703,12 @@ class LogStats:
             if end < n and slot[end] == slot[start]:
                 continue
             runs = at[start:end]
-            self._slots[slot[start]].add_clean(
-                end - start,
+            self._slots[slot[start]].add_many(
+                CLEAN,
                 min(runs).timestamp(),
                 max(runs).timestamp(),
                 duration[start:end].tobytes(),
-                first[start:end].tobytes(),
+                [first[start:end].tobytes()],
             )
             start = end
         clean.clear()

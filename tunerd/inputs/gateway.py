@@ -132,31 +132,48 @@ def runs(
     ``running``: when each job's execution in progress started (its retry may be it).
     ``pending``: when given, receives the executions of each job's last run if it is still in
     flight (a follower rebuilds it again with what comes next; no other run can be)."""
+    return (entry for _, _, entry in job_runs(jobs, executions, now_ms, running, pending))
+
+
+def job_runs(
+    jobs: dict[str, Job],
+    executions: Iterable[Execution],
+    now_ms: int,
+    running: dict[str, int] | None = None,
+    pending: dict[str, list[Execution]] | None = None,
+) -> Iterator[tuple[str, int, Entry]]:
+    """``runs``, each with its job's id and when its first execution started (what a digest
+    of the history keeps, to drop the runs the gateway no longer has)."""
     by_job: dict[str, list[Execution]] = {}
     for execution in executions:
         by_job.setdefault(execution.job, []).append(execution)
     for job_id, found in by_job.items():
         found.sort(key=lambda e: (e.started_ms, e.finished_ms))
         job = jobs.get(job_id) or Job(job_id, f"{job_id} (OpenClaw)")  # no jobs.json to name it
-        schedule = json.dumps(job.schedule).encode() if job.schedule else b""
-        context = Context(cron=job.name, schedule=msgspec.Raw(schedule))
+        context = context_of(job)
         chain: list[Execution] = []
         for execution in found:
             if execution.manual:  # one attempt, never retried, never a retry: a run of its own
                 if (entry := _entry(job, context, [execution], now_ms, True)) is not None:
-                    yield entry
+                    yield job_id, execution.started_ms, entry
                 continue
             if chain and not _continues(chain[-1], execution, len(chain) - 1):
                 if (entry := _entry(job, context, chain, now_ms, True)) is not None:
-                    yield entry
+                    yield job_id, chain[0].started_ms, entry
                 chain = []
             chain.append(execution)
         started = (running or {}).get(job_id)
         if chain:
             if (entry := _entry(job, context, chain, now_ms, False, started)) is not None:
-                yield entry
+                yield job_id, chain[0].started_ms, entry
             elif pending is not None:
                 pending[job_id] = chain
+
+
+def context_of(job: Job) -> Context:
+    """What a job's runs say of it: its name (the cron's) and its schedule."""
+    schedule = json.dumps(job.schedule).encode() if job.schedule else b""
+    return Context(cron=job.name, schedule=msgspec.Raw(schedule))
 
 
 def _entry(

@@ -15,19 +15,33 @@ Anything else is refused with a message, never guessed at.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import os
+import pickle
 import shlex
 import sqlite3
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
-from tunerd.inputs.gateway import BACKOFF_MS, INTERRUPTED, SAFE_ID, Execution, Job, is_native, runs
+from tunerd.inputs.digest import Digest
+from tunerd.inputs.gateway import (
+    BACKOFF_MS,
+    INTERRUPTED,
+    SAFE_ID,
+    Execution,
+    Job,
+    is_native,
+    job_runs,
+    runs,
+)
 from tunerd.params import InForce, untrusted
 from tunerd.records import Entry
 from tunerd.rules import Advisory
@@ -223,9 +237,7 @@ def _read_database(db: sqlite3.Connection, path: Path, horizon: int) -> History:
     return History(version, jobs, executions, running, skipped)
 
 
-def _read_jobs(
-    db: sqlite3.Connection, path: Path, horizon: int, names: set[str]
-) -> History | None:
+def _read_jobs(db: sqlite3.Connection, path: Path, horizon: int, names: set[str]) -> History | None:
     """The executions of the jobs named ``names`` alone (None: a layout to read whole)."""
     if "cron_jobs" not in _tables(db) or _NEEDS["cron_run_receipts"] - _columns(
         db, "cron_run_receipts"
@@ -501,22 +513,124 @@ FIXED_RETRIES: Final = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Native:
+    """What a one-shot command takes in of the gateway: its jobs, and their runs as a
+    digest (``read_native``)."""
+
+    version: str
+    jobs: dict[str, Job]
+    digest: Digest
+    executions: int
+    """Executions the runs were rebuilt from (those of runs still in flight included)."""
+    skipped: int
+
+
+KEPT_FORMAT: Final = 1
+"""The layout of a kept digest; another is dropped and the history read afresh."""
+
+
+def read_native(path: Path, now: float, keep: Path | None = None) -> Native:
+    """The native jobs at ``path`` and their runs. ``keep``: a file (in tunerd's state folder)
+    holding the digest between commands, so that each reads only what the gateway wrote
+    since the last one (the first reads it all; at the retention cap, about 40 s). A kept
+    digest that cannot be read, or of a database since replaced, is read afresh; one that
+    cannot be written is said in a log line, and only costs the next command its time."""
+    path = path.expanduser()
+    kept = _kept(keep, path) if keep is not None else None
+    follower, digest, skipped = kept or (HistoryFollower(path), Digest(), 0)
+    update = follower.poll(now)
+    if update.whole:
+        digest, skipped = Digest(), 0
+    for (job, start), entry in zip(update.starts, update.runs, strict=True):
+        digest.add(job, start, entry)
+    dropped = digest.keep(update.oldest)
+    skipped += update.skipped
+    changed = kept is None or update.runs or dropped or update.skipped
+    if keep is not None and update.version == RECEIPTS and changed:
+        _keep(keep, path, (follower, digest, skipped))
+    executions = digest.executions + follower.pending
+    return Native(update.version, update.jobs, digest, executions, skipped)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _kept(keep: Path, path: Path) -> tuple[HistoryFollower, Digest, int] | None:
+    """The digest kept for the database at ``path`` (tunerd's own file), if it is still its."""
+    try:
+        with keep.open("rb") as file:
+            found = pickle.load(file)
+        if found["format"] != KEPT_FORMAT or found["identity"] != _identity(path):
+            return None
+        follower, digest, skipped = found["follower"], found["digest"], found["skipped"]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # a cache: whatever is wrong with it, it is read afresh
+        logging.getLogger("tunerd").info("kept digest %s not used: %s", keep, exc)
+        return None
+    if not isinstance(follower, HistoryFollower) or not isinstance(digest, Digest):
+        return None
+    follower.path = path
+    return follower, digest, int(skipped)
+
+
+def _keep(keep: Path, path: Path, state: tuple[HistoryFollower, Digest, int]) -> None:
+    follower, digest, skipped = state
+    document = {
+        "format": KEPT_FORMAT,
+        "identity": _identity(path),
+        "follower": follower,
+        "digest": digest,
+        "skipped": skipped,
+    }
+    try:
+        keep.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=".digest-", dir=keep.parent)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                pickle.dump(document, file, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(temporary, keep)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    except OSError as exc:
+        logging.getLogger("tunerd").warning(
+            "the digest of OpenClaw's history is not kept (%s): the next command reads it"
+            " whole again",
+            exc.strerror or exc,
+        )
+
+
+def kept_digest(state_dir: Path, path: Path) -> Path:
+    """Where tunerd keeps the digest of the history at ``path`` (named by a hash of the path:
+    one per gateway read)."""
+    name = hashlib.sha256(str(path.expanduser().absolute()).encode()).hexdigest()[:16]
+    return state_dir / "openclaw" / f"{name}.digest"
+
+
 def count_native(
-    stats: LogStats, history: History, now: float, in_force: ParamsLookup, can_edit: bool
+    stats: LogStats, native: Native, in_force: ParamsLookup, can_edit: bool
 ) -> tuple[ParamsLookup, list[Advisory]]:
     """Count the native jobs' runs into ``stats``; what each runs with, looked up by name
     before ``in_force``; the jobs the gateway is about to disable. The one way ``analyze``,
     ``status`` and the cycle take native jobs in. ``can_edit``: the ``openclaw`` command is
     there to change their timeouts with."""
-    stats.add_entries(native_runs(history, now), now)
-    jobs = {job.name: in_force_of(job, can_edit) for job in history.jobs.values()}
+    native.digest.count(stats, native.jobs)
+    jobs = {job.name: in_force_of(job, can_edit) for job in native.jobs.values()}
 
     def lookup(cron: str, logged: dict[str, Any] | None = None) -> InForce:
         if cron in jobs:
             return jobs[cron]
         return no_job(cron) if is_native(cron) else in_force(cron, logged)
 
-    return lookup, advisories(history)
+    return lookup, advisories(native.jobs)
 
 
 def no_job(cron: str) -> InForce:
@@ -612,7 +726,7 @@ DISABLED_AT: Final = 10
 WARN_AT: Final = 5
 
 
-def advisories(history: History) -> list[Advisory]:
+def advisories(jobs: dict[str, Job]) -> list[Advisory]:
     """Native jobs on their way to being disabled by the gateway (10 errors in a row)."""
     return [
         Advisory(
@@ -623,7 +737,7 @@ def advisories(history: History) -> list[Advisory]:
             f" job after {DISABLED_AT}. Look at its last error ({runs_command(job.id)}) before"
             " it stops running.",
         )
-        for job in history.jobs.values()
+        for job in jobs.values()
         if job.enabled and WARN_AT <= job.consecutive_errors < DISABLED_AT
     ]
 
@@ -638,6 +752,11 @@ class Update:
     whole: bool
     version: str
     skipped: int = 0
+    starts: list[tuple[str, int]] = field(default_factory=list)
+    """Each run's job id, and when its first execution started (``runs`` in the same order)."""
+    oldest: dict[str, int] = field(default_factory=dict)
+    """Job id -> the start of its oldest execution the gateway still has (older ones it has
+    dropped: 7 days, 2,000 a job), for each job that has any."""
 
 
 class HistoryFollower:
@@ -663,35 +782,52 @@ class HistoryFollower:
         with _snapshot(self.path) as db:  # rows only: the runs are rebuilt once it has ended
             tables = _tables(db)
             whole = self._latest is None or "cron_run_receipts" not in tables
-            history = (
-                _read_database(db, self.path, horizon)
-                if whole
-                else self._newer(db, tables, horizon)
-            )
+            oldest: dict[str, int] = {}
+            if whole:
+                history = _read_database(db, self.path, horizon)
+            else:
+                history, oldest = self._newer(db, tables, horizon)
         if whole:
             return self._whole(history, now)
         listed = _listed(history.jobs, history.executions, RECEIPTS)
-        runs_ = self._rebuild(history.jobs, listed, history.running, now)
-        return Update(runs_, history.jobs, False, RECEIPTS, history.skipped)
+        update = self._rebuild(history.jobs, listed, history.running, now)
+        update.skipped, update.oldest = history.skipped, oldest
+        return update
 
-    def _newer(self, db: sqlite3.Connection, tables: set[str], horizon: int) -> History:
-        """Each job's executions that started after the latest taken, as a partial history."""
+    def _newer(
+        self, db: sqlite3.Connection, tables: set[str], horizon: int
+    ) -> tuple[History, dict[str, int]]:
+        """Each job's executions that started after the latest taken, as a partial history,
+        and the start of each job's oldest execution (the gateway's index has both)."""
         assert self._latest is not None
         details = "task_runs" in tables and _has_details(db)
         executions: list[Execution] = []
         skipped = 0
-        for job_id, store in db.execute("SELECT job_id, store_key FROM cron_jobs"):
+        oldest: dict[str, int] = {}
+        for job_id, store in db.execute("SELECT job_id, store_key FROM cron_jobs").fetchall():
             since = self._latest.get(str(job_id), -1) + 1
             found, bad = _receipts(db, details, horizon, (store, str(job_id), since))
             executions += found
             skipped += bad
-        return History(RECEIPTS, _database_jobs(db, self.path), executions, _running(db), skipped)
+            (first,) = db.execute(
+                "SELECT MIN(started_at_ms) FROM cron_run_receipts WHERE store_key = ? AND"
+                " job_id = ?",
+                (store, job_id),
+            ).fetchone()
+            if isinstance(first, int):
+                oldest[str(job_id)] = first
+        jobs = _database_jobs(db, self.path)
+        return History(RECEIPTS, jobs, executions, _running(db), skipped), oldest
 
     def _whole(self, history: History, now: float) -> Update:
         self._latest, self._pending = {}, {}
         listed = _listed(history.jobs, history.executions, history.version)
-        built = self._rebuild(history.jobs, listed, history.running, now)
-        return Update(built, history.jobs, True, history.version, history.skipped)
+        update = self._rebuild(history.jobs, listed, history.running, now)
+        update.whole, update.version, update.skipped = True, history.version, history.skipped
+        for execution in listed:
+            if execution.started_ms < update.oldest.get(execution.job, execution.started_ms + 1):
+                update.oldest[execution.job] = execution.started_ms
+        return update
 
     def _rebuild(
         self,
@@ -699,7 +835,7 @@ class HistoryFollower:
         executions: list[Execution],
         running: dict[str, int],
         now: float,
-    ) -> list[Entry]:
+    ) -> Update:
         latest = self._latest if self._latest is not None else {}
         for execution in executions:
             if execution.started_ms > latest.get(execution.job, -1):
@@ -707,4 +843,14 @@ class HistoryFollower:
         self._latest = latest
         held = [e for chain in self._pending.values() for e in chain]
         self._pending = {}
-        return list(runs(jobs, held + executions, int(now * 1000), running, self._pending))
+        built = job_runs(jobs, held + executions, int(now * 1000), running, self._pending)
+        update = Update([], jobs, False, RECEIPTS)
+        for job, start, entry in built:
+            update.runs.append(entry)
+            update.starts.append((job, start))
+        return update
+
+    @property
+    def pending(self) -> int:
+        """Executions of runs still in flight (their retry due), held for the next look."""
+        return sum(map(len, self._pending.values()))
