@@ -399,6 +399,8 @@ def test_the_daemon_follows_openclaws_history(daemon: Daemon) -> None:
     flaky = "flaky-cmd (OpenClaw)"
     eventually(lambda: published().get("crons", {}).get(flaky, [0])[0] == 37, timeout=15)
     assert daemon.runs()[flaky] == 37
+    # ...and keeps its digest for the one-shot commands, which then read only what is new
+    assert len(list((daemon.root / "state" / "openclaw").glob("*.digest"))) == 1
     db = sqlite3.connect(state)
     with db:  # the gateway finishes one more run of flaky-cmd
         row = db.execute(

@@ -52,6 +52,7 @@ from tunerd.timeparse import human_duration
 from tunerd.timeparse import iso as _iso
 
 if TYPE_CHECKING:
+    from tunerd.inputs.gateway import Job
     from tunerd.inputs.openclaw import HistoryFollower
 
 log = logging.getLogger("tunerd.daemon")
@@ -71,6 +72,10 @@ core busy."""
 RESCAN = 5.0
 """Seconds after which the follower polls even without a file event (dropped events cost a delay,
 never data)."""
+DIGEST_EVERY = 3600.0
+"""How often the daemon counts the native jobs afresh from the digest kept in its state folder,
+bringing it up to date for the one-shot commands (in a child: about half a second at the
+retention cap)."""
 
 
 class AlreadyRunning(Exception):
@@ -507,9 +512,12 @@ class Daemon:
         ``NATIVE_EVERY`` seconds. The first look, which reads all of it, runs in a process of
         its own: at the retention cap it takes hundreds of MB that a long-running daemon would
         keep. So does a look after the database was replaced or a job renamed (the figures are
-        counted afresh). A history that cannot be read is said once and tried again."""
+        counted afresh), and one every ``DIGEST_EVERY``: it starts from the digest kept in the
+        state folder and keeps it up to date, so that one-shot commands (the weekly cycle
+        among them) read only what is new. A history that cannot be read is said once and
+        tried again."""
         from tunerd.inotify import DirectoryWatch, Unavailable
-        from tunerd.inputs.openclaw import configured_state
+        from tunerd.inputs.openclaw import configured_state, kept_digest
 
         seen: tuple[Any, ...] | None = None
         said = None
@@ -517,6 +525,7 @@ class Daemon:
         follower: HistoryFollower | None = None
         inode: int | None = None
         names: dict[str, str] = {}
+        afresh_at = 0.0
         while not self.stopping.is_set():
             state = configured_state(self.settings.openclaw)  # a reload may change it
             if state is None:
@@ -528,13 +537,17 @@ class Daemon:
             now_seen = _fingerprint(state)
             if follower is not None and (follower.path != state or _inode(now_seen) != inode):
                 follower = None  # another file now (a reload, a database replaced): afresh
+            if follower is not None and time.monotonic() - afresh_at > DIGEST_EVERY:
+                follower, seen = None, None  # the kept digest brought up to date
             inode = _inode(now_seen)
             if now_seen != seen:
                 seen = now_seen
                 started = time.monotonic()
                 window = self.settings.window.total_seconds()
                 if follower is None:
-                    follower, look = await _in_child(state, window)
+                    afresh_at = started
+                    keep = kept_digest(self.settings.state_dir, state)
+                    follower, look = await _in_child(state, window, keep)
                 else:
                     look = await asyncio.to_thread(_look, follower, self._native_stats, window)
                 self._native_stats, published, now_names = look
@@ -889,7 +902,7 @@ Look = tuple[LogStats | None, dict[str, Any], dict[str, str]]
 """What a look gives: the native jobs' statistics, the figures to publish, each job's name."""
 
 
-async def _in_child(state: Path, window: float) -> tuple[HistoryFollower | None, Look]:
+async def _in_child(state: Path, window: float, keep: Path) -> tuple[HistoryFollower | None, Look]:
     """``_first_look`` in a process spawned for it (not forked: the daemon runs threads)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -897,18 +910,27 @@ async def _in_child(state: Path, window: float) -> tuple[HistoryFollower | None,
     loop = asyncio.get_running_loop()
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return await loop.run_in_executor(pool, _first_look, state, window)
+            return await loop.run_in_executor(pool, _first_look, state, window, keep)
     except Exception as exc:  # the child died (memory, a signal): said, tried again
         failed = {"path": str(state), "error": f"reading failed: {exc}", "crons": {}}
         return None, (None, failed, {})
 
 
-def _first_look(state: Path, window: float) -> tuple[HistoryFollower | None, Look]:
-    from tunerd.inputs.openclaw import HistoryFollower
+def _first_look(state: Path, window: float, keep: Path) -> tuple[HistoryFollower | None, Look]:
+    """The history as the kept digest has it and what the gateway wrote since (the whole of
+    it when there is none), counted afresh; the digest is kept for the next one-shot command."""
+    from tunerd.inputs.openclaw import OpenClawError, read_native
 
-    follower = HistoryFollower(state)
-    look = _look(follower, None, window)
-    return (None if "error" in look[1] else follower), look
+    now = time.time()
+    found: dict[str, Any] = {"path": str(state), "read_at": now}
+    try:
+        native = read_native(state, now, keep)
+    except OpenClawError as exc:
+        return None, (None, found | {"error": str(exc), "crons": {}}, {})
+    stats = LogStats(bucket_seconds=DAY, durations=False)
+    native.digest.count(stats, native.jobs)
+    published = _publish(stats, found, native.version, native.jobs, native.skipped, window)
+    return native.follower, published
 
 
 def _look(follower: HistoryFollower, stats: LogStats | None, window: float) -> Look:
@@ -917,28 +939,40 @@ def _look(follower: HistoryFollower, stats: LogStats | None, window: float) -> L
     from tunerd.inputs.openclaw import OpenClawError
 
     now = time.time()
-    since = now - window
     found: dict[str, Any] = {"path": str(follower.path), "read_at": now}
     try:
         update = follower.poll(now)
     except OpenClawError as exc:
         return stats, found | {"error": str(exc), "crons": {}}, {}
-    if update.whole or stats is None:
+    if update.whole or stats is None:  # a layout read whole at every look
         stats = LogStats(bucket_seconds=DAY, durations=False)
     stats.add_entries(update.runs, now)
+    return _publish(stats, found, update.version, update.jobs, update.skipped, window)
+
+
+def _publish(
+    stats: LogStats,
+    found: dict[str, Any],
+    version: str,
+    jobs: dict[str, Job],
+    skipped: int,
+    window: float,
+) -> Look:
+    """The native jobs' runs in the window, to publish (older days dropped)."""
+    since = float(found["read_at"]) - window
     stats.evict(since - DAY)
-    jobs = {job.name for job in update.jobs.values()}
+    names = {job.name for job in jobs.values()}
     published = found | {
-        "version": update.version,
-        "jobs": len(update.jobs),
-        "skipped": update.skipped,
+        "version": version,
+        "jobs": len(jobs),
+        "skipped": skipped,
         "crons": {
             name: c.counts_since(since, DAY)
             for name, c in stats.crons.items()
-            if name in jobs or not jobs  # a job deleted since is nobody's now
+            if name in names or not names  # a job deleted since is nobody's now
         },
     }
-    return stats, published, {job.id: job.name for job in update.jobs.values()}
+    return stats, published, {job.id: job.name for job in jobs.values()}
 
 
 def _fingerprint(state: Path) -> tuple[Any, ...]:

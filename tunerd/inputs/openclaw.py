@@ -524,6 +524,8 @@ class Native:
     executions: int
     """Executions the runs were rebuilt from (those of runs still in flight included)."""
     skipped: int
+    follower: HistoryFollower
+    """Where reading stopped (a daemon follows the history on from there)."""
 
 
 KEPT_FORMAT: Final = 1
@@ -537,7 +539,8 @@ def read_native(path: Path, now: float, keep: Path | None = None) -> Native:
     digest that cannot be read, or of a database since replaced, is read afresh; one that
     cannot be written is said in a log line, and only costs the next command its time."""
     path = path.expanduser()
-    kept = _kept(keep, path) if keep is not None else None
+    identity = _identity(path)  # before reading: a database replaced meanwhile is read afresh
+    kept = _kept(keep, path, identity) if keep is not None else None
     follower, digest, skipped = kept or (HistoryFollower(path), Digest(), 0)
     update = follower.poll(now)
     if update.whole:
@@ -548,9 +551,9 @@ def read_native(path: Path, now: float, keep: Path | None = None) -> Native:
     skipped += update.skipped
     changed = kept is None or update.runs or dropped or update.skipped
     if keep is not None and update.version == RECEIPTS and changed:
-        _keep(keep, path, (follower, digest, skipped))
+        _keep(keep, identity, (follower, digest, skipped))
     executions = digest.executions + follower.pending
-    return Native(update.version, update.jobs, digest, executions, skipped)
+    return Native(update.version, update.jobs, digest, executions, skipped, follower)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -561,12 +564,14 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
-def _kept(keep: Path, path: Path) -> tuple[HistoryFollower, Digest, int] | None:
+def _kept(
+    keep: Path, path: Path, identity: tuple[int, int] | None
+) -> tuple[HistoryFollower, Digest, int] | None:
     """The digest kept for the database at ``path`` (tunerd's own file), if it is still its."""
     try:
         with keep.open("rb") as file:
             found = pickle.load(file)
-        if found["format"] != KEPT_FORMAT or found["identity"] != _identity(path):
+        if found["format"] != KEPT_FORMAT or found["identity"] != identity:
             return None
         follower, digest, skipped = found["follower"], found["digest"], found["skipped"]
     except FileNotFoundError:
@@ -580,11 +585,13 @@ def _kept(keep: Path, path: Path) -> tuple[HistoryFollower, Digest, int] | None:
     return follower, digest, int(skipped)
 
 
-def _keep(keep: Path, path: Path, state: tuple[HistoryFollower, Digest, int]) -> None:
+def _keep(
+    keep: Path, identity: tuple[int, int] | None, state: tuple[HistoryFollower, Digest, int]
+) -> None:
     follower, digest, skipped = state
     document = {
         "format": KEPT_FORMAT,
-        "identity": _identity(path),
+        "identity": identity,
         "follower": follower,
         "digest": digest,
         "skipped": skipped,
