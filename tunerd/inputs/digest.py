@@ -20,9 +20,9 @@ from typing import Any
 
 import msgspec
 
-from tunerd.inputs.gateway import Job, context_of
+from tunerd.inputs.gateway import REVISION, Execution, Job, context_of
 from tunerd.records import Entry
-from tunerd.stats import LogStats
+from tunerd.stats import CLEAN, LogStats
 
 _Shape = tuple[str | None, str | None, bytes, tuple[tuple[bool, bytes], ...]]
 _CLEAN: _Shape = ("success", None, b"", ((True, b""),))
@@ -65,6 +65,31 @@ class Digest:
     jobs: dict[str, dict[_Shape, _Runs]] = field(default_factory=dict)
     params: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     """Job id -> when its latest run that says what it ran with ended, and that."""
+    added: int = 0
+    """Runs taken in so far (a command keeps the digest again only when it took some)."""
+
+    def clear(self) -> None:
+        self.jobs.clear()
+        self.params.clear()
+
+    def add_clean(self, execution: Execution) -> None:
+        """A run that is one execution that succeeded (most runs: no ``Entry`` built)."""
+        shapes = self.jobs.get(execution.job)
+        if shapes is None:
+            shapes = self.jobs[execution.job] = {}
+        runs = shapes.get(_CLEAN)
+        if runs is None:
+            runs = shapes[_CLEAN] = _Runs(CLEAN, attempts=[array("f")])
+        start, end = execution.started_ms, execution.finished_ms
+        duration = float(max(end - start, 0))
+        runs.start.append(start)
+        runs.end.append(end)
+        runs.total.append(duration)
+        runs.attempts[0].append(duration)
+        self.added += 1
+        revision = execution.revision
+        if revision is not None and end >= self.params.get(execution.job, _NEVER)[0]:
+            self.params[execution.job] = (end, {REVISION: revision})
 
     def add(self, job: str, start: int, entry: Entry) -> None:
         """One run of ``job`` (a native run: every duration known, ``timestamp`` a datetime)."""
@@ -92,6 +117,7 @@ class Digest:
         runs.total.append(entry.total_duration or 0.0)
         for column, attempt in zip(runs.attempts, attempts, strict=True):
             column.append(attempt.duration or 0.0)
+        self.added += 1
         if entry.params is not None and end >= self.params.get(job, _NEVER)[0]:
             self.params[job] = (end, entry.params)
 

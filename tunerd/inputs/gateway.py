@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, NamedTuple
@@ -141,9 +141,12 @@ def job_runs(
     now_ms: int,
     running: dict[str, int] | None = None,
     pending: dict[str, list[Execution]] | None = None,
+    clean: Callable[[Execution], None] | None = None,
 ) -> Iterator[tuple[str, int, Entry]]:
     """``runs``, each with its job's id and when its first execution started (what a digest
-    of the history keeps, to drop the runs the gateway no longer has)."""
+    of the history keeps, to drop the runs the gateway no longer has). ``clean``: when given,
+    receives each run that is one execution that succeeded (most runs) instead, with no
+    ``Entry`` built for it."""
     by_job: dict[str, list[Execution]] = {}
     for execution in executions:
         by_job.setdefault(execution.job, []).append(execution)
@@ -154,20 +157,25 @@ def job_runs(
         chain: list[Execution] = []
         for execution in found:
             if execution.manual:  # one attempt, never retried, never a retry: a run of its own
-                if (entry := _entry(job, context, [execution], now_ms, True)) is not None:
-                    yield job_id, execution.started_ms, entry
+                ended = [execution]
+            elif chain and not _continues(chain[-1], execution, len(chain) - 1):
+                ended, chain = chain, [execution]
+            else:
+                chain.append(execution)
                 continue
-            if chain and not _continues(chain[-1], execution, len(chain) - 1):
-                if (entry := _entry(job, context, chain, now_ms, True)) is not None:
-                    yield job_id, chain[0].started_ms, entry
-                chain = []
-            chain.append(execution)
+            if clean is not None and len(ended) == 1 and ended[0].ok:
+                clean(ended[0])
+            elif (entry := _entry(job, context, ended, now_ms, True)) is not None:
+                yield job_id, ended[0].started_ms, entry
         started = (running or {}).get(job_id)
-        if chain:
-            if (entry := _entry(job, context, chain, now_ms, False, started)) is not None:
-                yield job_id, chain[0].started_ms, entry
-            elif pending is not None:
-                pending[job_id] = chain
+        if not chain:
+            continue
+        if clean is not None and len(chain) == 1 and chain[0].ok:
+            clean(chain[0])
+        elif (entry := _entry(job, context, chain, now_ms, False, started)) is not None:
+            yield job_id, chain[0].started_ms, entry
+        elif pending is not None:
+            pending[job_id] = chain
 
 
 def context_of(job: Job) -> Context:

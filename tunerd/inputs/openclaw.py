@@ -542,14 +542,11 @@ def read_native(path: Path, now: float, keep: Path | None = None) -> Native:
     identity = _identity(path)  # before reading: a database replaced meanwhile is read afresh
     kept = _kept(keep, path, identity) if keep is not None else None
     follower, digest, skipped = kept or (HistoryFollower(path), Digest(), 0)
-    update = follower.poll(now)
-    if update.whole:
-        digest, skipped = Digest(), 0
-    for (job, start), entry in zip(update.starts, update.runs, strict=True):
-        digest.add(job, start, entry)
+    added = digest.added
+    update = follower.poll(now, digest)
+    skipped = update.skipped + (0 if update.whole else skipped)
     dropped = digest.keep(update.oldest)
-    skipped += update.skipped
-    changed = kept is None or update.runs or dropped or update.skipped
+    changed = kept is None or digest.added != added or dropped or update.skipped
     if keep is not None and update.version == RECEIPTS and changed:
         _keep(keep, identity, (follower, digest, skipped))
     executions = digest.executions + follower.pending
@@ -759,8 +756,6 @@ class Update:
     whole: bool
     version: str
     skipped: int = 0
-    starts: list[tuple[str, int]] = field(default_factory=list)
-    """Each run's job id, and when its first execution started (``runs`` in the same order)."""
     oldest: dict[str, int] = field(default_factory=dict)
     """Job id -> the start of its oldest execution the gateway still has (older ones it has
     dropped: 7 days, 2,000 a job), for each job that has any."""
@@ -780,12 +775,13 @@ class HistoryFollower:
         """Job id -> the start of the latest execution taken (None: nothing read yet)."""
         self._pending: dict[str, list[Execution]] = {}
 
-    def poll(self, now: float) -> Update:
+    def poll(self, now: float, into: Digest | None = None) -> Update:
         """What is new since the last look (``OpenClawError`` when the state cannot be read:
-        the next look starts from where this one would have)."""
+        the next look starts from where this one would have). ``into``: the runs go into
+        this digest (cleared first when the whole history is read), not into the update."""
         horizon = int(now * 1000) + FUTURE_MS
         if _is_folder(self.path):
-            return self._whole(_read_folder(self.path, horizon), now)
+            return self._whole(_read_folder(self.path, horizon), now, into)
         with _snapshot(self.path) as db:  # rows only: the runs are rebuilt once it has ended
             tables = _tables(db)
             whole = self._latest is None or "cron_run_receipts" not in tables
@@ -795,9 +791,9 @@ class HistoryFollower:
             else:
                 history, oldest = self._newer(db, tables, horizon)
         if whole:
-            return self._whole(history, now)
+            return self._whole(history, now, into)
         listed = _listed(history.jobs, history.executions, RECEIPTS)
-        update = self._rebuild(history.jobs, listed, history.running, now)
+        update = self._rebuild(history.jobs, listed, history.running, now, into)
         update.skipped, update.oldest = history.skipped, oldest
         return update
 
@@ -826,10 +822,12 @@ class HistoryFollower:
         jobs = _database_jobs(db, self.path)
         return History(RECEIPTS, jobs, executions, _running(db), skipped), oldest
 
-    def _whole(self, history: History, now: float) -> Update:
+    def _whole(self, history: History, now: float, into: Digest | None) -> Update:
         self._latest, self._pending = {}, {}
+        if into is not None:
+            into.clear()
         listed = _listed(history.jobs, history.executions, history.version)
-        update = self._rebuild(history.jobs, listed, history.running, now)
+        update = self._rebuild(history.jobs, listed, history.running, now, into)
         update.whole, update.version, update.skipped = True, history.version, history.skipped
         for execution in listed:
             if execution.started_ms < update.oldest.get(execution.job, execution.started_ms + 1):
@@ -842,6 +840,7 @@ class HistoryFollower:
         executions: list[Execution],
         running: dict[str, int],
         now: float,
+        into: Digest | None,
     ) -> Update:
         latest = self._latest if self._latest is not None else {}
         for execution in executions:
@@ -850,11 +849,14 @@ class HistoryFollower:
         self._latest = latest
         held = [e for chain in self._pending.values() for e in chain]
         self._pending = {}
-        built = job_runs(jobs, held + executions, int(now * 1000), running, self._pending)
+        now_ms = int(now * 1000)
         update = Update([], jobs, False, RECEIPTS)
+        if into is None:
+            update.runs = list(runs(jobs, held + executions, now_ms, running, self._pending))
+            return update
+        built = job_runs(jobs, held + executions, now_ms, running, self._pending, into.add_clean)
         for job, start, entry in built:
-            update.runs.append(entry)
-            update.starts.append((job, start))
+            into.add(job, start, entry)
         return update
 
     @property
