@@ -535,7 +535,7 @@ KEPT_FORMAT: Final = 1
 def read_native(path: Path, now: float, keep: Path | None = None) -> Native:
     """The native jobs at ``path`` and their runs. ``keep``: a file (in tunerd's state folder)
     holding the digest between commands, so that each reads only what the gateway wrote
-    since the last one (the first reads it all; at the retention cap, about 40 s). A kept
+    since the last one (the first reads it all; at the retention cap, about 26 s). A kept
     digest that cannot be read, or of a database since replaced, is read afresh; one that
     cannot be written is said in a log line, and only costs the next command its time."""
     path = path.expanduser()
