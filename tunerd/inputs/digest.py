@@ -2,10 +2,10 @@
 
 A one-shot command (``analyze``, ``status`` without the daemon, the weekly cycle) would read the
 gateway's whole history every time: at the retention cap, 2,000 executions of each of 1,000
-jobs, about 40 s of rebuilding and counting runs one object at a time. A digest keeps the runs already
-rebuilt, grouped by *shape* (outcome, reason, and each attempt's success and error: a few per
-job, since the same errors recur) with one column per duration, so that counting them is a few
-NumPy calls a job, and the next command reads only what the gateway wrote since.
+jobs, about 40 s of rebuilding and counting runs one object at a time. A digest keeps the runs
+already rebuilt, grouped by *shape* (outcome, reason, and each attempt's success and error: a
+few per job, since the same errors recur) with one column per duration, so that counting them
+is a few NumPy calls a job, and the next command reads only what the gateway wrote since.
 
 Runs the gateway no longer has (it keeps 7 days, at most 2,000 executions a job) are dropped
 as it drops them, and a deleted job's with it: the counts stay those of a fresh read.
