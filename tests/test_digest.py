@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import pickle
 import shutil
 import sqlite3
 from pathlib import Path
@@ -177,16 +178,122 @@ def test_a_damaged_or_stale_digest_is_read_afresh(tmp_path: Path, busy: Path) ->
     assert digested(state, later, keep) == fresh(state, later) != sample
 
 
-def test_a_digest_that_cannot_be_kept_is_said_and_counts_stay_right(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_digest_that_cannot_be_kept_is_said_and_counts_stay_right(tmp_path: Path) -> None:
     blocked = tmp_path / "tunerd"
     blocked.write_text("a file where the state folder should be")
     keep = kept_digest(blocked, SAMPLE)
     now = the_end(SAMPLE)
     assert digested(SAMPLE, now, keep) == fresh(SAMPLE, now)
-    said = [r.getMessage() for r in caplog.records if "not kept" in r.getMessage()]
-    assert len(said) == 1 and "reads it whole again" in said[0]
+    unkept = read_native(SAMPLE, now, keep).unkept
+    assert unkept is not None and "reads it whole again" in unkept and "\n" not in unkept
+    config = tmp_path / "tunerd.toml"
+    config.write_text(f'log_path = "{tmp_path / "none.jsonl"}"\nstate_dir = "{blocked}"\n')
+    done = cli("analyze", "--openclaw", str(SAMPLE), "--config", str(config), home=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert done.stderr.count("tunerd: warning: the digest of OpenClaw's history is not kept") == 1
+
+
+def test_a_kept_digest_is_data_never_code(tmp_path: Path) -> None:
+    """Whoever could write the state folder cannot make tunerd run anything by it."""
+    keep = kept_digest(tmp_path / "tunerd", SAMPLE)
+    keep.parent.mkdir(parents=True)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (Path.touch, (marker,))
+
+    keep.write_bytes(pickle.dumps(Payload()))
+    now = the_end(SAMPLE)
+    assert digested(SAMPLE, now, keep) == fresh(SAMPLE, now)
+    assert not marker.exists()
+    assert keep.read_bytes()[:2] != pickle.dumps(None)[:2]  # kept afresh, as plain data
+
+
+def changed_copy(tmp_path: Path, source: Path) -> tuple[Path, Path, float]:
+    """A copy of ``source`` with a digest kept of it, and the time of that first command."""
+    state = tmp_path / "openclaw.sqlite"
+    shutil.copy(source, state)
+    keep = kept_digest(tmp_path / "tunerd", state)
+    now = the_end(state)
+    assert digested(state, now, keep) == fresh(state, now)
+    return state, keep, now
+
+
+def run_again(db: sqlite3.Connection, job: str, shift_ms: int, store: str = "s") -> None:
+    """The gateway runs ``job`` again: its first ten executions, ``shift_ms`` later."""
+    rows = db.execute(
+        "SELECT * FROM cron_run_receipts WHERE job_id = ? ORDER BY started_at_ms LIMIT 10", (job,)
+    ).fetchall()
+    for row in rows:
+        moved = list(row)
+        moved[0], moved[1], moved[9], moved[10] = (
+            f"{row[0]}+",
+            store,
+            row[9] + shift_ms,
+            row[10] + shift_ms,
+        )
+        db.execute("INSERT INTO cron_run_receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", moved)
+
+
+def test_a_database_copied_over_in_place_is_read_afresh(tmp_path: Path, busy: Path) -> None:
+    """``cp`` of an older copy over the database keeps its inode: the digest is not its."""
+    older = tmp_path / "older.sqlite"
+    shutil.copy(busy, older)
+    state, keep, now = changed_copy(tmp_path, busy)
+    db = sqlite3.connect(older)
+    with db:
+        db.execute(
+            "DELETE FROM cron_run_receipts WHERE started_at_ms > ?", (int(now * 1000) - 9e6,)
+        )
+    db.close()
+    inode = state.stat().st_ino
+    shutil.copyfile(older, state)
+    assert state.stat().st_ino == inode
+    later = now + 3600
+    assert digested(state, later, keep) == fresh(state, later)
+
+
+def test_a_job_moved_to_another_store_or_deleted_and_added_again_keeps_its_history(
+    tmp_path: Path, busy: Path
+) -> None:
+    state, keep, now = changed_copy(tmp_path, busy)
+    db = sqlite3.connect(state)
+    job = db.execute("SELECT * FROM cron_jobs WHERE job_id = 'job-00001'").fetchone()
+    with db:
+        db.execute("UPDATE cron_jobs SET store_key = 's2' WHERE job_id = 'job-00000'")
+        run_again(db, "job-00000", 3 * 86_400_000, store="s2")
+        db.execute("DELETE FROM cron_jobs WHERE job_id = 'job-00001'")
+    later = now + 4 * 86400
+    assert digested(state, later, keep) == fresh(state, later)
+    with db:
+        db.execute(f"INSERT INTO cron_jobs VALUES ({','.join('?' * len(job))})", job)
+    db.close()
+    assert digested(state, later, keep) == fresh(state, later)
+
+
+def test_skipped_executions_are_counted_once_and_nothing_new_rewrites_nothing(
+    tmp_path: Path,
+) -> None:
+    state, keep, now = changed_copy(tmp_path, SAMPLE)
+    db = sqlite3.connect(state)
+    with db:  # the gateway writes an execution that ends before it starts: skipped, and said
+        row = list(
+            db.execute("SELECT * FROM cron_run_receipts ORDER BY started_at_ms").fetchall()[-1]
+        )
+        row[0], row[6], row[9], row[10] = (
+            "bad",
+            "ok",
+            int(now * 1000) - 60_000,
+            int(now * 1000) - 70_000,
+        )
+        db.execute("INSERT INTO cron_run_receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
+    db.close()
+    assert read_history(state, now).skipped == 1
+    assert [read_native(state, now, keep).skipped for _ in range(3)] == [1, 1, 1]
+    written = keep.stat().st_mtime_ns
+    read_native(state, now, keep)
+    assert keep.stat().st_mtime_ns == written
 
 
 def test_analyze_keeps_the_digest_in_its_state_folder_and_shows_the_same(tmp_path: Path) -> None:

@@ -427,8 +427,9 @@ def _with_native(
             raise CommandError(str(exc)) from None
         print(f"tunerd: warning: native cron runs not read: {exc}", file=sys.stderr)
         return in_force, [], None
-    if native.skipped:
-        print(f"tunerd: warning: {skipped_text(native.skipped)}", file=sys.stderr)
+    for warning in (skipped_text(native.skipped) if native.skipped else None, native.unkept):
+        if warning:
+            print(f"tunerd: warning: {warning}", file=sys.stderr)
     source = (
         f"OpenClaw {state} ({native.version}: {native.executions:,} executions of"
         f" {len(native.jobs):,} jobs)"

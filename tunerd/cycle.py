@@ -6,6 +6,7 @@ engine, so what the CLI does is what the daemon would do.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -396,6 +397,8 @@ def _native(
         native = read_native(state, now, kept_digest(settings.state_dir, state))
     except OpenClawError as exc:
         return in_force, [Advisory("unreadable_target", str(state), 0, str(exc))]
+    if native.unkept:
+        logging.getLogger("tunerd").warning("%s", native.unkept)
     lookup, warnings = count_native(stats, native, in_force, settings.openclaw.can_edit)
     if native.skipped:
         warnings.append(

@@ -555,6 +555,8 @@ class Daemon:
                 took = time.monotonic() - started
                 self._dirty_status = True
                 self._changed.set()
+                if published.get("unkept"):
+                    log.warning("%s", published["unkept"])
                 error = published.get("error")
                 if error and error != said:
                     log.warning("OpenClaw's history: %s", error)
@@ -929,6 +931,8 @@ def _first_look(state: Path, window: float, keep: Path) -> tuple[HistoryFollower
         return None, (None, found | {"error": str(exc), "crons": {}}, {})
     stats = LogStats(bucket_seconds=DAY, durations=False)
     native.digest.count(stats, native.jobs)
+    if native.unkept:
+        found["unkept"] = native.unkept
     published = _publish(stats, found, native.version, native.jobs, native.skipped, window)
     return native.follower, published
 

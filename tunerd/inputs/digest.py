@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from tunerd.inputs.gateway import REVISION, Execution, Job, context_of
-from tunerd.records import Entry
+from tunerd.records import Attempt, Entry
 from tunerd.stats import CLEAN, LogStats
 
 _Shape = tuple[str | None, str | None, bytes, tuple[tuple[bool, bytes], ...]]
@@ -56,6 +56,19 @@ class _Runs:
             for column in self.attempts
         ]
         return True
+
+
+class KeptShape(msgspec.Struct, array_like=True):
+    """One job's runs of one shape as tunerd keeps them: plain values and bytes, no code."""
+
+    type: str | None
+    reason: str | None
+    final_error: bytes
+    attempts: list[tuple[bool, bytes]]
+    start: bytes
+    end: bytes
+    total: bytes
+    durations: list[bytes]
 
 
 @dataclass(slots=True)
@@ -136,6 +149,58 @@ class Digest:
                 if not runs.start:
                     del self.jobs[job][shape]
         return dropped
+
+    def kept(self) -> dict[str, list[KeptShape]]:
+        """The runs as ``KeptShape`` values, job by job (to keep in a file)."""
+        found: dict[str, list[KeptShape]] = {}
+        for job, shapes in self.jobs.items():
+            found[job] = [
+                KeptShape(
+                    key[0],
+                    key[1],
+                    key[2],
+                    list(key[3]),
+                    r.start.tobytes(),
+                    r.end.tobytes(),
+                    r.total.tobytes(),
+                    [column.tobytes() for column in r.attempts],
+                )
+                for key, r in shapes.items()
+            ]
+        return found
+
+    @classmethod
+    def from_kept(
+        cls, jobs: dict[str, list[KeptShape]], params: dict[str, tuple[int, dict[str, Any]]]
+    ) -> Digest:
+        """What ``kept`` gave (``ValueError`` when its columns do not fit together)."""
+        digest = cls(params=dict(params))
+        for job, shapes in jobs.items():
+            found = digest.jobs[job] = {}
+            for kept in shapes:
+                runs = len(kept.start) // 8
+                sizes = {len(kept.start), len(kept.end), 2 * len(kept.total)}
+                sizes |= {2 * len(column) for column in kept.durations}
+                if sizes != {8 * runs} or len(kept.durations) != len(kept.attempts):
+                    raise ValueError(f"job {job!r}: columns of different lengths")
+                key: _Shape = (kept.type, kept.reason, kept.final_error, tuple(kept.attempts))
+                shape = Entry(
+                    type=kept.type,
+                    reason=kept.reason,
+                    final_error=msgspec.Raw(kept.final_error),
+                    attempts=[
+                        Attempt(success=ok, duration=0.0, error=msgspec.Raw(error))
+                        for ok, error in kept.attempts
+                    ],
+                )
+                found[key] = _Runs(
+                    shape,
+                    array("q", kept.start),
+                    array("q", kept.end),
+                    array("f", kept.total),
+                    [array("f", column) for column in kept.durations],
+                )
+        return digest
 
     @property
     def executions(self) -> int:

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import shlex
 import sqlite3
 import tempfile
@@ -31,7 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
-from tunerd.inputs.digest import Digest
+import msgspec
+
+from tunerd.inputs.digest import Digest, KeptShape
 from tunerd.inputs.gateway import (
     BACKOFF_MS,
     INTERRUPTED,
@@ -80,6 +81,8 @@ class History:
     skipped: int = 0
     """Executions that cannot be real (times out of range, ending before they start, a field
     of the wrong type): left out, like malformed lines of the wrapper's log."""
+    bad: tuple[str, ...] = ()
+    """Their ids, where the layout has them (``receipt_id``)."""
 
 
 def read_history(path: Path, now: float, names: set[str] | None = None) -> History:
@@ -222,19 +225,17 @@ def _read_database(db: sqlite3.Connection, path: Path, horizon: int) -> History:
             " OpenClaw's that tunerd does not know"
         )
     jobs = _database_jobs(db, path)
-    running: dict[str, int] = {}
     if version == RECEIPTS:
-        executions, skipped = _receipts(db, "task_runs" in tables and _has_details(db), horizon)
-        running = _running(db)
-    else:
-        executions, skipped = [], 0
-        for job, entry in db.execute("SELECT job_id, entry_json FROM cron_run_logs"):
-            found = _finished(str(job), _loads(entry), horizon)
-            if isinstance(found, Execution):
-                executions.append(found)
-            else:
-                skipped += found
-    return History(version, jobs, executions, running, skipped)
+        executions, bad = _receipts(db, "task_runs" in tables and _has_details(db), horizon)
+        return History(version, jobs, executions, _running(db), len(bad), tuple(bad))
+    executions, skipped = [], 0
+    for job, entry in db.execute("SELECT job_id, entry_json FROM cron_run_logs"):
+        found = _finished(str(job), _loads(entry), horizon)
+        if isinstance(found, Execution):
+            executions.append(found)
+        else:
+            skipped += found
+    return History(version, jobs, executions, {}, skipped)
 
 
 def _read_jobs(db: sqlite3.Connection, path: Path, horizon: int, names: set[str]) -> History | None:
@@ -247,14 +248,27 @@ def _read_jobs(db: sqlite3.Connection, path: Path, horizon: int, names: set[str]
     wanted = {job.id for job in jobs.values() if job.name in names}
     details = "task_runs" in _tables(db) and _has_details(db)
     executions: list[Execution] = []
-    skipped = 0
-    for job_id, store in db.execute("SELECT job_id, store_key FROM cron_jobs"):
-        if str(job_id) in wanted:
-            found, bad = _receipts(db, details, horizon, (store, str(job_id), 0))
+    bad: list[str] = []
+    for store in _stores(db):
+        for job_id in wanted:
+            found, ids = _receipts(db, details, horizon, (store, job_id, 0))
             executions += found
-            skipped += bad
+            bad += ids
     running = {job: at for job, at in _running(db).items() if job in wanted}
-    return History(RECEIPTS, jobs, executions, running, skipped)
+    return History(RECEIPTS, jobs, executions, running, len(bad), tuple(bad))
+
+
+def _stores(db: sqlite3.Connection) -> list[Any]:
+    """Every ``store_key`` the executions are under (a job's history stays under the key it
+    ran with), found by skipping through the gateway's index of a job's history, a seek each."""
+    return [
+        row[0]
+        for row in db.execute(
+            "WITH RECURSIVE k(s) AS (SELECT MIN(store_key) FROM cron_run_receipts UNION ALL"
+            " SELECT (SELECT MIN(store_key) FROM cron_run_receipts WHERE store_key > s) FROM k"
+            " WHERE s IS NOT NULL) SELECT s FROM k WHERE s IS NOT NULL"
+        )
+    ]
 
 
 def _running(db: sqlite3.Connection) -> dict[str, int]:
@@ -276,12 +290,12 @@ def _receipts(
     details: bool,
     horizon: int,
     job: tuple[str, str, int] | None = None,
-) -> tuple[list[Execution], int]:
+) -> tuple[list[Execution], list[str]]:
     """Finished executions that can be real, with what ``task_runs`` adds to a failure (the
-    error's class, the next run the gateway planned), and how many could not. SQLite does the
-    work: each row comes out as an ``Execution``, no JSON parsed nor value converted in
-    Python. ``job``: (store key, job id, from when) for one job's latest executions only,
-    through the gateway's own index of each job's history."""
+    error's class, the next run the gateway planned), and the ids of those that could not.
+    SQLite does the work: each row comes out as an ``Execution``, no JSON parsed nor value
+    converted in Python. ``job``: (store key, job id, from when) for one job's latest
+    executions only, through the gateway's own index of each job's history."""
     detail = "NULL"
     if details:
         # Only a failure's details matter: looked up for failures alone, the first if the
@@ -334,10 +348,10 @@ def _receipts(
         # history: read again, each text decoded in Python, with a replacement character.
         db.text_factory = lambda data: data.decode("utf-8", "replace")
         found = list(map(Execution._make, db.execute(query, bounds)))
-    (skipped,) = db.execute(
-        f"SELECT COUNT(*) FROM cron_run_receipts r WHERE {finished} AND NOT ({real})", bounds
-    ).fetchone()
-    return found, skipped
+    bad = db.execute(
+        f"SELECT r.receipt_id FROM cron_run_receipts r WHERE {finished} AND NOT ({real})", bounds
+    )
+    return found, [str(receipt) for (receipt,) in bad]
 
 
 def _finished(job: str, entry: Any, horizon: int) -> Execution | int:
@@ -526,6 +540,8 @@ class Native:
     skipped: int
     follower: HistoryFollower
     """Where reading stopped (a daemon follows the history on from there)."""
+    unkept: str | None = None
+    """Why the digest could not be kept, if it could not (one line to say)."""
 
 
 KEPT_FORMAT: Final = 1
@@ -541,16 +557,16 @@ def read_native(path: Path, now: float, keep: Path | None = None) -> Native:
     path = path.expanduser()
     identity = _identity(path)  # before reading: a database replaced meanwhile is read afresh
     kept = _kept(keep, path, identity) if keep is not None else None
-    follower, digest, skipped = kept or (HistoryFollower(path), Digest(), 0)
-    added = digest.added
+    follower, digest = kept or (HistoryFollower(path), Digest())
+    added, bad = digest.added, set(follower.bad)
     update = follower.poll(now, digest)
-    skipped = update.skipped + (0 if update.whole else skipped)
     dropped = digest.keep(update.oldest)
-    changed = kept is None or digest.added != added or dropped or update.skipped
+    changed = kept is None or digest.added != added or dropped or follower.bad != bad
+    unkept = None
     if keep is not None and update.version == RECEIPTS and changed:
-        _keep(keep, identity, (follower, digest, skipped))
+        unkept = _keep(keep, identity, follower, digest)
     executions = digest.executions + follower.pending
-    return Native(update.version, update.jobs, digest, executions, skipped, follower)
+    return Native(update.version, update.jobs, digest, executions, update.skipped, follower, unkept)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -561,55 +577,67 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
+class _Kept(msgspec.Struct):
+    """What tunerd keeps of a history between commands: plain data (a file in its state
+    folder is never code to run, whoever could write there)."""
+
+    format: int
+    identity: tuple[int, int] | None
+    latest: dict[str, int]
+    held: dict[str, list[Execution]]
+    bad: list[str]
+    jobs: dict[str, list[KeptShape]]
+    params: dict[str, tuple[int, dict[str, str | None]]]
+
+
 def _kept(
     keep: Path, path: Path, identity: tuple[int, int] | None
-) -> tuple[HistoryFollower, Digest, int] | None:
-    """The digest kept for the database at ``path`` (tunerd's own file), if it is still its."""
+) -> tuple[HistoryFollower, Digest] | None:
+    """The digest kept for the database at ``path``, if it is still its."""
     try:
-        with keep.open("rb") as file:
-            found = pickle.load(file)
-        if found["format"] != KEPT_FORMAT or found["identity"] != identity:
+        found = msgspec.msgpack.decode(keep.read_bytes(), type=_Kept)
+        if found.format != KEPT_FORMAT or found.identity != identity:
             return None
-        follower, digest, skipped = found["follower"], found["digest"], found["skipped"]
+        digest = Digest.from_kept(found.jobs, found.params)
     except FileNotFoundError:
         return None
-    except Exception as exc:  # a cache: whatever is wrong with it, it is read afresh
+    except (OSError, msgspec.DecodeError, ValueError) as exc:  # read afresh
         logging.getLogger("tunerd").info("kept digest %s not used: %s", keep, exc)
         return None
-    if not isinstance(follower, HistoryFollower) or not isinstance(digest, Digest):
-        return None
-    follower.path = path
-    return follower, digest, int(skipped)
+    return HistoryFollower(path, found.latest, found.held, set(found.bad)), digest
 
 
 def _keep(
-    keep: Path, identity: tuple[int, int] | None, state: tuple[HistoryFollower, Digest, int]
-) -> None:
-    follower, digest, skipped = state
-    document = {
-        "format": KEPT_FORMAT,
-        "identity": identity,
-        "follower": follower,
-        "digest": digest,
-        "skipped": skipped,
-    }
+    keep: Path, identity: tuple[int, int] | None, follower: HistoryFollower, digest: Digest
+) -> str | None:
+    """Keep the digest (written whole, then renamed over the old one); why not, if it was
+    not."""
+    kept = _Kept(
+        KEPT_FORMAT,
+        identity,
+        follower.latest or {},
+        follower.held,
+        sorted(follower.bad),
+        digest.kept(),
+        digest.params,
+    )
     try:
         keep.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=".digest-", dir=keep.parent)
         try:
             with os.fdopen(fd, "wb") as file:
-                pickle.dump(document, file, protocol=pickle.HIGHEST_PROTOCOL)
+                file.write(msgspec.msgpack.encode(kept))
             os.replace(temporary, keep)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
     except OSError as exc:
-        logging.getLogger("tunerd").warning(
-            "the digest of OpenClaw's history is not kept (%s): the next command reads it"
-            " whole again",
-            exc.strerror or exc,
+        return (
+            f"the digest of OpenClaw's history is not kept ({exc.strerror or exc}): the next"
+            " command reads it whole again"
         )
+    return None
 
 
 def kept_digest(state_dir: Path, path: Path) -> Path:
@@ -767,13 +795,24 @@ class HistoryFollower:
     a job's history (``store_key, job_id, started_at_ms``): a look costs what changed, not the
     2,000 executions a job the gateway keeps. A job runs one execution at a time, so none can
     finish later that started earlier. The executions of a run whose retry is still due are
-    kept and rebuilt with what comes next. The older layouts are read whole at every look."""
+    kept and rebuilt with what comes next. The older layouts are read whole at every look.
+    A database whose latest execution taken of a job is gone though older ones are there is
+    not the one read before (copied over, recreated): it is read whole again."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        latest: dict[str, int] | None = None,
+        pending: dict[str, list[Execution]] | None = None,
+        bad: set[str] | None = None,
+    ) -> None:
         self.path = path.expanduser()
-        self._latest: dict[str, int] | None = None
+        self.latest = latest
         """Job id -> the start of the latest execution taken (None: nothing read yet)."""
-        self._pending: dict[str, list[Execution]] = {}
+        self.held = pending or {}
+        """Job id -> the executions of its run still in flight."""
+        self.bad = bad or set()
+        """The ids of the executions that cannot be real, still in the history."""
 
     def poll(self, now: float, into: Digest | None = None) -> Update:
         """What is new since the last look (``OpenClawError`` when the state cannot be read:
@@ -784,46 +823,58 @@ class HistoryFollower:
             return self._whole(_read_folder(self.path, horizon), now, into)
         with _snapshot(self.path) as db:  # rows only: the runs are rebuilt once it has ended
             tables = _tables(db)
-            whole = self._latest is None or "cron_run_receipts" not in tables
-            oldest: dict[str, int] = {}
-            if whole:
+            newer = None
+            if self.latest is not None and "cron_run_receipts" in tables:
+                newer = self._newer(db, tables, horizon)
+            if newer is None:
                 history = _read_database(db, self.path, horizon)
-            else:
-                history, oldest = self._newer(db, tables, horizon)
-        if whole:
+        if newer is None:
             return self._whole(history, now, into)
+        history, oldest = newer
         listed = _listed(history.jobs, history.executions, RECEIPTS)
         update = self._rebuild(history.jobs, listed, history.running, now, into)
-        update.skipped, update.oldest = history.skipped, oldest
+        update.skipped, update.oldest = len(self.bad), oldest
         return update
 
     def _newer(
         self, db: sqlite3.Connection, tables: set[str], horizon: int
-    ) -> tuple[History, dict[str, int]]:
+    ) -> tuple[History, dict[str, int]] | None:
         """Each job's executions that started after the latest taken, as a partial history,
-        and the start of each job's oldest execution (the gateway's index has both)."""
-        assert self._latest is not None
+        and the start of each job's oldest execution (the gateway's index has both); None
+        when the database is not the one read before."""
+        assert self.latest is not None
         details = "task_runs" in tables and _has_details(db)
-        executions: list[Execution] = []
-        skipped = 0
-        oldest: dict[str, int] = {}
-        for job_id, store in db.execute("SELECT job_id, store_key FROM cron_jobs").fetchall():
-            since = self._latest.get(str(job_id), -1) + 1
-            found, bad = _receipts(db, details, horizon, (store, str(job_id), since))
-            executions += found
-            skipped += bad
-            (first,) = db.execute(
-                "SELECT MIN(started_at_ms) FROM cron_run_receipts WHERE store_key = ? AND"
-                " job_id = ?",
-                (store, job_id),
-            ).fetchone()
-            if isinstance(first, int):
-                oldest[str(job_id)] = first
         jobs = _database_jobs(db, self.path)
-        return History(RECEIPTS, jobs, executions, _running(db), skipped), oldest
+        for gone in set(self.latest) - set(jobs):  # deleted: read whole if it comes back
+            del self.latest[gone]
+            self.held.pop(gone, None)
+        executions: list[Execution] = []
+        oldest: dict[str, int] = {}
+        stores = _stores(db)
+        for job_id in jobs:
+            taken = self.latest.get(job_id)
+            for store in stores:
+                since = -1 if taken is None else taken + 1
+                found, bad = _receipts(db, details, horizon, (store, job_id, since))
+                executions += found
+                self.bad.update(bad)
+                (first,) = db.execute(
+                    "SELECT MIN(started_at_ms) FROM cron_run_receipts WHERE store_key = ? AND"
+                    " job_id = ?",
+                    (store, job_id),
+                ).fetchone()
+                if isinstance(first, int) and first < oldest.get(job_id, first + 1):
+                    oldest[job_id] = first
+            if taken is not None and oldest.get(job_id, taken + 1) <= taken:
+                there = "SELECT 1 FROM cron_run_receipts WHERE store_key = ? AND job_id = ? AND"
+                there += " started_at_ms = ?"
+                if not any(db.execute(there, (st, job_id, taken)).fetchone() for st in stores):
+                    return None
+        self.bad = _still_there(db, self.bad)
+        return History(RECEIPTS, jobs, executions, _running(db)), oldest
 
     def _whole(self, history: History, now: float, into: Digest | None) -> Update:
-        self._latest, self._pending = {}, {}
+        self.latest, self.held, self.bad = {}, {}, set(history.bad)
         if into is not None:
             into.clear()
         listed = _listed(history.jobs, history.executions, history.version)
@@ -842,19 +893,19 @@ class HistoryFollower:
         now: float,
         into: Digest | None,
     ) -> Update:
-        latest = self._latest if self._latest is not None else {}
+        now_ms = int(now * 1000)
+        latest = self.latest if self.latest is not None else {}
         for execution in executions:
             if execution.started_ms > latest.get(execution.job, -1):
                 latest[execution.job] = execution.started_ms
-        self._latest = latest
-        held = [e for chain in self._pending.values() for e in chain]
-        self._pending = {}
-        now_ms = int(now * 1000)
+        self.latest = latest
+        held = [e for chain in self.held.values() for e in chain]
+        self.held = {}
         update = Update([], jobs, False, RECEIPTS)
         if into is None:
-            update.runs = list(runs(jobs, held + executions, now_ms, running, self._pending))
+            update.runs = list(runs(jobs, held + executions, now_ms, running, self.held))
             return update
-        built = job_runs(jobs, held + executions, now_ms, running, self._pending, into.add_clean)
+        built = job_runs(jobs, held + executions, now_ms, running, self.held, into.add_clean)
         for job, start, entry in built:
             into.add(job, start, entry)
         return update
@@ -862,4 +913,16 @@ class HistoryFollower:
     @property
     def pending(self) -> int:
         """Executions of runs still in flight (their retry due), held for the next look."""
-        return sum(map(len, self._pending.values()))
+        return sum(map(len, self.held.values()))
+
+
+def _still_there(db: sqlite3.Connection, ids: set[str]) -> set[str]:
+    """Those of ``ids`` the history still has (the gateway drops old executions)."""
+    if not ids:
+        return ids
+    found = db.execute(
+        "SELECT receipt_id FROM cron_run_receipts WHERE receipt_id IN (SELECT value FROM"
+        " json_each(?))",
+        (json.dumps(sorted(ids)),),
+    )
+    return {str(receipt) for (receipt,) in found}
