@@ -107,15 +107,12 @@ class Digest:
     def add(self, job: str, start: int, entry: Entry) -> None:
         """One run of ``job`` (a native run: every duration known, ``timestamp`` a datetime)."""
         attempts = entry.attempts
-        if len(attempts) == 1 and entry.type == "success" and entry.reason is None:
-            key = _CLEAN  # most runs: no key to build
-        else:
-            key = (
-                entry.type,
-                entry.reason,
-                bytes(entry.final_error),
-                tuple((a.success, bytes(a.error)) for a in attempts),
-            )
+        key = (  # a clean run's is _CLEAN: add_clean's runs and these are one shape
+            entry.type,
+            entry.reason,
+            bytes(entry.final_error),
+            tuple((a.success, bytes(a.error)) for a in attempts),
+        )
         shapes = self.jobs.get(job)
         if shapes is None:
             shapes = self.jobs[job] = {}
