@@ -7,14 +7,18 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import pickle
 import shutil
 import sqlite3
+import struct
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from tunerd.inputs.gateway import Execution
 from tunerd.inputs.openclaw import kept_digest, native_runs, read_history, read_native
 from tunerd.stats import LogStats
 
@@ -208,6 +212,35 @@ def test_a_kept_digest_is_data_never_code(tmp_path: Path) -> None:
     assert digested(SAMPLE, now, keep) == fresh(SAMPLE, now)
     assert not marker.exists()
     assert keep.read_bytes()[:2] != pickle.dumps(None)[:2]  # kept afresh, as plain data
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["latest beyond SQLite", "params beyond dates", "held backwards", "infinite durations"],
+)
+def test_a_digest_changed_by_hand_is_read_afresh_never_crashed_on(
+    tmp_path: Path, change: str
+) -> None:
+    from tunerd.inputs.openclaw import _Kept
+
+    state = tmp_path / "openclaw.sqlite"
+    shutil.copy(SAMPLE, state)
+    keep = kept_digest(tmp_path / "tunerd", state)
+    now = the_end(state)
+    expected = digested(state, now, keep)
+    kept = msgspec.msgpack.decode(keep.read_bytes(), type=_Kept)
+    job = next(iter(kept.jobs))
+    if change == "latest beyond SQLite":
+        kept.latest[job] = 2**63 - 1
+    elif change == "params beyond dates":
+        kept.params[job] = (2**62, {"configRevision": "x"})
+    elif change == "held backwards":
+        kept.held[job] = [Execution(job, 2_000_000_000_000, 1_000_000_000_000, False, "x")]
+    else:
+        shape = kept.jobs[job][0]
+        shape.total = struct.pack("f", math.inf) * (len(shape.total) // 4)
+    keep.write_bytes(msgspec.msgpack.encode(kept))
+    assert digested(state, now, keep) == expected == fresh(state, now)
 
 
 def changed_copy(tmp_path: Path, source: Path) -> tuple[Path, Path, float]:

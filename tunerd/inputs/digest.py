@@ -71,6 +71,21 @@ class KeptShape(msgspec.Struct, array_like=True):
     durations: list[bytes]
 
 
+def _check(kept: KeptShape) -> None:
+    """``ValueError`` for columns no reading could have given (times out of range, an end
+    before its start, a duration that is not a finite number of ms, 0 to 60 days)."""
+    import numpy as np
+
+    start = np.frombuffer(kept.start, dtype=np.int64)
+    end = np.frombuffer(kept.end, dtype=np.int64)
+    if len(start) and (start.min() < 0 or end.max() > 2**53 or (end < start).any()):
+        raise ValueError("times out of range")
+    for column in (kept.total, *kept.durations):
+        durations = np.frombuffer(column, dtype=np.float32)
+        if not np.isfinite(durations).all() or ((durations < 0) | (durations > 5.2e9)).any():
+            raise ValueError("durations out of range")
+
+
 @dataclass(slots=True)
 class Digest:
     """Every run of a gateway's history rebuilt so far, job by job, shape by shape."""
@@ -180,6 +195,7 @@ class Digest:
                 sizes |= {2 * len(column) for column in kept.durations}
                 if sizes != {8 * runs} or len(kept.durations) != len(kept.attempts):
                     raise ValueError(f"job {job!r}: columns of different lengths")
+                _check(kept)
                 key: _Shape = (kept.type, kept.reason, kept.final_error, tuple(kept.attempts))
                 shape = Entry(
                     type=kept.type,

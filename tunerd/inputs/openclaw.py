@@ -62,6 +62,8 @@ class OpenClawError(Exception):
     """The history cannot be read: one line that says why."""
 
 
+LATEST_MS: Final = 2**53
+"""Beyond any time a history holds (a kept digest's times are checked against it)."""
 EARLIEST_MS: Final = 946_684_800_000
 """2000-01-01: an execution from before is a clock that was not set (as for the wrapper's log)."""
 FUTURE_MS: Final = 86_400_000
@@ -249,8 +251,8 @@ def _read_jobs(db: sqlite3.Connection, path: Path, horizon: int, names: set[str]
     details = "task_runs" in _tables(db) and _has_details(db)
     executions: list[Execution] = []
     bad: list[str] = []
-    for store in _stores(db):
-        for job_id in wanted:
+    for store, job_id in _histories(db):
+        if job_id in wanted:
             found, ids = _receipts(db, details, horizon, (store, job_id, 0))
             executions += found
             bad += ids
@@ -258,17 +260,21 @@ def _read_jobs(db: sqlite3.Connection, path: Path, horizon: int, names: set[str]
     return History(RECEIPTS, jobs, executions, running, len(bad), tuple(bad))
 
 
-def _stores(db: sqlite3.Connection) -> list[Any]:
-    """Every ``store_key`` the executions are under (a job's history stays under the key it
-    ran with), found by skipping through the gateway's index of a job's history, a seek each."""
-    return [
-        row[0]
-        for row in db.execute(
-            "WITH RECURSIVE k(s) AS (SELECT MIN(store_key) FROM cron_run_receipts UNION ALL"
-            " SELECT (SELECT MIN(store_key) FROM cron_run_receipts WHERE store_key > s) FROM k"
-            " WHERE s IS NOT NULL) SELECT s FROM k WHERE s IS NOT NULL"
-        )
-    ]
+def _histories(db: sqlite3.Connection) -> list[tuple[Any, str]]:
+    """Every (``store_key``, job id) that has executions (a job's history stays under the
+    store key it ran with), found by skipping through the gateway's index of a job's history:
+    two seeks each, whatever the number of executions."""
+    after = (
+        "(SELECT {} FROM cron_run_receipts r WHERE (r.store_key, r.job_id) > (h.s, h.j)"
+        " ORDER BY r.store_key, r.job_id LIMIT 1)"
+    )
+    query = (
+        "WITH RECURSIVE h(s, j) AS (SELECT store_key, job_id FROM (SELECT store_key, job_id"
+        " FROM cron_run_receipts ORDER BY store_key, job_id LIMIT 1) UNION ALL"
+        f" SELECT {after.format('r.store_key')}, {after.format('r.job_id')} FROM h"
+        " WHERE h.s IS NOT NULL) SELECT s, j FROM h WHERE s IS NOT NULL"
+    )
+    return [(store, str(job)) for store, job in db.execute(query)]
 
 
 def _running(db: sqlite3.Connection) -> dict[str, int]:
@@ -559,7 +565,14 @@ def read_native(path: Path, now: float, keep: Path | None = None) -> Native:
     kept = _kept(keep, path, identity) if keep is not None else None
     follower, digest = kept or (HistoryFollower(path), Digest())
     added, bad = digest.added, set(follower.bad)
-    update = follower.poll(now, digest)
+    try:
+        update = follower.poll(now, digest)
+    except (OverflowError, ValueError, TypeError) as exc:  # a digest changed by hand
+        if kept is None:
+            raise
+        logging.getLogger("tunerd").info("kept digest %s not used: %s", keep, exc)
+        kept, follower, digest = None, HistoryFollower(path), Digest()
+        update = follower.poll(now, digest)
     dropped = digest.keep(update.oldest)
     changed = kept is None or digest.added != added or dropped or follower.bad != bad
     unkept = None
@@ -598,6 +611,7 @@ def _kept(
         found = msgspec.msgpack.decode(keep.read_bytes(), type=_Kept)
         if found.format != KEPT_FORMAT or found.identity != identity:
             return None
+        _plausible(found)
         digest = Digest.from_kept(found.jobs, found.params)
     except FileNotFoundError:
         return None
@@ -605,6 +619,19 @@ def _kept(
         logging.getLogger("tunerd").info("kept digest %s not used: %s", keep, exc)
         return None
     return HistoryFollower(path, found.latest, found.held, set(found.bad)), digest
+
+
+def _plausible(found: _Kept) -> None:
+    """``ValueError`` for a kept value no reading could have given (a file changed by hand):
+    the history is read afresh rather than trusted or crashed on."""
+    times = [*found.latest.values(), *(end for end, _ in found.params.values())]
+    for chain in found.held.values():
+        for e in chain:
+            times += [e.started_ms, e.finished_ms, e.next_ms or EARLIEST_MS]
+            if e.finished_ms < e.started_ms:
+                raise ValueError("an execution held ends before it starts")
+    if any(not EARLIEST_MS <= t <= LATEST_MS for t in times):
+        raise ValueError("a time out of range")
 
 
 def _keep(
@@ -850,10 +877,13 @@ class HistoryFollower:
             self.held.pop(gone, None)
         executions: list[Execution] = []
         oldest: dict[str, int] = {}
-        stores = _stores(db)
-        for job_id in jobs:
+        stores: dict[str, list[Any]] = {}
+        for store, job_id in _histories(db):
+            if job_id in jobs:
+                stores.setdefault(job_id, []).append(store)
+        for job_id, found_in in stores.items():
             taken = self.latest.get(job_id)
-            for store in stores:
+            for store in found_in:
                 since = -1 if taken is None else taken + 1
                 found, bad = _receipts(db, details, horizon, (store, job_id, since))
                 executions += found
@@ -868,7 +898,7 @@ class HistoryFollower:
             if taken is not None and oldest.get(job_id, taken + 1) <= taken:
                 there = "SELECT 1 FROM cron_run_receipts WHERE store_key = ? AND job_id = ? AND"
                 there += " started_at_ms = ?"
-                if not any(db.execute(there, (st, job_id, taken)).fetchone() for st in stores):
+                if not any(db.execute(there, (st, job_id, taken)).fetchone() for st in found_in):
                     return None
         self.bad = _still_there(db, self.bad)
         return History(RECEIPTS, jobs, executions, _running(db)), oldest
