@@ -263,18 +263,20 @@ def _read_jobs(db: sqlite3.Connection, path: Path, horizon: int, names: set[str]
 def _histories(db: sqlite3.Connection) -> list[tuple[Any, str]]:
     """Every (``store_key``, job id) that has executions (a job's history stays under the
     store key it ran with), found by skipping through the gateway's index of a job's history:
-    two seeks each, whatever the number of executions."""
-    after = (
-        "(SELECT {} FROM cron_run_receipts r WHERE (r.store_key, r.job_id) > (h.s, h.j)"
-        " ORDER BY r.store_key, r.job_id LIMIT 1)"
-    )
-    query = (
-        "WITH RECURSIVE h(s, j) AS (SELECT store_key, job_id FROM (SELECT store_key, job_id"
-        " FROM cron_run_receipts ORDER BY store_key, job_id LIMIT 1) UNION ALL"
-        f" SELECT {after.format('r.store_key')}, {after.format('r.job_id')} FROM h"
-        " WHERE h.s IS NOT NULL) SELECT s, j FROM h WHERE s IS NOT NULL"
-    )
-    return [(store, str(job)) for store, job in db.execute(query)]
+    one seek each, whatever the number of executions."""
+    found: list[tuple[Any, str]] = []
+    next_store = "SELECT MIN(store_key) FROM cron_run_receipts WHERE store_key > ?"
+    next_job = "SELECT MIN(job_id) FROM cron_run_receipts WHERE store_key = ? AND job_id > ?"
+    (store,) = db.execute("SELECT MIN(store_key) FROM cron_run_receipts").fetchone()
+    while store is not None:
+        (job,) = db.execute(
+            "SELECT MIN(job_id) FROM cron_run_receipts WHERE store_key = ?", (store,)
+        ).fetchone()
+        while job is not None:
+            found.append((store, str(job)))
+            (job,) = db.execute(next_job, (store, job)).fetchone()
+        (store,) = db.execute(next_store, (store,)).fetchone()
+    return found
 
 
 def _running(db: sqlite3.Connection) -> dict[str, int]:
