@@ -121,11 +121,7 @@ def receipts(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
 def test_a_kept_digest_reads_what_is_new_and_stays_a_fresh_reads_equal(
     tmp_path: Path, busy: Path
 ) -> None:
-    state = tmp_path / "openclaw.sqlite"
-    shutil.copy(busy, state)
-    keep = kept_digest(tmp_path / "tunerd", state)
-    now = the_end(state)
-    assert digested(state, now, keep) == fresh(state, now)
+    state, keep, now = changed_copy(tmp_path, busy)
     assert keep.is_file()
     db = sqlite3.connect(state)
     with db:
@@ -223,11 +219,8 @@ def test_a_digest_changed_by_hand_is_read_afresh_never_crashed_on(
 ) -> None:
     from tunerd.inputs.openclaw import _Kept
 
-    state = tmp_path / "openclaw.sqlite"
-    shutil.copy(SAMPLE, state)
-    keep = kept_digest(tmp_path / "tunerd", state)
-    now = the_end(state)
-    expected = digested(state, now, keep)
+    state, keep, now = changed_copy(tmp_path, SAMPLE)
+    expected = fresh(state, now)
     kept = msgspec.msgpack.decode(keep.read_bytes(), type=_Kept)
     job = next(iter(kept.jobs))
     if change == "latest beyond SQLite":
